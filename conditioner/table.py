@@ -1,0 +1,498 @@
+"""The tag table: names ↔ rows of learned conditioning, one self-contained ``.safetensors`` file.
+
+Data layout (``R`` tags, ``A`` timestep anchors, ``W`` packed width):
+
+- ``data``     ``(R, A, W)``: per tag, the key source (vector mode) or K and V (key/value mode) of every group.
+  Vector mode: ``W = groups × cross_dim``; group ``g`` owns columns ``[g·D, (g+1)·D)``.
+  Key/value mode: one group per layer; layer ``l`` owns ``K = [o_l, o_l + I_l)`` and ``V = [o_l + I_l, o_l + 2 I_l)``.
+- ``values``   ``{tag: (A, W)}``: the separate value source of *split* tags (vector mode only), e.g. a swap result
+  whose attention keys come from one concept and values from another. Tags not in ``values`` are tied.
+- ``special``  ``(2, A, W)``: the attention-sink row (index 0) and the padding row (index 1). The null
+  (unconditional) prompt is the sink followed by padding.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from conditioner.layout import LayerSlice, LayerSpec
+from conditioner.parse import TagNormalization
+
+FORMAT_VERSION = 1
+METADATA_KEY = "condvec"
+SINK, PAD = 0, 1
+
+
+class TableMismatchError(ValueError):
+    """A table was built for a UNet with other cross-attention layers or dims."""
+
+
+def _close(name: str, candidates: list[str]) -> str:
+    matches = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""
+
+
+def resolve_groups(layers: list[LayerSpec], groups) -> tuple[list[str], list[int]]:
+    """Turn a group choice into group names and each layer's group index.
+
+    Args:
+        layers (`list[LayerSpec]`): the UNet's cross-attention layers.
+        groups (`str | dict[str, list[str]]`): ``"single"`` (one group), ``"blocks"`` (one per UNet block with
+            cross-attention), ``"layers"`` (one per layer), or an explicit mapping ``{group name: [layer names,
+            short names or globs]}`` that covers every layer exactly once.
+
+    Returns:
+        `(list[str], list[int])`: group names, and for each layer the index of its group.
+    """
+    if groups == "single":
+        return ["all"], [0] * len(layers)
+    if groups == "layers":
+        return [layer.short for layer in layers], list(range(len(layers)))
+    if groups == "blocks":
+        names: list[str] = []
+        for layer in layers:
+            if layer.block not in names:
+                names.append(layer.block)
+        return names, [names.index(layer.block) for layer in layers]
+    if isinstance(groups, dict) or hasattr(groups, "items"):
+        names = list(groups.keys())
+        assignment: list[int | None] = [None] * len(layers)
+        for gi, gname in enumerate(names):
+            patterns = groups[gname]
+            if isinstance(patterns, str):
+                patterns = [patterns]
+            for pattern in patterns:
+                hit = False
+                for li, layer in enumerate(layers):
+                    if any(fnmatch.fnmatchcase(n, pattern) for n in (layer.name, layer.short, layer.kohya or "")):
+                        if assignment[li] is not None and assignment[li] != gi:
+                            raise ValueError(
+                                f"layer {layer.short} is in both group {names[assignment[li]]!r} and {gname!r}"
+                            )
+                        assignment[li] = gi
+                        hit = True
+                if not hit:
+                    raise ValueError(
+                        f"group {gname!r}: pattern {pattern!r} matches no layer; layers are "
+                        f"{', '.join(layer.short for layer in layers)}"
+                    )
+        missing = [layers[i].short for i, g in enumerate(assignment) if g is None]
+        if missing:
+            raise ValueError(f"explicit groups leave layers unassigned: {', '.join(missing)}; every layer needs a group")
+        return names, [int(g) for g in assignment]
+    raise ValueError(f"groups must be 'single', 'blocks', 'layers' or a mapping, got {groups!r}")
+
+
+@dataclass
+class TagTable:
+    """Learned conditioning for a set of tags; see the module docstring for the tensor layout.
+
+    Build one with :meth:`TagTable.create` (usually through ``unet_patch.table_for_unet``) or :meth:`TagTable.load`.
+
+    Attributes:
+        layers (`list[LayerSpec]`): the cross-attention layers the table was built for, in UNet order.
+        mode (`str`): ``"vector"`` (key and value sources go through ``to_k`` / ``to_v``) or ``"kv"`` (K and V given
+            directly, per layer).
+        group_names (`list[str]`): names of the layer groups.
+        layer_group (`list[int]`): for each layer, its group index.
+        anchors (`list[float]`): timesteps of the anchors, ascending; one anchor = no timestep dependence.
+        tags (`list[str]`): tag names, row order.
+        data (`torch.Tensor`): ``(R, A, W)`` tag rows.
+        values (`dict[str, torch.Tensor]`): separate value sources of split tags, each ``(A, W)``.
+        special (`torch.Tensor`): ``(2, A, W)`` sink and padding rows.
+        use_sink (`bool`): whether sequences start with the sink row.
+        pad_to (`int`, *optional*): fixed sequence length (77 for pretrained SD UNets); `None` = dynamic length
+            with padding masked out.
+        normalization (`TagNormalization`): how tag names are normalised.
+        base_model (`dict`): identity of the base model (free-form, e.g. ``{"name": ..., "path": ...}``).
+        counts (`dict[str, int]`): per-tag training counts.
+        provenance (`list[dict]`): edits applied by ``merge``.
+    """
+
+    layers: list[LayerSpec]
+    mode: str
+    group_names: list[str]
+    layer_group: list[int]
+    anchors: list[float]
+    tags: list[str]
+    data: torch.Tensor
+    special: torch.Tensor
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    use_sink: bool = True
+    pad_to: int | None = None
+    normalization: TagNormalization = field(default_factory=TagNormalization)
+    base_model: dict = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    provenance: list[dict] = field(default_factory=list)
+    group_kind: str = "layers"
+
+    def __post_init__(self):
+        self._index = {name: i for i, name in enumerate(self.tags)}
+        if len(self._index) != len(self.tags):
+            raise ValueError("duplicate tag names in table")
+        if self.mode not in ("vector", "kv"):
+            raise ValueError(f"mode must be 'vector' or 'kv', got {self.mode!r}")
+        expected = (len(self.tags), len(self.anchors), self.width)
+        if tuple(self.data.shape) != expected:
+            raise ValueError(f"table data has shape {tuple(self.data.shape)}, layout needs {expected}")
+        if tuple(self.special.shape) != (2, len(self.anchors), self.width):
+            raise ValueError(f"special rows have shape {tuple(self.special.shape)}, expected (2, A, {self.width})")
+        if self.values and self.mode != "vector":
+            raise ValueError("split (key ≠ value) tags exist only in vector mode; in kv mode every row has its own K, V")
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def create(
+        cls,
+        layers: list[LayerSpec],
+        tags: list[str] | None = None,
+        mode: str = "vector",
+        groups="layers",
+        anchors: int | list[float] = 1,
+        num_train_timesteps: int = 1000,
+        use_sink: bool = True,
+        pad_to: int | None = None,
+        normalization: TagNormalization | None = None,
+        base_model: dict | None = None,
+        init_std: float = 0.0,
+        special_std: float = 0.02,
+        seed: int = 0,
+    ) -> TagTable:
+        """Create an empty (or zero-initialised) table for a UNet's layers.
+
+        Args:
+            layers (`list[LayerSpec]`): from ``unet_patch.discover(unet)``.
+            tags (`list[str]`, *optional*): initial tag names (normalised here).
+            mode (`str`, defaults to `"vector"`): ``"vector"`` or ``"kv"``.
+            groups (`str | dict`, defaults to `"layers"`): see :func:`resolve_groups`; ignored in kv mode (one group
+                per layer).
+            anchors (`int | list[float]`, defaults to 1): number of timestep anchors spread evenly over
+                ``[0, num_train_timesteps - 1]``, or their explicit timesteps.
+            num_train_timesteps (`int`, defaults to 1000): the scheduler's training timesteps.
+            use_sink (`bool`, defaults to `True`): start every sequence with the sink row.
+            pad_to (`int`, *optional*): fixed length (77 for pretrained SD UNets), `None` for dynamic length.
+            normalization (`TagNormalization`, *optional*): tag-name normalisation.
+            base_model (`dict`, *optional*): identity of the base model, recorded in the file.
+            init_std (`float`, defaults to 0.0): std of the normal init of tag rows (0 = zeros).
+            special_std (`float`, defaults to 0.02): std of the normal init of the sink and padding rows.
+            seed (`int`, defaults to 0): seed for the initialisation.
+        """
+        if mode == "kv":
+            group_names, layer_group, kind = [layer.short for layer in layers], list(range(len(layers))), "kv"
+        else:
+            group_names, layer_group = resolve_groups(layers, groups)
+            kind = groups if isinstance(groups, str) else "custom"
+        if isinstance(anchors, int):
+            if anchors < 1:
+                raise ValueError(f"anchors must be >= 1, got {anchors}")
+            top = float(num_train_timesteps - 1)
+            anchor_list = [top * i / (anchors - 1) for i in range(anchors)] if anchors > 1 else [0.0]
+        else:
+            anchor_list = [float(a) for a in anchors]
+            if not anchor_list or sorted(anchor_list) != anchor_list or len(set(anchor_list)) != len(anchor_list):
+                raise ValueError(f"explicit anchors must be strictly ascending timesteps, got {anchors}")
+        normalization = normalization or TagNormalization()
+        names = [normalization.apply(t) for t in (tags or [])]
+        width = _width(mode, layers, len(group_names))
+        gen = torch.Generator().manual_seed(seed)
+        special = torch.randn(2, len(anchor_list), width, generator=gen) * special_std
+        table = cls(
+            layers=list(layers), mode=mode, group_names=group_names, layer_group=layer_group, anchors=anchor_list,
+            tags=[], data=torch.zeros(0, len(anchor_list), width), special=special, use_sink=use_sink,
+            pad_to=pad_to, normalization=normalization, base_model=dict(base_model or {}), group_kind=kind,
+        )
+        if names:
+            table.add_tags(names, init="normal" if init_std > 0 else "zeros", std=init_std, seed=seed + 1)
+        return table
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def width(self) -> int:
+        """Packed width of the key part (no value part, no bias)."""
+        return _width(self.mode, self.layers, len(self.group_names))
+
+    @property
+    def dim(self) -> int:
+        """Vector width per group in vector mode (the UNet's ``cross_attention_dim``)."""
+        return self.layers[0].cross_dim
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.anchors)
+
+    def group_columns(self, group: int) -> slice:
+        """Columns of ``data`` that hold one group (vector mode) or one layer's K and V (kv mode)."""
+        if self.mode == "vector":
+            return slice(group * self.dim, (group + 1) * self.dim)
+        start = sum(2 * layer.inner_dim for layer in self.layers[:group])
+        return slice(start, start + 2 * self.layers[group].inner_dim)
+
+    def layer_slices(self) -> dict[str, LayerSlice]:
+        """Where every layer reads its inputs in a packed tensor, keyed by layer name."""
+        out = {}
+        offset = 0
+        for li, layer in enumerate(self.layers):
+            if self.mode == "vector":
+                g = self.layer_group[li]
+                start, end = g * self.dim, (g + 1) * self.dim
+                out[layer.name] = LayerSlice("vector", start, end, start, self.width)
+            else:
+                out[layer.name] = LayerSlice(
+                    "kv", offset, offset + layer.inner_dim, offset + layer.inner_dim, self.width
+                )
+                offset += 2 * layer.inner_dim
+        return out
+
+    # ----------------------------------------------------------------- tags
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    def __contains__(self, name: str) -> bool:
+        return self.normalization.apply(name) in self._index
+
+    def row(self, name: str) -> int:
+        """Row index of a tag; unknown names raise ``KeyError`` with close matches."""
+        key = self.normalization.apply(name)
+        if key not in self._index:
+            raise KeyError(f"unknown tag {name!r}{_close(key, self.tags)}")
+        return self._index[key]
+
+    def unknown_message(self, names: list[str]) -> str:
+        parts = [f"{n!r}{_close(n, self.tags)}" for n in names]
+        return f"unknown tag{'s' if len(names) > 1 else ''} {', '.join(parts)}; the table has {len(self.tags)} tags"
+
+    def is_split(self, name: str) -> bool:
+        """Whether a tag has a separate value source (the result of a key/value swap)."""
+        return self.normalization.apply(name) in self.values
+
+    def add_tags(self, names: list[str], init: str = "zeros", std: float = 0.01, seed: int = 0) -> list[int]:
+        """Append new tags and return their rows.
+
+        Args:
+            names (`list[str]`): tag names (normalised here); existing names raise ``ValueError``.
+            init (`str`, defaults to `"zeros"`): ``"zeros"``, ``"normal"`` (std ``std``), ``"mean"`` (mean of the
+                existing rows plus noise of std ``std``), or ``"tag:NAME"`` (a copy of tag NAME).
+            std (`float`, defaults to 0.01): noise std for ``"normal"`` and ``"mean"``.
+            seed (`int`, defaults to 0): noise seed.
+        """
+        names = [self.normalization.apply(n) for n in names]
+        dup = [n for n in names if n in self._index]
+        if dup or len(set(names)) != len(names):
+            raise ValueError(f"tags already in the table or repeated: {', '.join(repr(n) for n in dup or names)}")
+        if any(not n for n in names):
+            raise ValueError("a tag name must not be empty")
+        gen = torch.Generator().manual_seed(seed)
+        shape = (len(names), self.num_anchors, self.width)
+        if init == "zeros":
+            rows = torch.zeros(shape)
+        elif init == "normal":
+            rows = torch.randn(shape, generator=gen) * std
+        elif init == "mean":
+            base = self.data.mean(0, keepdim=True) if len(self.tags) else torch.zeros(1, *shape[1:])
+            rows = base.expand(shape).clone() + torch.randn(shape, generator=gen) * std
+        elif init.startswith("tag:"):
+            rows = self.data[self.row(init[4:])].unsqueeze(0).expand(shape).clone()
+        else:
+            raise ValueError(f"init must be 'zeros', 'normal', 'mean' or 'tag:NAME', got {init!r}")
+        start = len(self.tags)
+        self.data = torch.cat([self.data, rows.to(device=self.data.device, dtype=self.data.dtype)], 0)
+        for n in names:
+            self._index[n] = len(self.tags)
+            self.tags.append(n)
+        return list(range(start, start + len(names)))
+
+    def remove_tags(self, names: list[str]) -> None:
+        """Remove tags and all their data (rows, split value sources, counts)."""
+        rows = {self.row(n) for n in names}
+        keep = [i for i in range(len(self.tags)) if i not in rows]
+        removed = [self.tags[i] for i in sorted(rows)]
+        self.data = self.data[keep].clone()
+        self.tags = [self.tags[i] for i in keep]
+        self._index = {name: i for i, name in enumerate(self.tags)}
+        for n in removed:
+            self.values.pop(n, None)
+            self.counts.pop(n, None)
+
+    def rename_tag(self, old: str, new: str) -> None:
+        """Rename a tag, keeping its row, value source and counts."""
+        row = self.row(old)
+        old_name, new_name = self.tags[row], self.normalization.apply(new)
+        if not new_name:
+            raise ValueError("a tag name must not be empty")
+        if new_name in self._index and new_name != old_name:
+            raise ValueError(f"tag {new_name!r} already exists")
+        self.tags[row] = new_name
+        del self._index[old_name]
+        self._index[new_name] = row
+        if old_name in self.values:
+            self.values[new_name] = self.values.pop(old_name)
+        if old_name in self.counts:
+            self.counts[new_name] = self.counts.pop(old_name)
+
+    def set_value_source(self, name: str, value: torch.Tensor | None) -> None:
+        """Give a tag a separate value source ``(A, W)`` (vector mode), or tie it again with `None`."""
+        key = self.tags[self.row(name)]
+        if value is None:
+            self.values.pop(key, None)
+            return
+        if self.mode != "vector":
+            raise ValueError("separate value sources exist only in vector mode")
+        if tuple(value.shape) != (self.num_anchors, self.width):
+            raise ValueError(f"value source must have shape {(self.num_anchors, self.width)}, got {tuple(value.shape)}")
+        self.values[key] = value.detach().to(self.data.dtype).clone()
+
+    def value_source(self, name: str) -> torch.Tensor:
+        """The value source ``(A, W)`` of a tag: its own for split tags, its key source otherwise."""
+        key = self.tags[self.row(name)]
+        return self.values.get(key, self.data[self._index[key]])
+
+    def to(self, device=None, dtype=None) -> TagTable:
+        """Move every tensor (in place) and return the table."""
+        self.data = self.data.to(device=device, dtype=dtype)
+        self.special = self.special.to(device=device, dtype=dtype)
+        self.values = {k: v.to(device=device, dtype=dtype) for k, v in self.values.items()}
+        return self
+
+    def copy(self) -> TagTable:
+        """A deep copy (tensors cloned)."""
+        return TagTable(
+            layers=list(self.layers), mode=self.mode, group_names=list(self.group_names),
+            layer_group=list(self.layer_group), anchors=list(self.anchors), tags=list(self.tags),
+            data=self.data.clone(), special=self.special.clone(),
+            values={k: v.clone() for k, v in self.values.items()}, use_sink=self.use_sink, pad_to=self.pad_to,
+            normalization=TagNormalization.from_dict(self.normalization.to_dict()),
+            base_model=json.loads(json.dumps(self.base_model)), counts=dict(self.counts),
+            provenance=json.loads(json.dumps(self.provenance)), group_kind=self.group_kind,
+        )
+
+    # ----------------------------------------------------------------- compatibility
+    def check_layers(self, layers: list[LayerSpec]) -> None:
+        """Raise :class:`TableMismatchError` saying what differs if the table does not fit these layers."""
+        mine = {layer.name: layer for layer in self.layers}
+        theirs = {layer.name: layer for layer in layers}
+        problems = []
+        missing = [n for n in mine if n not in theirs]
+        extra = [n for n in theirs if n not in mine]
+        if missing:
+            problems.append(f"{len(missing)} table layer(s) not in the UNet (first: {missing[0]})")
+        if extra:
+            problems.append(f"{len(extra)} UNet layer(s) not in the table (first: {extra[0]})")
+        for name in mine:
+            if name in theirs:
+                a, b = mine[name], theirs[name]
+                for attr in ("cross_dim", "inner_dim", "heads"):
+                    if getattr(a, attr) != getattr(b, attr):
+                        problems.append(f"{name}: table {attr}={getattr(a, attr)}, UNet {attr}={getattr(b, attr)}")
+                        break
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            base = self.base_model.get("name", "an unnamed base model")
+            raise TableMismatchError(f"table (built for {base}) does not fit this UNet: {shown}")
+
+    # ----------------------------------------------------------------- save / load
+    def metadata(self) -> dict:
+        """Everything but the tensors, as JSON-able data."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "mode": self.mode,
+            "group_kind": self.group_kind,
+            "group_names": self.group_names,
+            "layer_group": self.layer_group,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "anchors": self.anchors,
+            "tags": self.tags,
+            "split_tags": sorted(self.values),
+            "use_sink": self.use_sink,
+            "pad_to": self.pad_to,
+            "normalization": self.normalization.to_dict(),
+            "base_model": self.base_model,
+            "counts": self.counts,
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table to one self-contained ``.safetensors`` file, atomically (temp file + rename)."""
+        tensors = {"data": self.data.detach().float().contiguous().cpu(),
+                   "special": self.special.detach().float().contiguous().cpu()}
+        split = sorted(self.values)
+        if split:
+            tensors["values"] = torch.stack([self.values[n].detach().float().cpu() for n in split]).contiguous()
+        meta = {METADATA_KEY: json.dumps(self.metadata())}
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> TagTable:
+        """Load a table written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not a condvec table (not safetensors, truncated, missing or broken metadata).
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"table file {path!r} does not exist")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                raw = (f.metadata() or {}).get(METADATA_KEY)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path!r} is not a readable .safetensors table ({str(err).splitlines()[0]})") from None
+        if raw is None:
+            raise ValueError(f"{path!r} is a .safetensors file without condvec metadata — not a condvec table")
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path!r}: condvec metadata is not valid JSON ({err})") from None
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path!r}: table format version {version!r} is not supported (this condvec reads "
+                             f"version {FORMAT_VERSION})")
+        try:
+            layers = [LayerSpec.from_dict(d) for d in meta["layers"]]
+            split = meta.get("split_tags", [])
+            values = {}
+            if split:
+                stacked = tensors["values"]
+                values = {name: stacked[i].clone() for i, name in enumerate(split)}
+            return cls(
+                layers=layers, mode=meta["mode"], group_names=list(meta["group_names"]),
+                layer_group=[int(g) for g in meta["layer_group"]], anchors=[float(a) for a in meta["anchors"]],
+                tags=list(meta["tags"]), data=tensors["data"], special=tensors["special"], values=values,
+                use_sink=bool(meta["use_sink"]), pad_to=meta.get("pad_to"),
+                normalization=TagNormalization.from_dict(meta.get("normalization", {})),
+                base_model=meta.get("base_model", {}), counts={k: int(v) for k, v in meta.get("counts", {}).items()},
+                provenance=meta.get("provenance", []), group_kind=meta.get("group_kind", "layers"),
+            )
+        except KeyError as err:
+            raise ValueError(f"{path!r}: table is missing {err} — the file is incomplete or not a condvec table") from None
+
+    def __repr__(self) -> str:
+        return (f"TagTable({len(self.tags)} tags, mode={self.mode}, groups={len(self.group_names)} "
+                f"({self.group_kind}), anchors={self.num_anchors}, width={self.width}, split={len(self.values)})")
+
+
+def _width(mode: str, layers: list[LayerSpec], num_groups: int) -> int:
+    if mode == "kv":
+        return sum(2 * layer.inner_dim for layer in layers)
+    return num_groups * layers[0].cross_dim
+

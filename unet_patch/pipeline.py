@@ -1,0 +1,235 @@
+"""``TagDiffusionPipeline``: text-to-image from tag prompts, no text encoder."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from conditioner.encode import pack, tokenize
+from conditioner.table import TagTable
+from unet_patch.patch import patched
+
+TABLE_FILE = os.path.join("table", "table.safetensors")
+
+
+class TagDiffusionPipeline(DiffusionPipeline):
+    """Generate images from tag prompts with a stock diffusers UNet and a condvec table.
+
+    Args:
+        unet (`UNet2DConditionModel`): the denoiser; its attn2 processors are swapped only while generating.
+        scheduler (`SchedulerMixin`): any diffusers scheduler (DDIM, Euler, DPM-Solver …).
+        vae (`AutoencoderKL`, *optional*): decodes latents; `None` means the UNet works in pixel space.
+        table (`TagTable`): the tag table.
+
+    Example:
+        ```py
+        >>> pipe = TagDiffusionPipeline(unet=unet, scheduler=DDIMScheduler(), vae=None, table=table)
+        >>> image = pipe("red circle, white background", num_inference_steps=20, guidance_scale=3.0).images[0]
+        ```
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler, vae: AutoencoderKL | None = None,
+                 table: TagTable | None = None):
+        super().__init__()
+        if table is None:
+            raise ValueError("TagDiffusionPipeline needs a table (TagTable.load(path) or unet_patch.table_for_unet)")
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.table = table
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _step_kwargs(self, generator, eta: float) -> dict:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "generator" in params:
+            kwargs["generator"] = generator
+        if "eta" in params:
+            kwargs["eta"] = eta
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable | None = None,
+        eta: float = 0.0,
+        lenient: bool = False,
+        return_dict: bool = True,
+    ):
+        """Generate images.
+
+        Args:
+            prompt (`str | list[str]`): comma-separated tags per image, e.g. ``"red circle, (large circle:1.3)"``.
+            negative_prompt (`str | list[str]`, *optional*): tags to steer away from; default is the null prompt.
+            num_inference_steps (`int`, defaults to 30): denoising steps.
+            guidance_scale (`float`, defaults to 5.0): classifier-free guidance; ≤ 1 disables it.
+            height (`int`, *optional*): image height; defaults to the UNet's sample size × the VAE's scale.
+            width (`int`, *optional*): image width; same default.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            generator (`torch.Generator`, *optional*): for reproducible noise.
+            output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            callback_on_step_end (`Callable`, *optional*): called as ``fn(pipe, step, timestep, {"latents": ...})``
+                after every step; may return a dict with replacement ``latents``.
+            eta (`float`, defaults to 0.0): DDIM's eta (ignored by schedulers without it).
+            lenient (`bool`, defaults to `False`): skip unknown tags with a warning instead of raising.
+            return_dict (`bool`, defaults to `True`): return an ``ImagePipelineOutput`` rather than a tuple.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
+        batch = len(prompts)
+        do_cfg = guidance_scale > 1.0
+
+        unet, table = self.unet, self.table
+        device, dtype = unet.device, unet.dtype
+        scale = self.vae_scale_factor
+        sample_size = unet.config.sample_size
+        sample_size = sample_size if isinstance(sample_size, int) else sample_size[0]
+        height = height or sample_size * scale
+        width = width or sample_size * scale
+        if height % scale or width % scale:
+            raise ValueError(f"height and width must be multiples of {scale}, got {height}×{width}")
+
+        tokens = tokenize(table, (negatives + prompts) if do_cfg else prompts, lenient=lenient)
+        tag_rows = table.data.index_select(0, tokens.rows.to(table.data.device))  # gathered once per call
+
+        def conditioning(t) -> torch.Tensor:
+            return pack(table, tokens, t, rows=tag_rows).to(device=device, dtype=dtype)
+
+        static = conditioning(0.0) if table.num_anchors == 1 else None  # re-encode only with timestep anchors
+
+        shape = (batch, unet.config.in_channels, height // scale, width // scale)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        with patched(unet, table):
+            for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+                cond = static if static is not None else conditioning(float(t))
+                model_in = torch.cat([latents] * 2) if do_cfg else latents
+                model_in = self.scheduler.scale_model_input(model_in, t)
+                noise_pred = unet(model_in, t, encoder_hidden_states=cond).sample
+                if do_cfg:
+                    uncond, text = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (text - uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    result = callback_on_step_end(self, i, t, {"latents": latents})
+                    if result and "latents" in result:
+                        latents = result["latents"]
+
+        if output_type == "latent":
+            images = latents
+        else:
+            if self.vae is not None:
+                images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+            else:
+                images = latents
+            images = VaeImageProcessor(vae_scale_factor=scale).postprocess(images.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # ----------------------------------------------------------------- save / load (offline, no pickle)
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save UNet, scheduler, VAE (if any) in diffusers layout and the table as ``table/table.safetensors``."""
+        save_directory = os.fspath(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        self.unet.save_pretrained(os.path.join(save_directory, "unet"), safe_serialization=True)
+        self.scheduler.save_pretrained(os.path.join(save_directory, "scheduler"))
+        index = {
+            "_class_name": type(self).__name__,
+            "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", type(self.unet).__name__],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "vae": [None, None],
+            "table": ["conditioner", "TagTable"],
+        }
+        if self.vae is not None:
+            self.vae.save_pretrained(os.path.join(save_directory, "vae"), safe_serialization=True)
+            index["vae"] = ["diffusers", type(self.vae).__name__]
+        self.table.save(os.path.join(save_directory, TABLE_FILE))
+        with open(os.path.join(save_directory, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, table: TagTable | str | None = None,
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> TagDiffusionPipeline:
+        """Load a pipeline from a local folder (``unet/``, ``scheduler/``, optional ``vae/`` and ``table/``).
+
+        Args:
+            pretrained_model_name_or_path (`str`): a local folder; nothing is downloaded.
+            table (`TagTable | str`, *optional*): a table or table file to use instead of the folder's own.
+            torch_dtype (`torch.dtype`, *optional*): dtype for the UNet and VAE.
+        """
+        unet, scheduler, vae, folder_table = load_components(os.fspath(pretrained_model_name_or_path), torch_dtype)
+        if isinstance(table, (str, os.PathLike)):
+            table = TagTable.load(table)
+        table = table or folder_table
+        if table is None:
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path!r} has no {TABLE_FILE}: pass table=PATH (or --table FILE)"
+            )
+        return cls(unet=unet, scheduler=scheduler, vae=vae, table=table)
+
+
+def load_components(model_dir: str, torch_dtype: torch.dtype | None = None):
+    """Load ``(unet, scheduler, vae | None, table | None)`` from a local diffusers-layout folder, offline."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model folder {model_dir!r} does not exist")
+    unet_dir = os.path.join(model_dir, "unet")
+    if not os.path.isfile(os.path.join(unet_dir, "config.json")):
+        raise FileNotFoundError(f"{model_dir!r} has no unet/config.json: expected a diffusers-layout model folder")
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch_dtype, local_files_only=True)
+    scheduler_dir = os.path.join(model_dir, "scheduler")
+    config_path = os.path.join(scheduler_dir, "scheduler_config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{model_dir!r} has no scheduler/scheduler_config.json")
+    with open(config_path) as f:
+        class_name = json.load(f).get("_class_name", "DDIMScheduler")
+    scheduler_cls = getattr(diffusers, class_name, None)
+    if scheduler_cls is None:
+        raise ValueError(f"unknown scheduler class {class_name!r} in {config_path}")
+    scheduler = scheduler_cls.from_pretrained(scheduler_dir, local_files_only=True)
+    vae = None
+    if os.path.isfile(os.path.join(model_dir, "vae", "config.json")):
+        vae = AutoencoderKL.from_pretrained(os.path.join(model_dir, "vae"), torch_dtype=torch_dtype,
+                                            local_files_only=True)
+    table_path = os.path.join(model_dir, TABLE_FILE)
+    table = TagTable.load(table_path) if os.path.isfile(table_path) else None
+    return unet, scheduler, vae, table
