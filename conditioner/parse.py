@@ -114,12 +114,7 @@ def _parse_piece(chars: list[tuple[str, bool]], raw: str) -> tuple[str, float] |
     closes = [i for i, (c, esc) in enumerate(chars) if c == ")" and not esc]
     starts_weighted = chars[0] == ("(", False)
     ends_weighted = chars[-1] == (")", False)
-    if starts_weighted or ends_weighted:
-        if not (starts_weighted and ends_weighted):
-            raise ValueError(
-                f"unbalanced parenthesis in tag {raw.strip()!r}: write a weighted tag as '(tag:1.2)', "
-                "or escape literal parentheses as '\\(' and '\\)'"
-            )
+    if starts_weighted and ends_weighted:
         inner = chars[1:-1]
         colons = [i for i, (c, esc) in enumerate(inner) if c == ":" and not esc]
         if not colons:
@@ -131,7 +126,9 @@ def _parse_piece(chars: list[tuple[str, bool]], raw: str) -> tuple[str, float] |
         if any(c in "()" and not esc for c, esc in name_chars):
             raise ValueError(f"nested parentheses in tag {raw.strip()!r}: nesting is not supported, use '(tag:1.2)'")
         if not _NUMBER.match(weight_text):
-            raise ValueError(f"malformed weight {weight_text!r} in tag {raw.strip()!r}: expected a number, e.g. '(tag:1.2)'")
+            raise ValueError(
+                f"malformed weight {weight_text!r} in tag {raw.strip()!r}: expected a number, e.g. '(tag:1.2)'"
+            )
         weight = float(weight_text)
         if not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"weight {weight_text} in tag {raw.strip()!r} must be a finite number > 0")
@@ -139,7 +136,13 @@ def _parse_piece(chars: list[tuple[str, bool]], raw: str) -> tuple[str, float] |
         if not name:
             raise ValueError(f"weighted tag {raw.strip()!r} has an empty name")
         return name, weight
-    if len(opens) != len(closes):
+    depth = 0
+    for c, esc in chars:
+        if not esc and c in "()":
+            depth += 1 if c == "(" else -1
+            if depth < 0:
+                break
+    if depth != 0 or len(opens) != len(closes):
         raise ValueError(
             f"unbalanced parenthesis in tag {raw.strip()!r}: escape literal parentheses as '\\(' and '\\)'"
         )

@@ -87,7 +87,7 @@ def resolve_groups(layers: list[LayerSpec], groups) -> tuple[list[str], list[int
                     )
         missing = [layers[i].short for i, g in enumerate(assignment) if g is None]
         if missing:
-            raise ValueError(f"explicit groups leave layers unassigned: {', '.join(missing)}; every layer needs a group")
+            raise ValueError(f"explicit groups leave layers unassigned: {', '.join(missing)}; assign each one")
         return names, [int(g) for g in assignment]
     raise ValueError(f"groups must be 'single', 'blocks', 'layers' or a mapping, got {groups!r}")
 
@@ -147,7 +147,7 @@ class TagTable:
         if tuple(self.special.shape) != (2, len(self.anchors), self.width):
             raise ValueError(f"special rows have shape {tuple(self.special.shape)}, expected (2, A, {self.width})")
         if self.values and self.mode != "vector":
-            raise ValueError("split (key ≠ value) tags exist only in vector mode; in kv mode every row has its own K, V")
+            raise ValueError("split (key ≠ value) tags exist only in vector mode; a kv row holds its own K and V")
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -347,7 +347,7 @@ class TagTable:
         if self.mode != "vector":
             raise ValueError("separate value sources exist only in vector mode")
         if tuple(value.shape) != (self.num_anchors, self.width):
-            raise ValueError(f"value source must have shape {(self.num_anchors, self.width)}, got {tuple(value.shape)}")
+            raise ValueError(f"value source must be {(self.num_anchors, self.width)}, got {tuple(value.shape)}")
         self.values[key] = value.detach().to(self.data.dtype).clone()
 
     def value_source(self, name: str) -> torch.Tensor:
@@ -484,7 +484,7 @@ class TagTable:
                 provenance=meta.get("provenance", []), group_kind=meta.get("group_kind", "layers"),
             )
         except KeyError as err:
-            raise ValueError(f"{path!r}: table is missing {err} — the file is incomplete or not a condvec table") from None
+            raise ValueError(f"{path!r}: table is missing {err}: incomplete or not a condvec table") from None
 
     def __repr__(self) -> str:
         return (f"TagTable({len(self.tags)} tags, mode={self.mode}, groups={len(self.group_names)} "

@@ -51,7 +51,7 @@ def discover(unet: torch.nn.Module) -> list[LayerSpec]:
         )
     # how many transformer blocks each attention holds: kohya names exist only when it is one everywhere
     per_attention: dict[str, int] = {}
-    for name, match, _ in found:
+    for name, _match, _ in found:
         key = name.rsplit(".transformer_blocks.", 1)[0]
         per_attention[key] = per_attention.get(key, 0) + 1
     multi = any(count > 1 for count in per_attention.values())

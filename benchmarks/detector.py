@@ -1,0 +1,247 @@
+"""Classical attribute detector for the demo images of :mod:`train.demo_data` (numpy only, nothing learned).
+
+It reads an image back into the attributes its caption names, so generated images can be scored tag by tag:
+
+1. background: the palette background nearest to the median of the border pixels (objects keep a margin, so the
+   border is background);
+2. objects: 8-connected components of pixels that differ from the background, dropping specks of a few pixels;
+3. per object:
+   - colour: the palette colour nearest to the mean of its core pixels (those farthest from the background, i.e.
+     fully covered, as edge pixels are blends with the background);
+   - coverage: each pixel's fraction of object colour, from projecting it onto the background→colour line, which
+     gives an anti-aliasing-aware area;
+   - shape: area / bounding-box area (square ~1.0, circle ~pi/4 = 0.785, triangle ~0.5);
+   - size: the longer side of the bounding box relative to the image side (small 1/4, large 7/16);
+   - position: left or right by order when there are two objects (they are always on opposite sides), otherwise
+     the third of the image holding the coverage-weighted centroid.
+
+Validation on fresh data::
+
+    python -m benchmarks.detector --num 2000 [--sizes 32 64] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from train.demo_data import BACKGROUNDS, COLOURS, IMAGE_SIZES, generate_demo_dataset
+
+ATTRIBUTES = ("shape", "colour", "size", "position")
+_POSITION_ORDER = {"left": 0, "center": 1, "right": 2}
+
+_BG_NAMES = tuple(BACKGROUNDS)
+_BG_RGB = np.array([BACKGROUNDS[n] for n in _BG_NAMES], dtype=np.float64)
+_COLOUR_NAMES = tuple(COLOURS)
+_COLOUR_RGB = np.array([COLOURS[n] for n in _COLOUR_NAMES], dtype=np.float64)
+
+# A pixel belongs to an object when it is this far (RGB Euclidean, 0-255 scale) from the background. Every palette
+# colour is at least ~220 from every background, so this keeps edge pixels down to ~10% coverage.
+_FOREGROUND_DISTANCE = 24.0
+# Components smaller than this many pixels per (32 px)^2 of image are specks, not objects; the smallest object
+# (a small triangle) covers about 32.
+_SPECK_PIXELS_PER_32 = 6
+# Core pixels are those at least this fraction of the component's largest distance from the background.
+_CORE_FRACTION = 0.9
+# Fill ratio thresholds, half way between triangle (0.5), circle (0.785) and square (1.0).
+_SQUARE_MIN_FILL = 0.89
+_CIRCLE_MIN_FILL = 0.64
+# Longer box side / image side between small (0.25) and large (0.4375).
+_LARGE_MIN_EXTENT = 0.34
+
+
+def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got shape {arr.shape}")
+    arr = arr[..., :3].astype(np.float64)
+    # Float images in [0, 1] (e.g. decoded model outputs) are put on the 0-255 scale the palette uses.
+    if np.issubdtype(np.asarray(image).dtype, np.floating) and arr.max(initial=0.0) <= 1.0:
+        arr = arr * 255.0
+    return arr
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """8-connected components of a boolean mask, each as an (N, 2) array of (row, col)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    components = []
+    for r0, c0 in zip(*np.nonzero(mask)):
+        if seen[r0, c0]:
+            continue
+        seen[r0, c0] = True
+        stack, pixels = [(r0, c0)], []
+        while stack:
+            r, c = stack.pop()
+            pixels.append((r, c))
+            for rr in (r - 1, r, r + 1):
+                for cc in (c - 1, c, c + 1):
+                    if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        stack.append((rr, cc))
+        components.append(np.array(pixels))
+    return components
+
+
+def _nearest(rgb: np.ndarray, palette: np.ndarray) -> int:
+    return int(np.argmin(((palette - rgb) ** 2).sum(axis=1)))
+
+
+def detect(image: Image.Image | np.ndarray) -> dict:
+    """Detect the background and the objects of a demo image.
+
+    Args:
+        image (`PIL.Image.Image` or `np.ndarray`): an RGB image; arrays are (H, W, 3), uint8 or float in [0, 1].
+
+    Returns:
+        `dict`: ``{"background": name, "objects": [{"shape", "colour", "size", "position"}, ...]}`` with the
+        objects sorted left to right (by centroid).
+    """
+    arr = _as_rgb_array(image)
+    h, w, _ = arr.shape
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    bg_index = _nearest(np.median(border, axis=0), _BG_RGB)
+    bg = _BG_RGB[bg_index]
+
+    distance = np.sqrt(((arr - bg) ** 2).sum(axis=2))
+    min_pixels = max(3, round(_SPECK_PIXELS_PER_32 * h * w / 32**2))
+    found = []
+    for pixels in _components(distance > _FOREGROUND_DISTANCE):
+        if len(pixels) < min_pixels:
+            continue
+        rows, cols = pixels[:, 0], pixels[:, 1]
+        d = distance[rows, cols]
+        core = arr[rows, cols][d >= _CORE_FRACTION * d.max()]
+        colour_index = _nearest(core.mean(axis=0), _COLOUR_RGB)
+        # Coverage of each pixel: where it lies between the background (0) and the object colour (1).
+        direction = _COLOUR_RGB[colour_index] - bg
+        coverage = np.clip((arr[rows, cols] - bg) @ direction / (direction @ direction), 0.0, 1.0)
+        box_w = cols.max() - cols.min() + 1
+        box_h = rows.max() - rows.min() + 1
+        fill = coverage.sum() / (box_w * box_h)
+        if fill >= _SQUARE_MIN_FILL:
+            shape = "square"
+        elif fill >= _CIRCLE_MIN_FILL:
+            shape = "circle"
+        else:
+            shape = "triangle"
+        cx = float((coverage * cols).sum() / max(coverage.sum(), 1e-9)) + 0.5
+        found.append(
+            {
+                "shape": shape,
+                "colour": _COLOUR_NAMES[colour_index],
+                "size": "large" if max(box_w, box_h) / max(h, w) >= _LARGE_MIN_EXTENT else "small",
+                "cx": cx,
+            }
+        )
+
+    found.sort(key=lambda o: o["cx"])
+    for i, obj in enumerate(found):
+        cx = obj.pop("cx")
+        if len(found) == 2:
+            obj["position"] = ("left", "right")[i]
+        else:
+            obj["position"] = "left" if cx < w / 3 else "right" if cx > 2 * w / 3 else "center"
+    return {"background": _BG_NAMES[bg_index], "objects": found}
+
+
+def accuracy(records: Sequence[dict], images: Sequence[Image.Image | np.ndarray]) -> dict:
+    """Score the detector's reading of images against the records they should show.
+
+    Objects are matched left to right. When the detected object count is wrong, every object of that record counts
+    as wrong on every attribute.
+
+    Args:
+        records (`Sequence[dict]`): ground-truth records (``background`` and ``objects``), e.g. from
+            :func:`train.demo_data.generate_demo_dataset` or the prompt specs a model was asked to draw.
+        images (`Sequence`): the images, in the same order.
+
+    Returns:
+        `dict`: per-image accuracies ``count``, ``background`` and ``all`` (every attribute of the image right),
+        per-object accuracies ``shape``, ``colour``, ``size`` and ``position``, and the totals ``images`` and
+        ``objects``.
+    """
+    if len(records) != len(images):
+        raise ValueError(f"got {len(records)} records but {len(images)} images")
+    if not records:
+        raise ValueError("need at least one record to score")
+    per_image = {"count": 0, "background": 0, "all": 0}
+    per_object = dict.fromkeys(ATTRIBUTES, 0)
+    n_objects = 0
+    for record, image in zip(records, images):
+        found = detect(image)
+        truth = sorted(record["objects"], key=lambda o: _POSITION_ORDER[o["position"]])
+        n_objects += len(truth)
+        count_ok = len(found["objects"]) == len(truth)
+        bg_ok = found["background"] == record["background"]
+        per_image["count"] += count_ok
+        per_image["background"] += bg_ok
+        all_ok = count_ok and bg_ok
+        if count_ok:
+            for want, got in zip(truth, found["objects"]):
+                for attr in ATTRIBUTES:
+                    ok = want[attr] == got[attr]
+                    per_object[attr] += ok
+                    all_ok = all_ok and ok
+        per_image["all"] += all_ok
+    result = {k: v / len(records) for k, v in per_image.items()}
+    result.update({k: v / n_objects for k, v in per_object.items()})
+    result.update(images=len(records), objects=n_objects)
+    return result
+
+
+def validate(num_images: int, size: int, seed: int = 1) -> dict:
+    """Generate a fresh demo dataset in a temporary folder and score the detector on its PNG files.
+
+    Args:
+        num_images (`int`): number of images.
+        size (`int`): image side, 32 or 64.
+        seed (`int`, defaults to 1): generator seed.
+
+    Returns:
+        `dict`: the result of :func:`accuracy`.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        records = generate_demo_dataset(tmp, num_images, size=size, seed=seed)
+        images = [np.asarray(Image.open(Path(tmp) / r["file_name"]).convert("RGB")) for r in records]
+    return accuracy(records, images)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _OneLineParser(
+        prog="python -m benchmarks.detector",
+        description="Validate the attribute detector on freshly generated demo images.",
+    )
+    parser.add_argument("--num", type=int, default=2000, help="images per size (default 2000)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="image sizes (default 32 64)")
+    parser.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error(f"--num must be >= 1, got {args.num}")
+    if any(size not in IMAGE_SIZES for size in args.sizes):
+        parser.error(f"--sizes must be 32 and/or 64, got {' '.join(map(str, args.sizes))}")
+    keys = ("count", "background", *ATTRIBUTES, "all")
+    print(f"{'size':>4} {'images':>6} {'objects':>7} " + " ".join(f"{k:>10}" for k in keys))
+    for size in args.sizes:
+        result = validate(args.num, size, seed=args.seed)
+        print(
+            f"{size:>4} {result['images']:>6} {result['objects']:>7} " + " ".join(f"{result[k]:>10.4f}" for k in keys)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+import json
+
+import pytest
+import torch
+from conftest import make_unet
+from safetensors.torch import save_file
+
+from conditioner import TagNormalization, TagTable, encode, tokenize
+from unet_patch import discover, table_for_unet
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return discover(make_unet())
+
+
+def _assert_tables_equal(a: TagTable, b: TagTable):
+    assert torch.equal(a.data, b.data)
+    assert torch.equal(a.special, b.special)
+    assert sorted(a.values) == sorted(b.values)
+    for name in a.values:
+        assert torch.equal(a.values[name], b.values[name])
+    assert a.metadata() == b.metadata()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(mode="vector", groups="single"),
+        dict(mode="vector", groups="blocks", anchors=3, pad_to=77),
+        dict(mode="vector", groups="layers", anchors=[0.0, 500.0, 999.0], use_sink=False),
+        dict(mode="kv", anchors=2),
+        dict(mode="vector", groups={"down": ["down.*"], "rest": ["mid.*", "up.*"]},
+             normalization=TagNormalization(lowercase=False, underscores="keep")),
+    ],
+)
+def test_save_load_roundtrip_is_exact(tmp_path, layers, kwargs):
+    """Invariant 6: every tensor and every metadata field survives save → load."""
+    table = TagTable.create(layers, tags=["Red_Circle", "blue square", "mascot"], init_std=0.3,
+                            base_model={"name": "tiny", "path": "/x"}, **kwargs)
+    table.counts = {table.tags[0]: 12, table.tags[1]: 3}
+    table.provenance = [{"op": "test", "inputs": ["a"]}]
+    if table.mode == "vector":
+        table.set_value_source(table.tags[2], torch.randn(table.num_anchors, table.width))
+    path = tmp_path / "t.safetensors"
+    table.save(path)
+    loaded = TagTable.load(path)
+    _assert_tables_equal(table, loaded)
+    assert loaded.layers == table.layers
+    assert loaded.normalization == table.normalization
+    assert not list(tmp_path.glob(".tmp-*")), "atomic save left a temp file"
+
+
+def test_groups_resolve(layers):
+    assert TagTable.create(layers, groups="single").group_names == ["all"]
+    blocks = TagTable.create(layers, groups="blocks")
+    assert blocks.group_names == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.1", "up_blocks.2"]
+    assert TagTable.create(layers, groups="layers").width == 7 * 16
+    kv = TagTable.create(layers, mode="kv")
+    assert kv.width == sum(2 * layer.inner_dim for layer in layers)
+    custom = TagTable.create(layers, groups={"a": ["IN01", "IN03"], "b": ["M00", "up.*"]})
+    assert custom.layer_group == [0, 0, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ({"a": ["down.*"]}, "leave layers unassigned: mid.0"),
+        ({"a": ["nothing*"], "b": ["*"]}, "pattern 'nothing\\*' matches no layer"),
+        ({"a": ["down.*"], "b": ["down.0.0", "mid.*", "up.*"]}, "is in both group"),
+        ("per-block", "groups must be"),
+    ],
+)
+def test_group_errors(layers, groups, message):
+    with pytest.raises(ValueError, match=message):
+        TagTable.create(layers, groups=groups)
+
+
+def test_add_remove_rename(layers):
+    table = TagTable.create(layers, tags=["a", "b", "c"], init_std=1.0)
+    b_row = table.data[1].clone()
+    table.add_tags(["d"], init="tag:b")
+    assert torch.equal(table.data[table.row("d")], b_row)
+    table.set_value_source("c", torch.ones(1, table.width))
+    table.counts["c"] = 5
+    table.rename_tag("c", "C_new")
+    assert "c new" in table and "c" not in table and table.is_split("c new") and table.counts["c new"] == 5
+    table.remove_tags(["a", "c new"])
+    assert table.tags == ["b", "d"] and not table.values and "c new" not in table.counts
+    assert torch.equal(table.data[0], b_row)
+    with pytest.raises(ValueError, match="already in the table"):
+        table.add_tags(["b"])
+    with pytest.raises(KeyError, match="did you mean 'b'"):
+        table.row("bb")
+
+
+def test_unknown_tags_error_and_lenient(layers):
+    table = TagTable.create(layers, tags=["red circle", "blue square"])
+    with pytest.raises(ValueError, match=r"unknown tags 'red circel' \(did you mean 'red circle'\?\), 'zzz'"):
+        encode(table, ["red circel, zzz, blue square"])
+    with pytest.warns(UserWarning, match="skipping unknown tag"):
+        out = encode(table, ["red circel, blue square"], lenient=True)
+    assert out.shape[1] == 2  # sink + blue square
+
+
+def test_no_tag_limit_and_padding(layers):
+    tags = [f"t{i}" for i in range(200)]
+    table = TagTable.create(layers, tags=tags, groups="single", pad_to=77)
+    long = encode(table, [", ".join(tags)])
+    assert long.shape == (1, 201, 16)
+    short = encode(table, ["t1, t2", ""])
+    assert short.shape == (2, 77, 16), "fixed length, no bias channel when nothing is masked or weighted"
+    assert torch.equal(short[1, 1], table.special[1, 0]) and torch.equal(short[1, 0], table.special[0, 0])
+    dyn = tokenize(table, ["t1, t2", ""], pad_to=None)
+    assert dyn.masked.tolist() == [[False, False, False], [False, True, True]]
+
+
+def test_timestep_anchor_interpolation_by_hand(layers):
+    table = TagTable.create(layers, tags=["a"], anchors=2, init_std=1.0, groups="single")
+    v0, v1 = table.data[0, 0], table.data[0, 1]
+    t = torch.tensor([0.0, 333.0, 999.0, 2000.0])
+    out = encode(table, ["a"] * 4, timesteps=t)
+    frac = 333.0 / 999.0
+    expected = torch.stack([v0, (1 - frac) * v0 + frac * v1, v1, v1])
+    torch.testing.assert_close(out[:, 1], expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="pass the timesteps"):
+        encode(table, ["a"])
+
+
+def test_weights_become_log_bias_and_split_adds_value_part(layers):
+    table = TagTable.create(layers, tags=["a", "b"], init_std=1.0, groups="single")
+    out = encode(table, ["(a:2), b"])
+    assert out.shape[-1] == table.width + 1
+    torch.testing.assert_close(out[0, :, -1], torch.tensor([0.0, torch.log(torch.tensor(2.0)), 0.0]))
+    table.set_value_source("b", torch.full((1, table.width), 7.0))
+    out = encode(table, ["a, b"])
+    assert out.shape[-1] == 2 * table.width
+    assert torch.equal(out[0, 2, table.width:], torch.full((table.width,), 7.0))
+    assert torch.equal(out[0, 1, table.width:], out[0, 1, : table.width]), "tied tags copy key into value part"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a safetensors file at all", "is not a readable .safetensors table"),
+        (b"", "is not a readable .safetensors table"),
+    ],
+)
+def test_corrupt_table_files(tmp_path, content, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        TagTable.load(path)
+
+
+def test_truncated_and_foreign_files(tmp_path, layers):
+    table = TagTable.create(layers, tags=["a"])
+    good = tmp_path / "good.safetensors"
+    table.save(good)
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="not a readable .safetensors table"):
+        TagTable.load(truncated)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="without condvec metadata"):
+        TagTable.load(foreign)
+    future = tmp_path / "future.safetensors"
+    meta = table.metadata() | {"format_version": 99}
+    save_file({"data": table.data, "special": table.special}, future, metadata={"condvec": json.dumps(meta)})
+    with pytest.raises(ValueError, match="format version 99 is not supported"):
+        TagTable.load(future)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TagTable.load(tmp_path / "missing.safetensors")
+
+
+def test_table_for_unet_records_base_identity():
+    unet = make_unet()
+    table = table_for_unet(unet, tags=["a"], base_name="tiny-test")
+    assert table.base_model["name"] == "tiny-test" and table.base_model["num_layers"] == 7

@@ -1,0 +1,99 @@
+"""``condvec-generate``: images from tag prompts with a diffusers-layout model folder and a condvec table."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+def make_grid(images: list, cols: int | None = None):
+    """Paste PIL images into one grid image (near-square by default)."""
+    from PIL import Image
+
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="condvec-generate", description=__doc__)
+    p.add_argument("--model", required=True, help="diffusers-layout folder with unet/, scheduler/ and optional vae/")
+    p.add_argument("--table", help="table .safetensors (default: MODEL/table/table.safetensors)")
+    p.add_argument("--prompt", required=True, help='comma-separated tags, e.g. "red circle, (large circle:1.3)"')
+    p.add_argument("--negative", default="", help="negative tags (default: the null prompt)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--num", type=int, default=1, help="number of images (default 1); several are also gridded")
+    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                   help="override the model's scheduler")
+    p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscale factor for viewing tiny images")
+    p.add_argument("--lenient", action="store_true", help="skip unknown tags with a warning instead of failing")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", default="condvec.png", help="output PNG (default condvec.png)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``condvec-generate``; returns 0, or exits 2 with a one-line error on bad input."""
+    args = _parser().parse_args(argv)
+    prog = "condvec-generate"
+    try:
+        if args.steps < 1 or args.num < 1 or args.upscale < 1:
+            raise ValueError("--steps, --num and --upscale must be >= 1")
+        if not args.out.lower().endswith(".png"):
+            raise ValueError(f"--out must be a .png path, got {args.out!r}")
+        import diffusers
+        import torch
+
+        from unet_patch.pipeline import TagDiffusionPipeline
+
+        pipe = TagDiffusionPipeline.from_pretrained(args.model, table=args.table)
+        if args.scheduler:
+            cls = getattr(diffusers, SCHEDULERS[args.scheduler])
+            pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        pipe.to(args.device)
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        images = pipe(
+            args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+            guidance_scale=args.guidance, num_images_per_prompt=args.num, generator=generator,
+            height=args.size, width=args.size, lenient=args.lenient,
+        ).images
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"{prog}: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
+        return 2
+    if args.upscale > 1:
+        from PIL import Image
+
+        images = [im.resize((im.width * args.upscale, im.height * args.upscale), Image.NEAREST) for im in images]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if len(images) == 1:
+        images[0].save(args.out)
+        print(f"wrote {args.out}")
+        return 0
+    stem = args.out[:-4]
+    for i, image in enumerate(images):
+        image.save(f"{stem}-{i}.png")
+    make_grid(images).save(args.out)
+    print(f"wrote {len(images)} images {stem}-0.png … {stem}-{len(images) - 1}.png and the grid {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
