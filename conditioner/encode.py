@@ -142,6 +142,7 @@ def pack(
     timesteps: torch.Tensor | float | None = None,
     rows: torch.Tensor | None = None,
     value_rows: torch.Tensor | None = None,
+    special: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gather and interpolate a :class:`TokenBatch` into the packed tensor.
 
@@ -153,6 +154,7 @@ def pack(
         rows (`torch.Tensor`, *optional*): ``(K, A, W)`` data for ``tokens.rows`` to use instead of the table's
             (the trainer passes its differentiable copy of the touched rows).
         value_rows (`torch.Tensor`, *optional*): ``(K, A, W)`` value sources for ``tokens.rows`` when split.
+        special (`torch.Tensor`, *optional*): ``(2, A, W)`` sink and padding rows to use instead of the table's.
 
     Returns:
         `torch.Tensor`: ``(B, N, width [+ width] [+ 1])`` on the table's device and dtype (or ``rows``').
@@ -178,7 +180,7 @@ def pack(
     is_tag = ids >= 0
     b_idx, n_idx = is_tag.nonzero(as_tuple=True)
     local = torch.searchsorted(tokens.rows.to(device), ids[b_idx, n_idx])  # index into rows
-    special = table.special.to(device=device, dtype=dtype)
+    special = (table.special if special is None else special).to(device=device, dtype=dtype)
 
     def assemble(tag_rows: torch.Tensor) -> torch.Tensor:
         tag_vals = _interp(tag_rows[local], None if w is None else w[b_idx])  # (T, W)

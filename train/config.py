@@ -1,0 +1,247 @@
+"""The run configuration: an OmegaConf structured schema, loaded as schema ← YAML ← ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message names the key and how to fix it."""
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the schema
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str | None = _f(None, "diffusers-layout folder with unet/ (and optional vae/, scheduler/)")
+    single_file: str | None = _f(None, "a single-file UNet checkpoint (.safetensors) — needs single_file_config")
+    single_file_config: str | None = _f(None, "local folder or config.json describing the single-file UNet")
+    builtin: str | None = _f(None, "built-in UNet trained from scratch: tiny (pixel space, 32 px) | micro (16 px, tests)")
+    prediction_type: str | None = _f(None, "epsilon | v_prediction; default: the scheduler config's")
+    num_train_timesteps: int = _f(1000, "diffusion timesteps when the model folder has no scheduler config")
+    name: str | None = _f(None, "a name for the base model, recorded in the table")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f(MISSING, "dataset folder: images with .txt sidecars (recursive), or a metadata.jsonl")
+    metadata: str = _f("auto", "auto | sidecar | jsonl — where captions come from")
+    caption_ext: str = _f(".txt", "sidecar caption extension")
+    repeats: dict[str, int] = _f({}, "explicit repeats per subfolder (overrides kohya N_name folders)")
+    default_repeats: int = _f(1, "repeats for images outside any repeat folder")
+    resolution: int = _f(32, "training resolution (pixels); buckets keep about resolution² pixels")
+    bucketing: bool = _f(True, "aspect-ratio bucketing; false = every image center-cropped square")
+    bucket_step: int = _f(8, "bucket sides are multiples of this (64 for SD latents)")
+    max_aspect: float = _f(2.0, "largest bucket aspect ratio")
+    flip: bool = _f(False, "random horizontal flip (do not use when tags name left/right)")
+    tag_dropout: float = _f(0.0, "probability of dropping each tag of a caption")
+    caption_dropout: float = _f(0.05, "probability of training a sample on the null prompt (keeps CFG working)")
+    cache_latents: bool = _f(True, "cache VAE latents on disk (keyed by VAE identity and image size/mtime)")
+    cache_dir: str | None = _f(None, "latent cache folder; default DATA/.condvec_cache")
+    generate_demo: int = _f(0, "if > 0 and data.path is missing, write that many demo images there first")
+    demo_concept: str | None = _f(None, "demo concept 'TAG=colour shape size' to generate instead of demo scenes")
+
+
+@dataclass
+class TableConfig:
+    start_from: str | None = _f(None, "continue training this table (.safetensors); layout options are ignored")
+    mode: str = _f("vector", "vector (vectors through to_k/to_v) | kv (direct K and V per layer)")
+    groups: Any = _f("layers", "single | blocks | layers | {group: [layer globs]}")
+    anchors: int = _f(1, "timestep anchors (1 = off)")
+    pad_to: int | None = _f(None, "fixed sequence length (77 for pretrained SD UNets); null = dynamic")
+    use_sink: bool = _f(True, "start every sequence with the attention-sink row")
+    lowercase: bool = _f(True, "tag normalisation: fold case")
+    underscores: str = _f("space", "tag normalisation: space (booru _ → space) | keep")
+    init: str = _f("normal", "new tags: zeros | normal | mean | tag:NAME")
+    init_std: float = _f(0.02, "std of the normal init (and of the noise on 'mean')")
+    train_special: bool = _f(True, "also train the sink and padding rows")
+    freeze_existing: bool = _f(False, "with start_from: train only tags new to the table")
+
+
+@dataclass
+class TrainingConfig:
+    train: str = _f("table", "table | table+kv (also attn2 to_k/to_v) | full (whole UNet)")
+    steps: int = _f(1000, "optimiser steps")
+    batch_size: int = _f(8, "global batch per optimiser micro-step (split across processes)")
+    grad_accum: int = _f(1, "micro-steps per optimiser step")
+    lr: float = _f(1e-2, "learning rate of the table")
+    lr_unet: float = _f(1e-4, "learning rate of UNet weights (table+kv, full)")
+    lr_schedule: str = _f("constant", "constant | linear | cosine (after warmup)")
+    warmup_steps: int = _f(0, "linear warmup steps")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.0, "decoupled weight decay of table rows (applied only to rows in the batch)")
+    weight_decay_unet: float = _f(1e-2, "weight decay of UNet weights")
+    max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 = off)")
+    min_snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = off)")
+    noise_offset: float = _f(0.0, "noise offset (brighter/darker images)")
+    ema_decay: float = _f(0.0, "EMA of the table rows (0 = off); saved as table-ema.safetensors")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    mixed_precision: str = _f("no", "no | fp16 | bf16 (fp32 on CPU)")
+    seed: int = _f(0, "seed of everything: init, data order, noise, timesteps, dropout")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/condvec", "run folder (checkpoints, samples, metrics, final table)")
+    save_every: int = _f(500, "checkpoint every N steps (and at the end)")
+    keep_last: int = _f(3, "checkpoints to keep")
+    resume: str | None = _f(None, "latest | a checkpoint folder — continue a run exactly")
+    sample_every: int = _f(500, "sample grid every N steps (0 = only at the end)")
+    sample_prompts: list[str] = _f([], "prompts for sample grids (rows)")
+    sample_seeds: list[int] = _f([0, 1, 2, 3], "seeds for sample grids (columns)")
+    sample_steps: int = _f(20, "denoising steps for samples")
+    sample_guidance: float = _f(3.0, "guidance scale for samples")
+    sample_upscale: int = _f(3, "nearest-neighbour upscale of sample images in grids")
+    log_every: int = _f(10, "metrics.jsonl / progress-bar update every N steps")
+    tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)")
+    progress: bool = _f(True, "show a tqdm progress bar")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    table: TableConfig = field(default_factory=TableConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(cls):
+        path = f"{prefix}{f.name}"
+        out.append(path)
+        default = f.default_factory() if f.default_factory is not NO_DEFAULT else f.default
+        if is_dataclass(default):
+            out.extend(_keys(type(default), path + "."))
+    return out
+
+
+def _suggest(bad: str) -> str:
+    keys = _keys(RunConfig)
+    leaf = bad.split(".")[-1]
+    matches = difflib.get_close_matches(bad, keys, n=1, cutoff=0.5)
+    matches = matches or [k for k in keys if k.split(".")[-1] in difflib.get_close_matches(
+        leaf, [k.split(".")[-1] for k in keys], n=1, cutoff=0.6)]
+    return f" — did you mean '{matches[0]}'?" if matches else ""
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError) or "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        return f"unknown config key '{key}'{_suggest(key)}"
+    if isinstance(err, MissingMandatoryValue):
+        return f"missing required value '{key}': set it in the YAML or as {key}=... on the command line"
+    if isinstance(err, ValidationError):
+        return f"bad value for '{key}': {msg}"
+    return f"config error at '{key}': {msg}" if key else f"config error: {msg}"
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Load a run config: schema defaults ← YAML file ← ``key=value`` overrides, then validate.
+
+    Args:
+        path (`str`, *optional*): the run YAML.
+        overrides (`list[str]`, *optional*): dotlist overrides, e.g. ``["training.steps=200", "data.flip=true"]``.
+
+    Raises:
+        ConfigError: unknown keys (with a suggestion), wrong types, missing required values, invalid choices.
+    """
+    try:
+        schema = OmegaConf.structured(RunConfig)
+        parts = [schema]
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path!r} does not exist")
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path!r} must hold a mapping of sections (model, data, table, training, output)")
+            parts.append(loaded)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value, e.g. training.steps=200")
+        parts.append(OmegaConf.from_dotlist(list(overrides or [])))
+        cfg = OmegaConf.merge(*parts)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    except Exception as err:  # YAML syntax errors and the like
+        raise ConfigError(f"cannot read config {path!r}: {str(err).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def _choice(value, allowed, key):
+    if value not in allowed:
+        raise ConfigError(f"'{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check fields against each other; raise ConfigError naming the key."""
+    m, d, t, tr, o = cfg.model, cfg.data, cfg.table, cfg.training, cfg.output
+    sources = [k for k in ("pretrained", "single_file", "builtin") if m[k]]
+    if len(sources) != 1:
+        raise ConfigError("set exactly one of model.pretrained, model.single_file, model.builtin "
+                          f"(got {', '.join(sources) or 'none'})")
+    if m.single_file and not m.single_file_config:
+        raise ConfigError("model.single_file needs model.single_file_config (a local config folder or config.json)")
+    if m.builtin:
+        _choice(m.builtin, ["tiny", "micro"], "model.builtin")
+    if m.prediction_type is not None:
+        _choice(m.prediction_type, ["epsilon", "v_prediction"], "model.prediction_type")
+    _choice(d.metadata, ["auto", "sidecar", "jsonl"], "data.metadata")
+    _choice(t.mode, ["vector", "kv"], "table.mode")
+    if isinstance(t.groups, str):
+        _choice(t.groups, ["single", "blocks", "layers"], "table.groups")
+    _choice(t.underscores, ["space", "keep"], "table.underscores")
+    _choice(tr.train, ["table", "table+kv", "full"], "training.train")
+    _choice(tr.lr_schedule, ["constant", "linear", "cosine"], "training.lr_schedule")
+    _choice(tr.mixed_precision, ["no", "fp16", "bf16"], "training.mixed_precision")
+    for key, value, low in [("training.steps", tr.steps, 1), ("training.batch_size", tr.batch_size, 1),
+                            ("training.grad_accum", tr.grad_accum, 1), ("table.anchors", t.anchors, 1),
+                            ("data.resolution", d.resolution, 8), ("output.save_every", o.save_every, 1),
+                            ("output.keep_last", o.keep_last, 1), ("output.log_every", o.log_every, 1),
+                            ("output.sample_steps", o.sample_steps, 1), ("output.sample_upscale", o.sample_upscale, 1)]:
+        if value < low:
+            raise ConfigError(f"'{key}' must be >= {low}, got {value}")
+    for key, value in [("data.tag_dropout", d.tag_dropout), ("data.caption_dropout", d.caption_dropout)]:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"'{key}' must be in [0, 1), got {value}")
+    if not 0.0 <= tr.ema_decay < 1.0:
+        raise ConfigError(f"'training.ema_decay' must be in [0, 1), got {tr.ema_decay}")
+    if tr.lr <= 0 or tr.lr_unet <= 0:
+        raise ConfigError("learning rates must be > 0")
+    if d.demo_concept is not None and "=" not in d.demo_concept:
+        raise ConfigError("data.demo_concept must look like 'mascot=yellow triangle large'")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML (what ``--print-config`` shows and the run folder keeps)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def schema_help() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every field, for documentation."""
+    out = []
+    for section in fields(RunConfig):
+        cls = type(section.default_factory())
+        for f in fields(cls):
+            default = f.default_factory() if f.default_factory is not NO_DEFAULT else f.default
+            out.append((f"{section.name}.{f.name}", default, f.metadata.get("help", "")))
+    return out

@@ -1,0 +1,101 @@
+"""Loss-curve PNG and labelled sample grids, drawn with Pillow (no plotting dependency)."""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def loss_plot(steps: list[int], losses: list[float], path: str, title: str = "training loss",
+              smoothing: float = 0.9, width: int = 720, height: int = 360) -> None:
+    """Write a loss curve: raw values in light grey, an exponential moving average in blue, log-scaled y axis.
+
+    Args:
+        steps (`list[int]`): x values.
+        losses (`list[float]`): y values (> 0).
+        path (`str`): output PNG.
+        title (`str`, defaults to `"training loss"`): heading.
+        smoothing (`float`, defaults to 0.9): EMA factor of the smoothed line.
+    """
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font()
+    left, right, top, bottom = 64, 16, 28, 40
+    draw.text((left, 8), title, fill="black", font=font)
+    pts = [(s, v) for s, v in zip(steps, losses) if v is not None and v > 0 and math.isfinite(v)]
+    if len(pts) < 2:
+        draw.text((left, height // 2), "not enough points yet", fill="black", font=font)
+        image.save(path)
+        return
+    xs, ys = [p[0] for p in pts], [math.log10(p[1]) for p in pts]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if y1 - y0 < 1e-6:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    pad = (y1 - y0) * 0.05
+    y0, y1 = y0 - pad, y1 + pad
+
+    def to_px(x, y):
+        px = left + (x - x0) / max(1e-9, x1 - x0) * (width - left - right)
+        py = top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):  # y ticks (log scale, labelled in loss units)
+        y = y0 + (y1 - y0) * i / 4
+        _, py = to_px(x0, y)
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((4, py - 6), f"{10 ** y:.3g}", fill="black", font=font)
+    for i in range(5):  # x ticks
+        x = x0 + (x1 - x0) * i / 4
+        px, _ = to_px(x, y0)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
+        draw.text((px - 10, height - bottom + 8), f"{int(round(x))}", fill="black", font=font)
+    draw.text((width // 2 - 10, height - 14), "step", fill="black", font=font)
+    draw.line([to_px(x, y) for x, y in zip(xs, ys)], fill=(200, 200, 200), width=1)
+    smooth, acc = [], ys[0]
+    for y in ys:
+        acc = smoothing * acc + (1 - smoothing) * y
+        smooth.append(acc)
+    draw.line([to_px(x, y) for x, y in zip(xs, smooth)], fill=(31, 119, 180), width=2)
+    image.save(path)
+
+
+def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str],
+                  title: str | None = None) -> Image.Image:
+    """Images in a grid with a text label per row (left) and per column (top)."""
+    font = _font()
+    w, h = rows[0][0].size
+    label_w = max(90, min(260, 7 * max((len(s) for s in row_labels), default=0) + 12))
+    head = 16 + (16 if title else 0)
+    grid = Image.new("RGB", (label_w + w * len(rows[0]), head + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    for j, label in enumerate(col_labels):
+        draw.text((label_w + j * w + 4, head - 14), label, fill="black", font=font)
+    for i, (images, label) in enumerate(zip(rows, row_labels)):
+        lines = _wrap(label, max(8, (label_w - 8) // 7))
+        for k, line in enumerate(lines[: max(1, h // 12)]):
+            draw.text((4, head + i * h + 4 + 12 * k), line, fill="black", font=font)
+        for j, image in enumerate(images):
+            grid.paste(image, (label_w + j * w, head + i * h))
+    return grid
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(" "), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        lines.append(line)
+    return lines
