@@ -148,6 +148,8 @@ class Trainer:
         if self.acc.is_main_process:
             from train import demo_data
 
+            size = 64 if d.resolution > 32 else 32  # the demo generator draws at 32 or 64 px; buckets resize
+
             if d.demo_concept:
                 tag, spec = d.demo_concept.split("=", 1)
                 attributes = {}
@@ -157,10 +159,9 @@ class Trainer:
                         if word in options:
                             attributes[key] = word
                 demo_data.generate_concept_dataset(d.path, tag.strip(), attributes, d.generate_demo,
-                                                   size=d.resolution, seed=self.cfg.training.seed)
+                                                   size=size, seed=self.cfg.training.seed)
             else:
-                demo_data.generate_demo_dataset(d.path, d.generate_demo, size=d.resolution,
-                                                seed=self.cfg.training.seed)
+                demo_data.generate_demo_dataset(d.path, d.generate_demo, size=size, seed=self.cfg.training.seed)
             print(f"wrote {d.generate_demo} demo images to {d.path}", flush=True)
         self.acc.wait_for_everyone()
 
@@ -213,7 +214,11 @@ class Trainer:
 
     def _check_sample_prompts(self) -> None:
         for prompt in self.cfg.output.sample_prompts:
-            tokenize(self.table, [prompt])  # raises on unknown tags, naming them
+            try:
+                tokenize(self.table, [prompt])
+            except ValueError as err:
+                message = str(err).split(" (pass lenient")[0]
+                raise ValueError(f"output.sample_prompts {prompt!r}: {message}") from None
 
     def _setup_cache(self) -> None:
         from train.cache import LatentCache, PixelCache

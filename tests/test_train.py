@@ -1,0 +1,180 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conditioner import TagTable
+from train.config import load_config
+from train.loop import Trainer
+from train.demo_data import generate_demo_dataset
+
+
+@pytest.fixture(scope="module")
+def empty_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "run.yaml"
+    path.write_text("{}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo_dataset(path, 48, size=32, seed=3)
+    return path
+
+
+def _cfg(demo_dir, out, *extra):
+    return load_config(None, [
+        "model.builtin=micro", f"data.path={demo_dir}", "data.resolution=16", "data.bucketing=false",
+        "training.steps=6", "training.batch_size=4", "training.lr=0.05", "training.weight_decay=0.1",
+        f"output.dir={out}", "output.save_every=2", "output.sample_every=0", "output.progress=false",
+        "output.keep_last=2", *extra,
+    ])
+
+
+def test_step_changes_only_rows_of_tags_in_the_batch(demo_dir, tmp_path):
+    """Invariant 3 in a real training step: AdamW momentum and weight decay never reach absent rows."""
+    trainer = Trainer(_cfg(demo_dir, tmp_path / "run", "data.tag_dropout=0.3"))
+    for _ in range(3):  # build up momentum on many rows first
+        trainer.train_step()
+    before = trainer.table.data.clone()
+    step = trainer.state.step
+    plans = trainer._plan(step)
+    present = {trainer.table.row(t.name) for p in plans for t in p.tags}
+    trainer.train_step()
+    after = trainer.table.data
+    for r in range(len(trainer.table)):
+        moved = not torch.equal(before[r], after[r])
+        assert moved == (r in present), trainer.table.tags[r]
+    assert 0 < len(present) < len(trainer.table)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(demo_dir, tmp_path):
+    """Invariant 7: kill after a checkpoint, resume=latest, and the result is bit-identical."""
+    extra = ["training.grad_accum=2", "training.ema_decay=0.9", "data.caption_dropout=0.2", "data.flip=true"]
+    full = Trainer(_cfg(demo_dir, tmp_path / "full", *extra)).run()
+
+    killed = Trainer(_cfg(demo_dir, tmp_path / "killed", *extra))
+    original = killed.train_step
+
+    def dying_step():
+        if killed.state.step == 5:
+            raise KeyboardInterrupt
+        return original()
+
+    killed.train_step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["step-0000002", "step-0000004"]
+    resumed = Trainer(_cfg(demo_dir, tmp_path / "killed", *extra, "output.resume=latest"))
+    assert resumed.state.step == 4
+    result = resumed.run()
+
+    a, b = TagTable.load(full["table"]), TagTable.load(result["table"])
+    assert torch.equal(a.data, b.data) and torch.equal(a.special, b.special)
+    assert a.counts == b.counts and sum(a.counts.values()) > 0
+    ema_a = TagTable.load(full["table_ema"]).data
+    assert torch.equal(ema_a, TagTable.load(result["table_ema"]).data)
+    lines_a = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
+    lines_b = [json.loads(x) for x in open(tmp_path / "killed" / "metrics.jsonl")]
+    assert [m["loss"] for m in lines_a] == [m["loss"] for m in lines_b] and len(lines_a) == 6
+
+
+def test_full_unet_training_resumes_exactly(demo_dir, tmp_path):
+    extra = ["training.train=full", "training.steps=4", "training.lr_schedule=cosine", "training.warmup_steps=1"]
+    full = Trainer(_cfg(demo_dir, tmp_path / "full", *extra)).run()
+    Trainer(_cfg(demo_dir, tmp_path / "half", *extra[:1], "training.steps=2", *extra[2:])).run()
+    # same schedule: resume a run whose total is 4 from the step-2 checkpoint of a run configured identically
+    part = Trainer(_cfg(demo_dir, tmp_path / "part", *extra))
+    part.train_step()
+    part.train_step()
+    part.save()
+    resumed = Trainer(_cfg(demo_dir, tmp_path / "part", *extra, "output.resume=latest")).run()
+    from safetensors.torch import load_file
+
+    w_full = load_file(os.path.join(full["model"], "unet", "diffusion_pytorch_model.safetensors"))
+    w_res = load_file(os.path.join(resumed["model"], "unet", "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    assert torch.equal(TagTable.load(full["table"]).data, TagTable.load(resumed["table"]).data)
+
+
+def test_crash_while_saving_keeps_last_good_checkpoint(demo_dir, tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(demo_dir, tmp_path / "run"))
+    trainer.train_step()
+    good = trainer.save()
+    trainer.train_step()
+    import train.checkpoint as ckpt
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken_save)
+    with pytest.raises(OSError):
+        trainer.save()
+    assert ckpt.list_checkpoints(str(tmp_path / "run")) == [good]
+    assert not [n for n in os.listdir(tmp_path / "run" / "checkpoints") if ".tmp-" in n]
+    resumed = Trainer(_cfg(demo_dir, tmp_path / "run", "output.resume=latest"))
+    assert resumed.state.step == 1
+
+
+def test_checkpoints_are_not_pickles(demo_dir, tmp_path):
+    Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=2", "training.train=table+kv")).run()
+    folder = tmp_path / "run" / "checkpoints" / "step-0000002"
+    assert sorted(os.listdir(folder)) == ["state.json", "state.safetensors", "table.safetensors", "unet.safetensors"]
+    for name in os.listdir(folder):
+        assert not (folder / name).read_bytes().startswith(b"\x80"), f"{name} looks like a pickle"
+
+
+def test_run_outputs_and_new_tags_reported(demo_dir, tmp_path, capsys, empty_yaml):
+    from train.cli import main
+
+    code = main([empty_yaml, f"data.path={demo_dir}", "model.builtin=micro", "data.resolution=16",
+                 "training.steps=3", "training.batch_size=4", f"output.dir={tmp_path / 'out'}",
+                 "output.progress=false", "output.sample_every=0", "output.sample_steps=2",
+                 "output.sample_prompts=[red circle]", "output.sample_seeds=[0,1]"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "new to the table" in out and "condvec-merge list" in out
+    for name in ("table.safetensors", "loss.png", "metrics.jsonl", "config.yaml", "samples/step-0000003.png"):
+        assert (tmp_path / "out" / name).exists(), name
+    table = TagTable.load(tmp_path / "out" / "table.safetensors")
+    assert "red circle" in table and sum(table.counts.values()) > 0
+
+
+def test_unknown_sample_prompt_tag_is_a_clear_error(demo_dir, tmp_path, capsys, empty_yaml):
+    from train.cli import main
+
+    code = main([empty_yaml, f"data.path={demo_dir}", "model.builtin=micro", "data.resolution=16",
+                 f"output.dir={tmp_path / 'out'}", "output.sample_prompts=[red circel]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "output.sample_prompts 'red circel': unknown tag 'red circel' (did you mean 'red circle'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_two_processes_equal_one_process(demo_dir, tmp_path, empty_yaml):
+    """torchrun --nproc_per_node 2 on CPU (gloo) gives the same table as one process with the same global batch."""
+    args = [f"data.path={demo_dir}", "model.builtin=micro", "data.resolution=16", "data.bucketing=false",
+            "training.steps=3", "training.batch_size=4", "training.lr=0.05", "output.sample_every=0",
+            "output.progress=false", "training.train=table+kv"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "train.cli", empty_yaml, *args, f"output.dir={tmp_path / 'one'}"],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "train.cli", empty_yaml, *args,
+                          f"output.dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = TagTable.load(tmp_path / "one" / "table.safetensors"), TagTable.load(tmp_path / "two" / "table.safetensors")
+    assert a.tags == b.tags and a.counts == b.counts
+    torch.testing.assert_close(a.data, b.data, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a.data, TagTable.load(tmp_path / "one" / "checkpoints" / "step-0000003" /
+                                                 "table.safetensors").data * 0)
+    from safetensors.torch import load_file
+
+    ua = load_file(tmp_path / "one" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    ub = load_file(tmp_path / "two" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    for k in ua:
+        torch.testing.assert_close(ua[k], ub[k], rtol=1e-4, atol=1e-5)
