@@ -8,8 +8,8 @@ import torch
 
 from conditioner import TagTable
 from train.config import load_config
-from train.loop import Trainer
 from train.demo_data import generate_demo_dataset
+from train.loop import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,8 @@ def test_unknown_sample_prompt_tag_is_a_clear_error(demo_dir, tmp_path, capsys, 
     code = main([empty_yaml, f"data.path={demo_dir}", "model.builtin=micro", "data.resolution=16",
                  f"output.dir={tmp_path / 'out'}", "output.sample_prompts=[red circel]"])
     err = capsys.readouterr().err
-    assert code == 2 and "output.sample_prompts 'red circel': unknown tag 'red circel' (did you mean 'red circle'" in err
+    assert code == 2
+    assert "output.sample_prompts 'red circel': unknown tag 'red circel' (did you mean 'red circle'" in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -27,7 +27,7 @@ class ModelConfig:
     pretrained: str | None = _f(None, "diffusers-layout folder with unet/ (and optional vae/, scheduler/)")
     single_file: str | None = _f(None, "a single-file UNet checkpoint (.safetensors) — needs single_file_config")
     single_file_config: str | None = _f(None, "local folder or config.json describing the single-file UNet")
-    builtin: str | None = _f(None, "built-in UNet trained from scratch: tiny (pixel space, 32 px) | micro (16 px, tests)")
+    builtin: str | None = _f(None, "built-in UNet from scratch: tiny (pixel space, 32 px) | micro (16 px, tests)")
     prediction_type: str | None = _f(None, "epsilon | v_prediction; default: the scheduler config's")
     num_train_timesteps: int = _f(1000, "diffusion timesteps when the model folder has no scheduler config")
     name: str | None = _f(None, "a name for the base model, recorded in the table")
@@ -217,7 +217,8 @@ def validate(cfg: DictConfig) -> None:
                             ("training.grad_accum", tr.grad_accum, 1), ("table.anchors", t.anchors, 1),
                             ("data.resolution", d.resolution, 8), ("output.save_every", o.save_every, 1),
                             ("output.keep_last", o.keep_last, 1), ("output.log_every", o.log_every, 1),
-                            ("output.sample_steps", o.sample_steps, 1), ("output.sample_upscale", o.sample_upscale, 1)]:
+                            ("output.sample_steps", o.sample_steps, 1),
+                            ("output.sample_upscale", o.sample_upscale, 1)]:
         if value < low:
             raise ConfigError(f"'{key}' must be >= {low}, got {value}")
     for key, value in [("data.tag_dropout", d.tag_dropout), ("data.caption_dropout", d.caption_dropout)]:

@@ -8,8 +8,6 @@ import os
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from conditioner.table import TagTable
-
 # A small pixel-space UNet: 32 px images, cross-attention at 16 and 8 px only (attention at 32 px costs ~3×).
 TINY_UNET = dict(
     sample_size=32,
