@@ -1,0 +1,271 @@
+"""Whole-table edits: drop, rename, extract a subset, combine two tables.
+
+Every function returns a new table and leaves its inputs untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from conditioner.table import TagTable
+from merge.concepts import _resolve
+
+_CONFLICT = ("error", "left", "right", "mean")
+
+
+def drop(table: TagTable, tags: Sequence[str] = (), match: str | None = None) -> TagTable:
+    """Remove tags with all their data: rows, value sources of split tags, training counts.
+
+    The saved result holds no trace of the dropped tags: their vectors are gone, the new provenance entry records
+    only how many tags were dropped, and earlier provenance entries that named them (as inputs or results of a
+    blend, swap, …) name ``"<dropped>"`` instead — a name can be what the user wanted gone.
+
+    Args:
+        table (`TagTable`): the source table (not modified).
+        tags (`Sequence[str]`, defaults to `()`): names of tags to drop; each must exist.
+        match (`str`, *optional*): a regular expression; every tag whose name it matches (``re.search``, so anchor
+            it with ``^…$`` to match whole names) is dropped too. It must match at least one tag.
+
+    Returns:
+        `TagTable`: a copy without those tags.
+
+    Raises:
+        ValueError: nothing to drop, unknown tags (with close matches), an invalid regex or one that matches no tag.
+
+    Example:
+        ```py
+        >>> out = drop(table, ["cat"], match=r"^style:")
+        ```
+    """
+    if isinstance(tags, str):
+        tags = [tags]
+    if not tags and match is None:
+        raise ValueError("nothing to drop: name tags or give a regular expression to match")
+    names = _resolve(table, list(tags))
+    if match is not None:
+        try:
+            pattern = re.compile(match)
+        except re.error as err:
+            raise ValueError(f"match pattern {match!r} is not a valid regular expression ({err})") from None
+        matched = [name for name in table.tags if pattern.search(name)]
+        if not matched:
+            raise ValueError(f"match pattern {match!r} matches no tag of the {len(table.tags)} in the table")
+        names += matched
+    names = list(dict.fromkeys(names))
+    out = table.copy()
+    out.remove_tags(names)
+    out.provenance = _scrub(out.provenance, set(names))
+    out.provenance.append({"op": "drop", "count": len(names)})
+    return out
+
+
+# provenance fields that hold tag names (see merge.concepts and the functions here)
+_NAME_FIELDS = ("inputs", "result", "key", "value", "a", "b", "old", "new", "conflicts")
+
+
+def _scrub(entries: list[dict], names: set[str]) -> list[dict]:
+    """Provenance entries with every mention of ``names`` replaced by ``"<dropped>"``."""
+    def scrub(value):
+        if isinstance(value, str):
+            return "<dropped>" if value in names else value
+        if isinstance(value, list):
+            return [scrub(item) for item in value]
+        return value
+
+    cleaned = []
+    for entry in entries:
+        entry = {k: scrub(v) if k in _NAME_FIELDS else v for k, v in entry.items()}
+        if isinstance(entry.get("right_provenance"), list):
+            entry["right_provenance"] = _scrub(entry["right_provenance"], names)
+        cleaned.append(entry)
+    return cleaned
+
+
+def rename(table: TagTable, old: str, new: str, overwrite: bool = False) -> TagTable:
+    """Rename a tag, keeping its vectors, value source and training count.
+
+    Args:
+        table (`TagTable`): the source table (not modified).
+        old (`str`): the existing tag.
+        new (`str`): its new name (normalised like every tag).
+        overwrite (`bool`, defaults to `False`): if ``new`` already exists, drop that tag first instead of raising.
+
+    Returns:
+        `TagTable`: a copy with the tag renamed and a provenance entry.
+
+    Raises:
+        ValueError: ``old`` unknown (with close matches), ``new`` empty, or ``new`` exists.
+    """
+    (old_name,) = _resolve(table, [old])
+    new_name = table.normalization.apply(new)
+    if not new_name:
+        raise ValueError("the new tag name must not be empty")
+    if new_name == old_name:
+        raise ValueError(f"{old!r} and {new!r} are the same tag after normalisation ({old_name!r})")
+    out = table.copy()
+    if new_name in table:
+        if not overwrite:
+            raise ValueError(f"tag {new_name!r} already exists (pass overwrite=True, or --force on the command line, "
+                             "to replace it)")
+        out.remove_tags([new_name])
+    out.rename_tag(old_name, new_name)
+    out.provenance.append({"op": "rename", "inputs": [old_name], "result": new_name, "old": old_name, "new": new_name})
+    return out
+
+
+def extract(table: TagTable, tags: Sequence[str]) -> TagTable:
+    """A table with only some tags, to ship one concept as a small file.
+
+    The layout, special rows (sink, padding), base model, normalisation and provenance are kept, so the result
+    loads onto the same UNets and :func:`combine` puts it back into another table of the same base.
+
+    Args:
+        table (`TagTable`): the source table (not modified).
+        tags (`Sequence[str]`): the tags to keep; they stay in the table's row order.
+
+    Returns:
+        `TagTable`: a new table with those tags (their vectors, value sources and training counts).
+
+    Raises:
+        ValueError: no tags given, or unknown tags (with close matches).
+    """
+    if isinstance(tags, str):
+        tags = [tags]
+    if not tags:
+        raise ValueError("name at least one tag to extract")
+    keep = set(_resolve(table, list(tags)))
+    out = table.copy()
+    out.remove_tags([name for name in table.tags if name not in keep])
+    out.provenance.append({"op": "extract", "inputs": list(out.tags)})
+    return out
+
+
+def combine(left: TagTable, right: TagTable, on_conflict: str = "error") -> TagTable:
+    """Merge two tables of the same base into one: left's tags, then right's new tags.
+
+    The tables must agree on everything that decides how a vector is read: layers (names and dims), mode, groups,
+    timestep anchors, tag normalisation, sink and padding use, and the base model identity where both record the
+    same field. A tag in both tables with different data (key or value source) is a conflict; so are different
+    sink/padding rows. Tags whose data is bit-identical in both tables are not conflicts (left's entry is kept).
+
+    Args:
+        left (`TagTable`): the first table (not modified); its tag order comes first.
+        right (`TagTable`): the second table (not modified).
+        on_conflict (`str`, defaults to `"error"`): ``"error"`` raises listing the conflicts; ``"left"`` / ``"right"``
+            keep that table's vectors, value source and count; ``"mean"`` averages the two (key and value sources
+            separately, per anchor) and sums the training counts.
+
+    Returns:
+        `TagTable`: the combined table, with a provenance entry that also records right's provenance.
+
+    Raises:
+        ValueError: the tables differ in layout (the message says what differs), a bad ``on_conflict``, or conflicts
+            with ``on_conflict="error"``.
+    """
+    if on_conflict not in _CONFLICT:
+        raise ValueError(f"on_conflict must be one of {', '.join(_CONFLICT)}, got {on_conflict!r}")
+    differences = _differences(left, right)
+    if differences:
+        raise ValueError("the tables were not built for the same base and layout: " + "; ".join(differences))
+    right_data = right.data.to(device=left.data.device, dtype=left.data.dtype)
+    special_conflict = not torch.equal(left.special, right.special.to(left.special))
+    conflicts = []
+    for name in right.tags:
+        if name in left and not _same(left, right, name):
+            conflicts.append(name)
+    if on_conflict == "error" and (conflicts or special_conflict):
+        listed = [repr(n) for n in conflicts[:10]]
+        if len(conflicts) > 10:
+            listed.append(f"and {len(conflicts) - 10} more")
+        parts = []
+        if conflicts:
+            parts.append(f"{len(conflicts)} tag{'s' if len(conflicts) > 1 else ''} with different vectors in both "
+                         f"tables: {', '.join(listed)}")
+        if special_conflict:
+            parts.append("different sink/padding rows")
+        raise ValueError("conflicts: " + "; ".join(parts) + "; choose on_conflict (--on-conflict) left, right or mean")
+
+    out = left.copy()
+    if special_conflict:
+        if on_conflict == "right":
+            out.special = right.special.to(out.special).clone()
+        elif on_conflict == "mean":
+            out.special = (left.special.double() + right.special.double()).div(2).to(out.special.dtype)
+    added = [name for name in right.tags if name not in left]
+    if added:
+        out.add_tags(added)
+        rows = [right.row(name) for name in added]
+        out.data[len(left.tags):] = right_data[rows]
+        for name in added:
+            if right.is_split(name):
+                out.set_value_source(name, right.value_source(name))
+            if name in right.counts:
+                out.counts[name] = right.counts[name]
+    for name in conflicts:
+        row = out.row(name)
+        if on_conflict == "right":
+            key, value = right.data[right.row(name)], right.value_source(name)
+            out.counts.pop(name, None)
+            if name in right.counts:
+                out.counts[name] = right.counts[name]
+        elif on_conflict == "mean":
+            key = _mean(left.data[left.row(name)], right.data[right.row(name)])
+            value = _mean(left.value_source(name), right.value_source(name))
+            out.counts[name] = left.counts.get(name, 0) + right.counts.get(name, 0)
+        else:
+            continue
+        out.data[row] = key.to(out.data)
+        value = value.to(out.data)
+        out.set_value_source(name, None if torch.equal(value, out.data[row]) else value)
+    out.provenance.append({
+        "op": "combine", "left_tags": len(left.tags), "right_tags": len(right.tags), "on_conflict": on_conflict,
+        "added": len(added),
+        "conflicts": conflicts, "special_conflict": special_conflict, "right_provenance": right.provenance,
+    })
+    return out
+
+
+def _mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a.double() + b.double()) / 2).to(a.dtype)
+
+
+def _same(left: TagTable, right: TagTable, name: str) -> bool:
+    if left.is_split(name) != right.is_split(name):
+        return False
+    a, b = left.data[left.row(name)], right.data[right.row(name)].to(left.data)
+    if not torch.equal(a, b):
+        return False
+    return not left.is_split(name) or torch.equal(left.value_source(name), right.value_source(name).to(a))
+
+
+def _differences(left: TagTable, right: TagTable) -> list[str]:
+    """What differs between two tables' layouts, one short phrase per field."""
+    found = []
+    if left.mode != right.mode:
+        found.append(f"mode {left.mode} vs {right.mode}")
+    if [layer.to_dict() for layer in left.layers] != [layer.to_dict() for layer in right.layers]:
+        if len(left.layers) != len(right.layers):
+            found.append(f"{len(left.layers)} vs {len(right.layers)} cross-attention layers")
+        else:
+            first = next(i for i, (a, b) in enumerate(zip(left.layers, right.layers)) if a != b)
+            found.append(f"layer {first} differs ({left.layers[first].short}: {left.layers[first].to_dict()} vs "
+                         f"{right.layers[first].to_dict()})")
+    if left.group_names != right.group_names or left.layer_group != right.layer_group:
+        found.append(f"layer groups {len(left.group_names)} ({left.group_kind}) vs {len(right.group_names)} "
+                     f"({right.group_kind})" + (" with other members" if len(left.group_names) ==
+                                               len(right.group_names) else ""))
+    if left.anchors != right.anchors:
+        found.append(f"timestep anchors {left.anchors} vs {right.anchors}")
+    if left.normalization.to_dict() != right.normalization.to_dict():
+        found.append(f"tag normalisation {left.normalization.to_dict()} vs {right.normalization.to_dict()}")
+    if left.use_sink != right.use_sink:
+        found.append(f"use_sink {left.use_sink} vs {right.use_sink}")
+    if left.pad_to != right.pad_to:
+        found.append(f"pad_to {left.pad_to} vs {right.pad_to}")
+    for key in sorted(set(left.base_model) & set(right.base_model)):
+        if left.base_model[key] != right.base_model[key]:
+            found.append(f"base model {key} {left.base_model[key]!r} vs {right.base_model[key]!r}")
+    return found
