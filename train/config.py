@@ -50,12 +50,13 @@ class DataConfig:
     cache_latents: bool = _f(True, "cache VAE latents on disk (keyed by VAE identity and image size/mtime)")
     cache_dir: str | None = _f(None, "latent cache folder; default DATA/.condvec_cache")
     generate_demo: int = _f(0, "if > 0 and data.path is missing, write that many demo images there first")
-    demo_concept: str | None = _f(None, "demo concept 'TAG=colour shape size' to generate instead of demo scenes")
+    demo_concepts: list[str] = _f([], "demo concepts 'TAG=size colour shape' to generate instead of demo scenes")
 
 
 @dataclass
 class TableConfig:
     start_from: str | None = _f(None, "continue training this table (.safetensors); layout options are ignored")
+    use_base_table: bool = _f(True, "start from the base model's own table when it has one (its tags and sink)")
     mode: str = _f("vector", "vector (vectors through to_k/to_v) | kv (direct K and V per layer)")
     groups: Any = _f("layers", "single | blocks | layers | {group: [layer globs]}")
     anchors: int = _f(1, "timestep anchors (1 = off)")
@@ -228,8 +229,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'training.ema_decay' must be in [0, 1), got {tr.ema_decay}")
     if tr.lr <= 0 or tr.lr_unet <= 0:
         raise ConfigError("learning rates must be > 0")
-    if d.demo_concept is not None and "=" not in d.demo_concept:
-        raise ConfigError("data.demo_concept must look like 'mascot=yellow triangle large'")
+    for concept in d.demo_concepts:
+        if "=" not in concept:
+            raise ConfigError(f"data.demo_concepts item {concept!r} must look like 'mascot=large yellow triangle'")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -150,16 +150,21 @@ class Trainer:
 
             size = 64 if d.resolution > 32 else 32  # the demo generator draws at 32 or 64 px; buckets resize
 
-            if d.demo_concept:
-                tag, spec = d.demo_concept.split("=", 1)
-                attributes = {}
-                for word in spec.split():
-                    for key, options in (("colour", demo_data.COLOURS), ("shape", demo_data.SHAPES),
-                                         ("size", demo_data.SIZES)):
-                        if word in options:
-                            attributes[key] = word
-                demo_data.generate_concept_dataset(d.path, tag.strip(), attributes, d.generate_demo,
-                                                   size=size, seed=self.cfg.training.seed)
+            if d.demo_concepts:
+                for k, concept in enumerate(d.demo_concepts):
+                    tag, spec = (part.strip() for part in concept.split("=", 1))
+                    attributes = {}
+                    for word in spec.split():
+                        for key, options in (("colour", demo_data.COLOURS), ("shape", demo_data.SHAPES),
+                                             ("size", demo_data.SIZES)):
+                            if word in options:
+                                attributes[key] = word
+                    if len(attributes) != 3:
+                        raise ValueError(f"data.demo_concepts {concept!r}: name a size ({', '.join(demo_data.SIZES)}),"
+                                         f" a colour ({', '.join(demo_data.COLOURS)}) and a shape "
+                                         f"({', '.join(demo_data.SHAPES)})")
+                    demo_data.generate_concept_dataset(os.path.join(d.path, tag.replace(" ", "_")), tag, attributes,
+                                                       d.generate_demo, size=size, seed=self.cfg.training.seed + k)
             else:
                 demo_data.generate_demo_dataset(d.path, d.generate_demo, size=size, seed=self.cfg.training.seed)
             print(f"wrote {d.generate_demo} demo images to {d.path}", flush=True)
@@ -174,7 +179,7 @@ class Trainer:
         if t.start_from:
             table = TagTable.load(t.start_from)
             self.log(f"table: continuing {t.start_from} ({len(table)} tags)")
-        elif base_table is not None:
+        elif base_table is not None and t.use_base_table:
             table = base_table
             self.log(f"table: the base model's own table ({len(table)} tags)")
         else:
@@ -186,12 +191,48 @@ class Trainer:
                 num_train_timesteps=self.noise_scheduler.config.num_train_timesteps, use_sink=t.use_sink,
                 pad_to=t.pad_to, normalization=self._normalization(), seed=self.cfg.training.seed,
             )
+            if base_table is not None:
+                self._special_from(base_table, table)
+                self.log("table: sink and padding rows derived from the base model's table")
             self.log(f"table: new, {table}")
         from unet_patch.discover import discover
 
         table.check_layers(discover(self.unet))
         self.existing_rows = len(table)
         return table
+
+    @torch.no_grad()
+    def _special_from(self, base: TagTable, table: TagTable) -> None:
+        """Give a new table the base table's sink and padding, converted to its layout.
+
+        The base UNet learned to rely on its sink: a fresh table with a random sink would start from images the
+        base never produced. Vector mode averages the base's per-layer rows over each new group; key/value mode
+        applies each layer's own ``to_k`` / ``to_v`` to the base's row for that layer, which is exact.
+        """
+        if base.mode != "vector":
+            return
+        base_t = torch.tensor(base.anchors)
+        for li, layer in enumerate(table.layers):
+            src = base.special[:, :, base.group_columns(base.layer_group[li])]  # (2, A_base, D)
+            # resample the base's anchors at the new table's anchors
+            from conditioner.encode import anchor_weights
+
+            w = anchor_weights(base.anchors, torch.tensor(table.anchors)) if len(base_t) > 1 else None
+            src = src[:, :1].expand(-1, table.num_anchors, -1) if w is None else torch.einsum(
+                "na,sad->snd", w.to(src.dtype), src)
+            if table.mode == "kv":
+                attn = self.unet.get_submodule(layer.name)
+                cols = table.group_columns(li)
+                k = attn.to_k(src)  # (2, A, inner)
+                v = attn.to_v(src)
+                table.special[:, :, cols] = torch.cat([k, v], -1)
+            else:
+                g = table.layer_group[li]
+                members = sum(1 for x in table.layer_group if x == g)
+                cols = table.group_columns(g)
+                if li == table.layer_group.index(g):
+                    table.special[:, :, cols] = 0
+                table.special[:, :, cols] += src / members
 
     def _parse_caption(self, caption: str, path: str) -> list[Tag]:
         try:
