@@ -179,3 +179,23 @@ def test_two_processes_equal_one_process(demo_dir, tmp_path, empty_yaml):
     ub = load_file(tmp_path / "two" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     for k in ua:
         torch.testing.assert_close(ua[k], ub[k], rtol=1e-4, atol=1e-5)
+
+
+def test_single_file_unet_with_local_config(tmp_path):
+    from safetensors.torch import save_file
+
+    from train.model import build_builtin, load_base
+
+    unet = build_builtin("micro", seed=5)
+    unet.save_config(tmp_path / "cfg")
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp_path / "unet.safetensors")
+    cfg = load_config(None, ["data.path=x", f"model.single_file={tmp_path / 'unet.safetensors'}",
+                             f"model.single_file_config={tmp_path / 'cfg'}"])
+    loaded, vae, scheduler, table, name = load_base(cfg.model)
+    assert vae is None and table is None and name == "unet.safetensors"
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), loaded.state_dict().values()))
+    save_file({"conv_in.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    cfg = load_config(None, ["data.path=x", f"model.single_file={tmp_path / 'bad.safetensors'}",
+                             f"model.single_file_config={tmp_path / 'cfg'}"])
+    with pytest.raises(ValueError, match="does not match .*config.json"):
+        load_base(cfg.model)

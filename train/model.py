@@ -73,7 +73,7 @@ def load_base(model_cfg, seed: int = 0):
         config_dir = os.path.dirname(config) if config.endswith(".json") else config
         if not os.path.isfile(os.path.join(config_dir, "config.json")):
             raise FileNotFoundError(f"model.single_file_config {config!r} has no config.json")
-        unet = UNet2DConditionModel.from_single_file(path, config=config_dir, local_files_only=True)
+        unet = load_single_file(path, config_dir)
         name = model_cfg.name or os.path.basename(path)
     if scheduler_config is None:
         noise_scheduler = DDPMScheduler(num_train_timesteps=model_cfg.num_train_timesteps, **SD_SCHEDULE)
@@ -83,6 +83,34 @@ def load_base(model_cfg, seed: int = 0):
     if model_cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
     return unet, vae, noise_scheduler, table, name
+
+
+def load_single_file(path: str, config_dir: str) -> UNet2DConditionModel:
+    """A UNet from one ``.safetensors`` file plus a local ``config.json``.
+
+    Files with diffusers key names (``conv_in.weight`` …) are loaded directly into a UNet built from the config;
+    original LDM/kohya-format checkpoints (``model.diffusion_model.…``) go through diffusers' converter.
+    """
+    from safetensors import safe_open
+
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"model.single_file {path!r} must be a .safetensors file (pickled checkpoints are refused)")
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())
+    if "conv_in.weight" in keys:
+        from safetensors.torch import load_file
+
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir))
+        try:
+            missing, unexpected = unet.load_state_dict(load_file(path), strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"{path!r} does not match {config_dir}/config.json: "
+                             f"{str(err).splitlines()[-1].strip()}") from None
+        if missing or unexpected:
+            raise ValueError(f"{path!r} does not match {config_dir}/config.json: {len(missing)} missing and "
+                             f"{len(unexpected)} unexpected keys (first: {(missing or unexpected)[0]})")
+        return unet
+    return UNet2DConditionModel.from_single_file(path, config=config_dir, local_files_only=True)
 
 
 def describe(unet: torch.nn.Module) -> str:
