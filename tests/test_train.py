@@ -199,3 +199,14 @@ def test_single_file_unet_with_local_config(tmp_path):
                              f"model.single_file_config={tmp_path / 'cfg'}"])
     with pytest.raises(ValueError, match="does not match .*config.json"):
         load_base(cfg.model)
+
+
+def test_v_prediction_and_gradient_checkpointing(demo_dir, tmp_path):
+    plain = Trainer(_cfg(demo_dir, tmp_path / "a", "training.train=full", "model.prediction_type=v_prediction"))
+    ckpt = Trainer(_cfg(demo_dir, tmp_path / "b", "training.train=full", "model.prediction_type=v_prediction",
+                        "training.gradient_checkpointing=true"))
+    assert plain.prediction_type == "v_prediction"
+    for _ in range(2):
+        m1, m2 = plain.train_step(), ckpt.train_step()
+        assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+    torch.testing.assert_close(plain.table.data, ckpt.table.data, rtol=1e-5, atol=1e-7)
