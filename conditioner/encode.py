@@ -73,6 +73,8 @@ def tokenize(
     """
     if isinstance(prompts, str):
         prompts = [prompts]
+    if len(prompts) == 0:
+        raise ValueError("no prompts given: pass at least one prompt ('' is the null prompt)")
     if pad_to == "table":
         pad_to = table.pad_to
     parsed: list[list[Tag]] = []
@@ -119,7 +121,7 @@ def tokenize(
 def anchor_weights(anchors: list[float], timesteps: torch.Tensor) -> torch.Tensor:
     """Linear interpolation weights ``(B, A)`` of each timestep between the two nearest anchors (clamped)."""
     a = torch.tensor(anchors, dtype=torch.float64)
-    t = timesteps.detach().to(torch.float64).reshape(-1).clamp(float(a[0]), float(a[-1]))
+    t = timesteps.detach().to("cpu", torch.float64).reshape(-1).clamp(float(a[0]), float(a[-1]))
     hi = torch.searchsorted(a, t, right=False).clamp(1, len(anchors) - 1)
     lo = hi - 1
     frac = (t - a[lo]) / (a[hi] - a[lo])

@@ -7,7 +7,7 @@ Grammar (every prompt string either parses or raises a one-line ``ValueError``):
 - Surrounding whitespace is stripped, inner whitespace collapsed to one space, empty tags ignored.
 - ``(tag:1.3)`` gives a tag a weight. A weight must be a finite number > 0. The weight acts on attention:
   an additive bias ``log(weight)`` on that token's attention logits in every cross-attention layer, so a weight
-  of 2 doubles the tag's share of attention before normalisation (the same as repeating the token twice).
+  of 2 doubles the tag's share of attention before normalisation (exactly like two identical tokens in the sequence).
 - Unescaped parentheses are only allowed in a tag that is written entirely as ``(tag:weight)``, or in the middle
   of a tag (``ganyu (genshin impact)``); an unbalanced or malformed weight is an error, never silently fixed.
 - Normalisation (see :class:`TagNormalization`): by default lower-case, and underscores become spaces, as booru

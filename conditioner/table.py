@@ -186,6 +186,10 @@ class TagTable:
             special_std (`float`, defaults to 0.02): std of the normal init of the sink and padding rows.
             seed (`int`, defaults to 0): seed for the initialisation.
         """
+        if mode == "vector" and len({layer.cross_dim for layer in layers}) > 1:
+            dims = sorted({layer.cross_dim for layer in layers})
+            raise ValueError(f"vector mode needs one cross_attention_dim for all layers, this UNet has {dims}: "
+                             "use mode='kv'")
         if mode == "kv":
             group_names, layer_group, kind = [layer.short for layer in layers], list(range(len(layers))), "kv"
         else:

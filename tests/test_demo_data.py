@@ -134,6 +134,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args):
         cwd=REPO,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -147,6 +148,7 @@ def test_cli_writes_dataset(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert len(list(tmp_path.glob("*.png"))) == 4

@@ -86,10 +86,10 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  builtin: micro\ndata:\n  path: d\n")
     result = subprocess.run([sys.executable, "-m", "train.cli", str(path), "training.batchsize=4"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip() == ("condvec-train: error: unknown config key 'training.batchsize' — "
                                      "did you mean 'training.batch_size'?")
     shown = subprocess.run([sys.executable, "-m", "train.cli", str(path), "training.steps=5", "--print-config"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0 and "steps: 5" in shown.stdout and "builtin: micro" in shown.stdout

@@ -135,7 +135,7 @@ def test_generate_console_script_mismatched_table(model_dir, tmp_path):
     before = TagTable.load(table_path).data.clone()
     result = subprocess.run(
         [sys.executable, "-m", "unet_patch.cli", "--model", str(model_dir), "--table", str(table_path),
-         "--prompt", "red circle", "--out", str(tmp_path / "x.png")], capture_output=True, text=True,
+         "--prompt", "red circle", "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

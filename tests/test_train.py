@@ -162,11 +162,11 @@ def test_two_processes_equal_one_process(demo_dir, tmp_path, empty_yaml):
             "output.progress=false", "training.train=table+kv"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "train.cli", empty_yaml, *args, f"output.dir={tmp_path / 'one'}"],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "train.cli", empty_yaml, *args,
-                          f"output.dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
+                          "--standalone", "-m", "train.cli", empty_yaml, *args,
+                          f"output.dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = TagTable.load(tmp_path / "one" / "table.safetensors"), TagTable.load(tmp_path / "two" / "table.safetensors")
     assert a.tags == b.tags and a.counts == b.counts
@@ -210,3 +210,13 @@ def test_v_prediction_and_gradient_checkpointing(demo_dir, tmp_path):
         m1, m2 = plain.train_step(), ckpt.train_step()
         assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
     torch.testing.assert_close(plain.table.data, ckpt.table.data, rtol=1e-5, atol=1e-7)
+
+
+def test_fresh_run_never_overwrites_and_resume_refuses_a_changed_config(demo_dir, tmp_path):
+    Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=2")).run()
+    with pytest.raises(ValueError, match="already holds checkpoints of a run: continue it with output.resume=latest"):
+        Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=2"))
+    with pytest.raises(ValueError, match=r"the config changed: training.lr \(0.05 → 0.1\)"):
+        Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=4", "training.lr=0.1", "output.resume=latest"))
+    resumed = Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=4", "output.resume=latest"))
+    assert resumed.state.step == 2

@@ -3,9 +3,10 @@
 A checkpoint folder ``checkpoints/step-0000500/`` holds:
 
 - ``table.safetensors`` — the table (with per-tag training counts);
-- ``state.safetensors`` — optimiser moments and per-row step counts, EMA rows, UNet optimiser tensors, RNG state;
+- ``state.safetensors`` — optimiser moments and per-row step counts, EMA rows, UNet optimiser tensors (no RNG
+  state is needed: every random draw is seeded from the seed, the step and the sample's batch position);
 - ``unet.safetensors`` — UNet weights, only when the run trains them;
-- ``state.json`` — step, UNet optimiser hyper-parameters, and a fingerprint of the config.
+- ``state.json`` — step, UNet optimiser hyper-parameters, the resolved config and its fingerprint.
 
 It is written to ``step-0000500.tmp-…`` and renamed into place when complete, so a crash while saving leaves the
 previous checkpoint untouched; older checkpoints are deleted only after the new one exists.
@@ -92,13 +93,14 @@ def save_checkpoint(run_dir: str, step: int, table, tensors: dict[str, torch.Ten
             save_file(state, os.path.join(tmp, "unet.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:  # written last: marks the folder complete
             json.dump(info, f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        if os.path.exists(final):  # the same step saved again: move the old copy aside, never delete it first
+            os.replace(final, tempfile.mkdtemp(prefix=f"step-{step:07d}.tmp-old-", dir=root))
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    others = [c for c in list_checkpoints(run_dir) if c != final]  # the one just written is never pruned
+    for old in others[: max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in os.listdir(root):  # temp folders of interrupted saves
         if ".tmp-" in leftover:

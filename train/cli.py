@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from safetensors import SafetensorError
+
 PROG = "condvec-train"
 
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         from train.loop import train
 
         result = train(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError, SafetensorError) as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"{PROG}: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
         return 2

@@ -90,7 +90,7 @@ class TrainingConfig:
     noise_offset: float = _f(0.0, "noise offset (brighter/darker images)")
     ema_decay: float = _f(0.0, "EMA of the table rows (0 = off); saved as table-ema.safetensors")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
-    mixed_precision: str = _f("no", "no | fp16 | bf16 (fp32 on CPU)")
+    mixed_precision: str = _f("no", "no | bf16 (autocast; fp16 is refused: it needs loss scaling)")
     seed: int = _f(0, "seed of everything: init, data order, noise, timesteps, dropout")
 
 
@@ -106,7 +106,7 @@ class OutputConfig:
     sample_steps: int = _f(20, "denoising steps for samples")
     sample_guidance: float = _f(3.0, "guidance scale for samples")
     sample_upscale: int = _f(3, "nearest-neighbour upscale of sample images in grids")
-    log_every: int = _f(10, "metrics.jsonl / progress-bar update every N steps")
+    log_every: int = _f(10, "progress-bar loss average over N steps (metrics.jsonl gets every step)")
     tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)")
     progress: bool = _f(True, "show a tqdm progress bar")
 
@@ -213,7 +213,19 @@ def validate(cfg: DictConfig) -> None:
     _choice(t.underscores, ["space", "keep"], "table.underscores")
     _choice(tr.train, ["table", "table+kv", "full"], "training.train")
     _choice(tr.lr_schedule, ["constant", "linear", "cosine"], "training.lr_schedule")
-    _choice(tr.mixed_precision, ["no", "fp16", "bf16"], "training.mixed_precision")
+    if tr.mixed_precision == "fp16":
+        raise ConfigError("'training.mixed_precision' fp16 is not supported (the row-sparse optimiser does no loss "
+                          "scaling): use bf16 or no")
+    _choice(tr.mixed_precision, ["no", "bf16"], "training.mixed_precision")
+    if tr.train == "table+kv" and t.mode == "kv":
+        raise ConfigError("'training.train' table+kv trains attn2 to_k/to_v, which table.mode=kv bypasses: "
+                          "use train=table or mode=vector")
+    if t.pad_to is not None and t.pad_to < 1:
+        raise ConfigError(f"'table.pad_to' must be >= 1 or null, got {t.pad_to}")
+    if o.sample_every < 0 or tr.max_grad_norm < 0:
+        raise ConfigError("'output.sample_every' and 'training.max_grad_norm' must be >= 0")
+    if t.init not in ("zeros", "normal", "mean") and not t.init.startswith("tag:"):
+        raise ConfigError(f"'table.init' must be zeros, normal, mean or tag:NAME, got {t.init!r}")
     for key, value, low in [("training.steps", tr.steps, 1), ("training.batch_size", tr.batch_size, 1),
                             ("training.grad_accum", tr.grad_accum, 1), ("table.anchors", t.anchors, 1),
                             ("data.resolution", d.resolution, 8), ("output.save_every", o.save_every, 1),

@@ -11,9 +11,11 @@ rows' gradients are all-reduced. UNet weights, when trained, go through accelera
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +72,9 @@ class Trainer:
             raise ValueError(f"training.batch_size={tr.batch_size} must be divisible by the {self.world} processes")
         self.device = self.acc.device
         self.out = cfg.output.dir
+        if not cfg.output.resume and ckpt.list_checkpoints(self.out):
+            raise ValueError(f"output.dir {self.out!r} already holds checkpoints of a run: continue it with "
+                             "output.resume=latest, or choose a new output.dir")
         self._setup()
 
     # ------------------------------------------------------------------ setup
@@ -104,7 +109,12 @@ class Trainer:
         unet_params = []
         if tr.train == "full":
             self.unet.requires_grad_(True)
-            unet_params = [p for p in self.unet.parameters()]
+            if self.table.mode == "kv":  # kv tables bypass attn2 to_k / to_v: they get no gradient
+                for layer in self.table.layers:
+                    attn = self.unet.get_submodule(layer.name)
+                    attn.to_k.requires_grad_(False)
+                    attn.to_v.requires_grad_(False)
+            unet_params = [p for p in self.unet.parameters() if p.requires_grad]
         elif tr.train == "table+kv":
             for layer in self.table.layers:
                 attn = self.unet.get_submodule(layer.name)
@@ -133,6 +143,7 @@ class Trainer:
                                       device=self.device)
         self.special_opt = RowSparseAdamW(2, shape, (tr.beta1, tr.beta2), tr.eps, 0.0, device=self.device)
         self.ema = self.table.data.clone() if tr.ema_decay > 0 else None
+        self.ema_special = self.table.special.clone() if tr.ema_decay > 0 else None
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.state = RunState()
@@ -143,7 +154,9 @@ class Trainer:
 
     def _maybe_generate_demo(self) -> None:
         d = self.cfg.data
-        if os.path.exists(d.path) or (d.generate_demo <= 0):
+        needed = d.generate_demo > 0 and not os.path.exists(d.path)
+        self.acc.wait_for_everyone()  # every rank decides before rank 0 starts writing
+        if not needed:
             return
         if self.acc.is_main_process:
             from train import demo_data
@@ -191,8 +204,7 @@ class Trainer:
                 num_train_timesteps=self.noise_scheduler.config.num_train_timesteps, use_sink=t.use_sink,
                 pad_to=t.pad_to, normalization=self._normalization(), seed=self.cfg.training.seed,
             )
-            if base_table is not None:
-                self._special_from(base_table, table)
+            if base_table is not None and self._special_from(base_table, table):
                 self.log("table: sink and padding rows derived from the base model's table")
             self.log(f"table: new, {table}")
         from unet_patch.discover import discover
@@ -202,7 +214,7 @@ class Trainer:
         return table
 
     @torch.no_grad()
-    def _special_from(self, base: TagTable, table: TagTable) -> None:
+    def _special_from(self, base: TagTable, table: TagTable) -> bool:
         """Give a new table the base table's sink and padding, converted to its layout.
 
         The base UNet learned to rely on its sink: a fresh table with a random sink would start from images the
@@ -210,7 +222,7 @@ class Trainer:
         applies each layer's own ``to_k`` / ``to_v`` to the base's row for that layer, which is exact.
         """
         if base.mode != "vector":
-            return
+            return False
         base_t = torch.tensor(base.anchors)
         for li, layer in enumerate(table.layers):
             src = base.special[:, :, base.group_columns(base.layer_group[li])]  # (2, A_base, D)
@@ -233,6 +245,7 @@ class Trainer:
                 if li == table.layer_group.index(g):
                     table.special[:, :, cols] = 0
                 table.special[:, :, cols] += src / members
+        return True
 
     def _parse_caption(self, caption: str, path: str) -> list[Tag]:
         try:
@@ -250,6 +263,10 @@ class Trainer:
             t = self.cfg.table
             init = {"zeros": "zeros", "normal": "normal", "mean": "mean"}.get(t.init, t.init)
             self.table.add_tags(new, init=init, std=t.init_std, seed=self.cfg.training.seed + 7)
+        split = [name for name in seen if name in self.table.values]
+        if split:
+            warnings.warn(f"{len(split)} tag(s) in the data are swapped (split) concepts, e.g. {split[0]!r}: only "
+                          "their key source trains, their value source stays as it is", stacklevel=2)
         shown = ", ".join(new[:12]) + (f", … (+{len(new) - 12})" if len(new) > 12 else "")
         self.log(f"tags: {len(seen)} in the data, {len(new)} new to the table" + (f": {shown}" if new else ""))
 
@@ -408,6 +425,7 @@ class Trainer:
         if self.ema is not None and rows:
             d = tr.ema_decay
             self.ema[row_ids] = d * self.ema[row_ids] + (1 - d) * self.table.data[row_ids]
+            self.ema_special.mul_(d).add_(self.table.special, alpha=1 - d)
         self.state.step += 1
         return {"step": self.state.step, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm,
                 "tags_in_batch": len(tags_in_batch), "rows_updated": len(rows),
@@ -418,13 +436,36 @@ class Trainer:
         tensors = self.row_opt.state_tensors("rows") | self.special_opt.state_tensors("special")
         if self.ema is not None:
             tensors["ema"] = self.ema
+            tensors["ema_special"] = self.ema_special
         return tensors
+
+    def _fingerprint(self) -> dict:
+        """What must not change between a run and its resume (everything but output.* and training.steps)."""
+        cfg = OmegaConf.to_container(self.cfg, resolve=True)
+        cfg.pop("output")
+        cfg["training"].pop("steps")
+        cfg["world_size"] = self.world
+        flat = {}
+
+        def walk(node, prefix=""):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    flat[f"{prefix}{key}"] = value
+
+        walk(cfg)
+        return flat
 
     def save(self) -> str | None:
         path = None
         if self.acc.is_main_process:
             trained_unet = self.acc.unwrap_model(self.model) if self.unet_optimizer is not None else None
-            info = {"existing_rows": self.existing_rows, "config": OmegaConf.to_container(self.cfg, resolve=True)}
+            fingerprint = self._fingerprint()
+            info = {"existing_rows": self.existing_rows, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                    "fingerprint": fingerprint,
+                    "fingerprint_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True,
+                                                                    default=str).encode()).hexdigest()}
             path = ckpt.save_checkpoint(self.out, self.state.step, self.table, self._state_tensors(), info,
                                         unet=trained_unet, unet_optimizer=self.unet_optimizer,
                                         keep_last=self.cfg.output.keep_last)
@@ -434,6 +475,15 @@ class Trainer:
     def _resume(self, resume: str) -> None:
         path = ckpt.resolve_resume(self.out, resume)
         unet = self.acc.unwrap_model(self.model) if self.unet_optimizer is not None else None
+        with open(os.path.join(path, "state.json")) as f:
+            saved = json.load(f).get("fingerprint", {})
+        now = self._fingerprint()
+        changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if changed:
+            shown = ", ".join(f"{k} ({saved.get(k)!r} → {now.get(k)!r})" for k in changed[:4])
+            raise ValueError(f"cannot resume {path}: the config changed: {shown}"
+                             + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+                             + "; only output.* and training.steps may change on resume")
         table, tensors, info = ckpt.load_checkpoint(path, unet=unet, unet_optimizer=self.unet_optimizer)
         if table.tags != self.table.tags:
             raise ValueError(f"checkpoint {path} has other tags than this run's data and table: "
@@ -446,6 +496,7 @@ class Trainer:
         self.special_opt.load_state_tensors({k: v.to(self.device) for k, v in tensors.items()}, "special")
         if self.ema is not None:
             self.ema = tensors["ema"].to(self.device)
+            self.ema_special = tensors["ema_special"].to(self.device)
         self.state.step = info["step"]
         metrics_path = os.path.join(self.out, "metrics.jsonl")
         if os.path.isfile(metrics_path):
@@ -564,6 +615,7 @@ class Trainer:
             if self.ema is not None:
                 ema_table = self.table.copy()
                 ema_table.data = self.ema.clone()
+                ema_table.special = self.ema_special.clone()
                 ema_table.save(os.path.join(self.out, "table-ema.safetensors"))
                 result["table_ema"] = os.path.join(self.out, "table-ema.safetensors")
             if self.unet_optimizer is not None:

@@ -82,6 +82,9 @@ def load_base(model_cfg, seed: int = 0):
         noise_scheduler = DDPMScheduler.from_config(keep)
     if model_cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {noise_scheduler.config.prediction_type!r} of the scheduler config is not "
+                         "supported: set model.prediction_type to epsilon or v_prediction")
     return unet, vae, noise_scheduler, table, name
 
 

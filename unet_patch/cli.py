@@ -7,6 +7,8 @@ import math
 import os
 import sys
 
+from safetensors import SafetensorError
+
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
@@ -27,6 +29,23 @@ def make_grid(images: list, cols: int | None = None):
     for i, image in enumerate(images):
         grid.paste(image, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def _write(images: list, out: str, upscale: int) -> str:
+    """Save one PNG, or every image plus a grid; returns what was written."""
+    from PIL import Image
+
+    if upscale > 1:
+        images = [im.resize((im.width * upscale, im.height * upscale), Image.NEAREST) for im in images]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if len(images) == 1:
+        images[0].save(out)
+        return f"wrote {out}"
+    stem = out[:-4]
+    for i, image in enumerate(images):
+        image.save(f"{stem}-{i}.png")
+    make_grid(images).save(out)
+    return f"wrote {len(images)} images {stem}-0.png … {stem}-{len(images) - 1}.png and the grid {out}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,24 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             guidance_scale=args.guidance, num_images_per_prompt=args.num, generator=generator,
             height=args.size, width=args.size, lenient=args.lenient,
         ).images
-    except (ValueError, FileNotFoundError, KeyError) as err:
+        message = _write(images, args.out, args.upscale)
+    except (ValueError, OSError, KeyError, RuntimeError, SafetensorError) as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"{prog}: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
         return 2
-    if args.upscale > 1:
-        from PIL import Image
-
-        images = [im.resize((im.width * args.upscale, im.height * args.upscale), Image.NEAREST) for im in images]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if len(images) == 1:
-        images[0].save(args.out)
-        print(f"wrote {args.out}")
-        return 0
-    stem = args.out[:-4]
-    for i, image in enumerate(images):
-        image.save(f"{stem}-{i}.png")
-    make_grid(images).save(args.out)
-    print(f"wrote {len(images)} images {stem}-0.png … {stem}-{len(images) - 1}.png and the grid {args.out}")
+    print(message)
     return 0
 
 
