@@ -543,7 +543,7 @@ class Trainer:
         os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
         path = os.path.join(self.out, "samples", f"{tag}.png")
         labelled_grid(rows, list(o.sample_prompts), [f"seed {s}" for s in o.sample_seeds],
-                      title=f"{os.path.basename(self.out)} — {tag}").save(path)
+                      title=f"{os.path.basename(self.out)} - {tag}").save(path)
         return path
 
     # ------------------------------------------------------------------ run

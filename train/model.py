@@ -37,8 +37,11 @@ MICRO_UNET = dict(
 )
 BUILTIN = {"tiny": TINY_UNET, "micro": MICRO_UNET}
 
-# SD's noise schedule, used when a model folder has no scheduler config.
+# SD's noise schedule, for single-file SD checkpoints (their folders carry no scheduler config).
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+# Pixel-space built-ins use DDPM's linear schedule: its last timestep is almost pure noise (alpha_bar ≈ 4e-5), while
+# SD's leaves ~7% of the signal — sampling from pure noise then drifts every background towards grey.
+PIXEL_SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
 
 
 def build_builtin(name: str, seed: int = 0) -> UNet2DConditionModel:
@@ -76,7 +79,8 @@ def load_base(model_cfg, seed: int = 0):
         unet = load_single_file(path, config_dir)
         name = model_cfg.name or os.path.basename(path)
     if scheduler_config is None:
-        noise_scheduler = DDPMScheduler(num_train_timesteps=model_cfg.num_train_timesteps, **SD_SCHEDULE)
+        schedule = PIXEL_SCHEDULE if model_cfg.builtin else SD_SCHEDULE
+        noise_scheduler = DDPMScheduler(num_train_timesteps=model_cfg.num_train_timesteps, **schedule)
     else:
         keep = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
         noise_scheduler = DDPMScheduler.from_config(keep)
