@@ -1,0 +1,35 @@
+"""The README's main job on the embedded base (slow: run with `python -m pytest -m slow`)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.detector import detect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quickstart_learns_the_new_concepts(tmp_path, monkeypatch):
+    from train.cli import main
+    from unet_patch import TagDiffusionPipeline
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "quickstart"
+    assert main(["configs/quickstart.yaml", f"output.dir={out}", f"data.path={tmp_path / 'data'}",
+                 "output.progress=false"]) == 0
+    for name in ("table.safetensors", "loss.png", "samples/step-0000120.png"):
+        assert (out / name).exists(), name
+    pipe = TagDiffusionPipeline.from_pretrained(ROOT / "models" / "tiny-base", table=str(out / "table.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("mascot, white background", num_inference_steps=20, guidance_scale=3.0, num_images_per_prompt=16,
+                  generator=torch.Generator().manual_seed(1)).images
+    right = 0
+    for image in images:
+        objects = detect(image)["objects"]
+        right += int(len(objects) == 1 and objects[0]["shape"] == "circle" and objects[0]["colour"] == "magenta"
+                     and objects[0]["size"] == "large")
+    assert right >= 10, f"only {right}/16 'mascot' samples are large magenta circles"
+    assert os.path.getsize(out / "table.safetensors") < 1_000_000
