@@ -220,3 +220,33 @@ def test_fresh_run_never_overwrites_and_resume_refuses_a_changed_config(demo_dir
         Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=4", "training.lr=0.1", "output.resume=latest"))
     resumed = Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=4", "output.resume=latest"))
     assert resumed.state.step == 2
+
+
+def test_latent_space_run_with_vae_and_cache(demo_dir, tmp_path):
+    """A diffusers model folder with a VAE: latents are cached on disk and the run trains in latent space."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                         attention_head_dim=4, norm_num_groups=4).save_pretrained(model / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  sample_size=32).save_pretrained(model / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
+        model / "scheduler")
+    cache = tmp_path / "cache"
+    cfg = load_config(None, [f"model.pretrained={model}", f"data.path={demo_dir}", "data.resolution=32",
+                             "data.bucket_step=8", f"data.cache_dir={cache}", "training.steps=2",
+                             "training.batch_size=4", f"output.dir={tmp_path / 'out'}", "output.progress=false",
+                             "output.sample_every=0", "output.sample_steps=2", "output.sample_prompts=[red circle]",
+                             "output.sample_seeds=[0]"])
+    trainer = Trainer(cfg)
+    assert trainer.vae is not None
+    assert len(list(cache.rglob("*.safetensors"))) == len(trainer.items)
+    result = trainer.run()
+    assert os.path.exists(result["table"]) and result["samples"]
+    latent = trainer.cache.get(trainer.items[0])
+    assert latent.shape == (4, 16, 16)

@@ -42,7 +42,7 @@ class DataConfig:
     default_repeats: int = _f(1, "repeats for images outside any repeat folder")
     resolution: int = _f(32, "training resolution (pixels); buckets keep about resolution² pixels")
     bucketing: bool = _f(True, "aspect-ratio bucketing; false = every image center-cropped square")
-    bucket_step: int = _f(8, "bucket sides are multiples of this (64 for SD latents)")
+    bucket_step: int = _f(8, "bucket sides are multiples of this many latent pixels (8 → 64 px with SD's VAE)")
     max_aspect: float = _f(2.0, "largest bucket aspect ratio")
     flip: bool = _f(False, "random horizontal flip (do not use when tags name left/right)")
     tag_dropout: float = _f(0.0, "probability of dropping each tag of a caption")

@@ -92,7 +92,9 @@ class Trainer:
         self.log(f"base model: {self.base_name} — {describe(self.unet)}")
         self.items = scan_dataset(cfg.data.path, caption_ext=cfg.data.caption_ext, metadata=cfg.data.metadata,
                                   repeats=dict(cfg.data.repeats), default_repeats=cfg.data.default_repeats)
-        step = cfg.data.bucket_step * (1 if self.vae is None else 8)
+        # bucket sides in pixels: multiples of bucket_step latent pixels
+        scale = 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        step = cfg.data.bucket_step * scale
         buckets = assign_buckets(self.items, cfg.data.resolution, step=step, enabled=cfg.data.bucketing,
                                  max_aspect=cfg.data.max_aspect)
         self.log(f"data: {len(self.items)} images ({sum(i.repeats for i in self.items)} with repeats) "
