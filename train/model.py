@@ -39,9 +39,11 @@ BUILTIN = {"tiny": TINY_UNET, "micro": MICRO_UNET}
 
 # SD's noise schedule, for single-file SD checkpoints (their folders carry no scheduler config).
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
-# Pixel-space built-ins use DDPM's linear schedule: its last timestep is almost pure noise (alpha_bar ≈ 4e-5), while
-# SD's leaves ~7% of the signal — sampling from pure noise then drifts every background towards grey.
-PIXEL_SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+# Built-ins (trained from scratch) use SD's schedule rescaled to zero terminal SNR, with v-prediction and trailing
+# timesteps (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed"): SD's own schedule leaves ~7%
+# of the signal at the last step, so sampling from pure noise drifts every flat background towards grey.
+PIXEL_SCHEDULE = dict(SD_SCHEDULE, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                      prediction_type="v_prediction")
 
 
 def build_builtin(name: str, seed: int = 0) -> UNet2DConditionModel:
