@@ -64,7 +64,8 @@ def _trainer(data: str, out: str, seed: int, steps: int, extra: list[str]) -> Tr
     cfg = load_config(None, [
         f"model.pretrained={BASE}", f"data.path={data}", "data.bucketing=false", "data.caption_dropout=0.0",
         "table.train_special=false", "table.init=normal", "training.train=table", f"training.steps={steps}",
-        "training.batch_size=16", "training.lr=2e-2", "training.min_snr_gamma=0", f"training.seed={seed}", f"output.dir={out}",
+        "training.batch_size=16", "training.lr=2e-2", "training.min_snr_gamma=0", f"training.seed={seed}",
+        f"output.dir={out}",
         "output.progress=false", *extra,
     ])
     trainer = Trainer(cfg)
