@@ -10,7 +10,8 @@ What it measures (every number comes from :mod:`benchmarks.detector` reading gen
 2. concept fidelity: the frozen base learns two new concepts (``mascot`` = large magenta circle, ``badge`` = small
    cyan square) with each table mode — ``single``, ``blocks``, ``layers``, key/value, ``layers`` with 2 timestep
    anchors — same steps, same batch, same learning rate, several seeds; fidelity = fraction of samples whose
-   detected object count, shape, colour, size and background are all right; measured along the way (convergence);
+   detected object count, colour, size and background are all right (shape is reported separately: the tiny base
+   draws blobs); measured along the way (convergence);
 3. bleeding: both concepts learned into the base's own table, prompted together; both must appear with their own
    attributes;
 4. swap: ``key = mascot, value = badge`` (and the reverse) in all layers and in the down / up halves; which
@@ -85,20 +86,29 @@ def _generate(trainer: Trainer, prompt: str, n: int, seed: int = 1000) -> list[I
                 generator=torch.Generator().manual_seed(seed)).images
 
 
-def _faithful(image: Image.Image, attrs: dict, background: str = BACKGROUND) -> bool:
+# The base renders colour, size, count and background reliably but not shape (see BENCHMARKS.md), so fidelity
+# counts those; whether the shape is right too is reported separately.
+FIDELITY_ATTRIBUTES = ("colour", "size")
+
+
+def _faithful(image: Image.Image, attrs: dict, background: str = BACKGROUND) -> tuple[bool, bool]:
     found = detect(image)
     if found["background"] != background or len(found["objects"]) != 1:
-        return False
+        return False, False
     obj = found["objects"][0]
-    return all(obj[k] == v for k, v in attrs.items())
+    ok = all(obj[k] == attrs[k] for k in FIDELITY_ATTRIBUTES)
+    return ok, ok and obj["shape"] == attrs["shape"]
 
 
 def _fidelity(trainer: Trainer, n: int) -> dict:
     scores = {}
     for tag, attrs in CONCEPTS.items():
         images = _generate(trainer, f"{tag}, {BACKGROUND} background", n)
-        scores[tag] = sum(_faithful(im, attrs) for im in images) / n
+        results = [_faithful(im, attrs) for im in images]
+        scores[tag] = sum(r[0] for r in results) / n
+        scores[f"{tag} incl. shape"] = sum(r[1] for r in results) / n
     scores["mean"] = sum(scores[t] for t in CONCEPTS) / len(CONCEPTS)
+    scores["mean incl. shape"] = sum(scores[f"{t} incl. shape"] for t in CONCEPTS) / len(CONCEPTS)
     return scores
 
 
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=90)
     parser.add_argument("--eval-every", type=int, default=30)
-    parser.add_argument("--samples", type=int, default=32, help="generated images per concept and measurement")
+    parser.add_argument("--samples", type=int, default=24, help="generated images per concept and measurement")
     parser.add_argument("--skip-fidelity", action="store_true")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -438,6 +438,9 @@ class TagTable:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise stick to the user's file
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -79,6 +79,9 @@ def save_checkpoint(run_dir: str, step: int, table, tensors: dict[str, torch.Ten
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:07d}")
     tmp = tempfile.mkdtemp(prefix=f"step-{step:07d}.tmp-", dir=root)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         table.save(os.path.join(tmp, "table.safetensors"))
         all_tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
