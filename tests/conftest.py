@@ -25,6 +25,20 @@ def make_unet(in_channels: int = 3, cross_attention_dim: int = 16, sample_size: 
     ).eval()
 
 
+def capture_kv_inputs(unet):
+    """Forward hooks on every attn2's to_k / to_v, recording their inputs by (layer name, projection)."""
+    from unet_patch import discover
+
+    seen, handles = {}, []
+    for layer in discover(unet):
+        attn = unet.get_submodule(layer.name)
+        for proj in ("to_k", "to_v"):
+            def hook(module, args, out, key=(layer.name, proj)):
+                seen[key] = args[0].detach().clone()
+            handles.append(getattr(attn, proj).register_forward_hook(hook))
+    return seen, handles
+
+
 @pytest.fixture
 def unet():
     return make_unet()

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_unet
+from conftest import capture_kv_inputs, make_unet
 
 from conditioner import TagTable, encode
 from merge import blend, combine, drop, extract, mix, parse_weights, rename, select_groups, swap
@@ -52,18 +52,6 @@ def _selected_layers(table: TagTable, groups: list[int]) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- invariant 4: swap
-def _capture_projection_inputs(unet):
-    """Forward hooks on every attn2's to_k and to_v, recording their inputs by (layer name, projection)."""
-    seen, handles = {}, []
-    for layer in discover(unet):
-        attn = unet.get_submodule(layer.name)
-        for proj in ("to_k", "to_v"):
-            def hook(module, args, out, key=(layer.name, proj)):
-                seen[key] = args[0].detach().clone()
-            handles.append(getattr(attn, proj).register_forward_hook(hook))
-    return seen, handles
-
-
 @pytest.mark.parametrize("anchors", [1, 2])
 @pytest.mark.parametrize("rest", ["key", "value", "tied"])
 @pytest.mark.parametrize("groups, spec, expected_layers", [
@@ -86,7 +74,7 @@ def test_swap_feeds_key_concept_to_to_k_and_value_concept_to_to_v_in_exactly_the
 
     elephant, cat, dog, glass = (out.data[out.row(n)] for n in ("elephant", "cat", "dog", "glass"))
     rest_sources = {"key": (elephant, cat), "value": (dog, glass), "tied": (elephant, elephant)}[rest]
-    seen, handles = _capture_projection_inputs(unet)
+    seen, handles = capture_kv_inputs(unet)
     try:
         with patched(unet, out), torch.no_grad():
             cond = encode(out, ["new"], timesteps=T if anchors > 1 else None)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_unet
+from conftest import capture_kv_inputs, make_unet
 
 from conditioner import TableMismatchError, encode
 from unet_patch import discover, install, is_installed, patched, remove, table_for_unet
@@ -57,22 +57,10 @@ def test_context_manager_restores_on_error():
     assert all(before[k] is v for k, v in unet.attn_processors.items())
 
 
-def _capture_kv_inputs(unet):
-    """Forward hooks on every attn2's to_k / to_v, recording their inputs by layer name."""
-    seen, handles = {}, []
-    for layer in discover(unet):
-        attn = unet.get_submodule(layer.name)
-        for proj in ("to_k", "to_v"):
-            def hook(module, args, out, key=(layer.name, proj)):
-                seen[key] = args[0].detach().clone()
-            handles.append(getattr(attn, proj).register_forward_hook(hook))
-    return seen, handles
-
-
 def test_groups_are_local_changing_one_group_changes_only_its_layers():
     unet = make_unet()
     table = table_for_unet(unet, tags=["a"], groups="blocks", init_std=1.0)
-    seen, handles = _capture_kv_inputs(unet)
+    seen, handles = capture_kv_inputs(unet)
     with patched(unet, table):
         base_out = _run(unet, encode(table, ["a"]))
         base_seen = dict(seen)
@@ -93,7 +81,7 @@ def test_split_tag_feeds_key_source_to_to_k_and_value_source_to_to_v():
     table = table_for_unet(unet, tags=["elephant", "glass"], groups="layers", init_std=1.0)
     table.add_tags(["glass elephant"], init="tag:elephant")
     table.set_value_source("glass elephant", table.data[table.row("glass")].clone())
-    seen, handles = _capture_kv_inputs(unet)
+    seen, handles = capture_kv_inputs(unet)
     with patched(unet, table):
         _run(unet, encode(table, ["glass elephant"])[:1])
     for h in handles:
