@@ -250,3 +250,19 @@ def test_latent_space_run_with_vae_and_cache(demo_dir, tmp_path):
     assert os.path.exists(result["table"]) and result["samples"]
     latent = trainer.cache.get(trainer.items[0])
     assert latent.shape == (4, 16, 16)
+
+
+def test_freeze_existing_trains_only_new_tags(demo_dir, tmp_path):
+    first = Trainer(_cfg(demo_dir, tmp_path / "first", "training.steps=1")).run()
+    start = TagTable.load(first["table"])
+    start.remove_tags(["red circle", "blue square"])
+    start.save(tmp_path / "start.safetensors")
+    trainer = Trainer(_cfg(demo_dir, tmp_path / "second", f"table.start_from={tmp_path / 'start.safetensors'}",
+                           "table.freeze_existing=true", "table.train_special=false", "data.caption_dropout=0"))
+    before = trainer.table.data.clone()
+    for _ in range(4):
+        trainer.train_step()
+    old = trainer.existing_rows
+    assert old == len(start) and sorted(trainer.table.tags[old:]) == ["blue square", "red circle"]
+    assert torch.equal(trainer.table.data[:old], before[:old]), "existing tags stay exactly as they were"
+    assert not torch.equal(trainer.table.data[old:], before[old:])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conditioner.encode import pack, tokenize
+from conditioner.encode import anchor_weights, pack, tokenize
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.table import TagTable
 from train import checkpoint as ckpt
@@ -225,15 +225,12 @@ class Trainer:
         """
         if base.mode != "vector":
             return False
-        base_t = torch.tensor(base.anchors)
+        # resample the base's anchors at the new table's anchors: (A_new, A_base)
+        w = anchor_weights(base.anchors, torch.tensor(table.anchors)) if base.num_anchors > 1 else None
         for li, layer in enumerate(table.layers):
             src = base.special[:, :, base.group_columns(base.layer_group[li])]  # (2, A_base, D)
-            # resample the base's anchors at the new table's anchors
-            from conditioner.encode import anchor_weights
-
-            w = anchor_weights(base.anchors, torch.tensor(table.anchors)) if len(base_t) > 1 else None
             src = src[:, :1].expand(-1, table.num_anchors, -1) if w is None else torch.einsum(
-                "na,sad->snd", w.to(src.dtype), src)
+                "na,sad->snd", w.to(src.dtype), src)  # (2, A_new, D)
             if table.mode == "kv":
                 attn = self.unet.get_submodule(layer.name)
                 cols = table.group_columns(li)
@@ -300,14 +297,13 @@ class Trainer:
     def _global_batch(self, micro_step: int) -> list[int]:
         from train.data import epoch_batches
 
-        probe = self._batches_cache.get(0) or epoch_batches(self.items, self.cfg.training.batch_size,
-                                                            self.cfg.training.seed, 0)
-        self._batches_cache.setdefault(0, probe)
-        per_epoch = len(probe)
-        epoch, pos = divmod(micro_step, per_epoch)
-        if epoch not in self._batches_cache:
-            self._batches_cache = {0: probe, epoch: epoch_batches(self.items, self.cfg.training.batch_size,
-                                                                  self.cfg.training.seed, epoch)}
+        tr = self.cfg.training
+        if 0 not in self._batches_cache:  # every epoch has as many batches as epoch 0
+            self._batches_cache[0] = epoch_batches(self.items, tr.batch_size, tr.seed, 0)
+        epoch, pos = divmod(micro_step, len(self._batches_cache[0]))
+        if epoch not in self._batches_cache:  # keep epoch 0 (for its length) and the current epoch only
+            self._batches_cache = {0: self._batches_cache[0],
+                                   epoch: epoch_batches(self.items, tr.batch_size, tr.seed, epoch)}
         return self._batches_cache[epoch][pos]
 
     def _plan(self, micro_step: int) -> list[Plan]:
@@ -365,7 +361,7 @@ class Trainer:
         started = time.perf_counter()
         step = self.state.step
         trainable_new_only = self.cfg.table.freeze_existing
-        grads: dict[int, torch.Tensor] = {}
+        touched, touched_grads = [], []  # per micro-step: rows (K,) and their gradients (K, A, W)
         special_grad = torch.zeros_like(self.table.special)
         loss_sum = torch.zeros((), device=self.device)
         tags_in_batch: set[str] = set()
@@ -388,8 +384,8 @@ class Trainer:
             if self.world > 1:
                 torch.distributed.all_reduce(row_grad)  # only the touched rows travel
                 row_grad /= self.world
-            for r, g in zip(all_rows.tolist(), row_grad):
-                grads[r] = grads[r] + g if r in grads else g
+            touched.append(all_rows)
+            touched_grads.append(row_grad)
             if special_param.grad is not None:
                 g = special_param.grad
                 if self.world > 1:
@@ -401,9 +397,13 @@ class Trainer:
             torch.distributed.all_reduce(loss_sum)
             loss_sum /= self.world
 
-        rows = sorted(r for r in grads if not (trainable_new_only and r < self.existing_rows))
-        row_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-        row_grad = torch.stack([grads[r] for r in rows]) if rows else self.table.data.new_zeros(0, 1, 1)
+        # sum the micro-steps' gradients per row: (U, A, W) over the sorted union of touched rows
+        row_ids, inverse = torch.unique(torch.cat(touched), return_inverse=True)
+        row_grad = self.table.data.new_zeros(row_ids.numel(), *self.table.data.shape[1:])
+        row_grad.index_add_(0, inverse, torch.cat(touched_grads))
+        if trainable_new_only:
+            keep = row_ids >= self.existing_rows
+            row_ids, row_grad = row_ids[keep], row_grad[keep]
         unet_grads = [p.grad for p in self.unet_optimizer.param_groups[0]["params"] if p.grad is not None] \
             if self.unet_optimizer is not None else []
         sq = row_grad.pow(2).sum() + special_grad.pow(2).sum() + sum(g.pow(2).sum() for g in unet_grads)
@@ -424,13 +424,13 @@ class Trainer:
                 group["lr"] = lr_unet
             self.unet_optimizer.step()
             self.unet_optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None and rows:
+        if self.ema is not None and row_ids.numel():
             d = tr.ema_decay
             self.ema[row_ids] = d * self.ema[row_ids] + (1 - d) * self.table.data[row_ids]
             self.ema_special.mul_(d).add_(self.table.special, alpha=1 - d)
         self.state.step += 1
         return {"step": self.state.step, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm,
-                "tags_in_batch": len(tags_in_batch), "rows_updated": len(rows),
+                "tags_in_batch": len(tags_in_batch), "rows_updated": row_ids.numel(),
                 "step_time": time.perf_counter() - started}
 
     # ------------------------------------------------------------------ checkpoints
