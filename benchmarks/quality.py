@@ -1,28 +1,29 @@
 """Concept-quality benchmark on the embedded tiny base: fidelity per table mode, bleeding, key/value swap.
 
-One command (not run in CI; about 25 minutes on 2 CPU cores)::
+One command (not run in CI; about 30 minutes on 2 CPU cores)::
 
-    python -m benchmarks.quality --out benchmarks/results [--seeds 0 1 2] [--steps 90]
+    python -m benchmarks.quality --out benchmarks/results
 
 What it measures (every number comes from :mod:`benchmarks.detector` reading generated images):
 
 1. detector accuracy on the generator's own ground truth (must be >= 98% before anything else means anything);
-2. concept fidelity: the frozen base learns two new concepts (``mascot`` = large magenta circle, ``badge`` = small
-   cyan square) with each table mode — ``single``, ``blocks``, ``layers``, key/value, ``layers`` with 2 timestep
-   anchors — same steps, same batch, same learning rate, several seeds; fidelity = fraction of samples whose
-   detected object count, colour, size and background are all right (shape is reported separately: the tiny base
-   draws blobs); measured along the way (convergence);
-3. bleeding: both concepts learned into the base's own table, prompted together; both must appear with their own
-   attributes;
+2. concept fidelity: the frozen base learns two new concepts (``mascot`` = large magenta circle on the left,
+   ``badge`` = small cyan square on the right) into a fresh table of each mode — ``single``, ``blocks``,
+   ``layers``, key/value, ``layers`` with 2 timestep anchors — same steps, batch and learning rate, several seeds;
+   fidelity = fraction of samples with exactly one object, the right background and every attribute (shape,
+   colour, size, position) right; measured at several step counts (convergence curve);
+3. bleeding: both concepts learned into the base's own table and prompted together; both must appear with their
+   own attributes, and an object showing an attribute of the other concept counts as bleeding;
 4. swap: ``key = mascot, value = badge`` (and the reverse) in all layers and in the down / up halves; which
    attributes follow the key concept and which the value concept.
 
-Writes ``results.json`` and PNG grids into ``--out``.
+Writes ``results.json``, labelled PNG grids and ``convergence.png`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -35,11 +36,13 @@ from PIL import Image
 from benchmarks.detector import detect, validate
 from train.config import load_config
 from train.loop import Trainer
+from train.plot import curves_plot, labelled_grid
 
 BASE = "models/tiny-base"
+ATTRIBUTES = ("shape", "colour", "size", "position")
 CONCEPTS = {
-    "mascot": {"shape": "circle", "colour": "magenta", "size": "large"},
-    "badge": {"shape": "square", "colour": "cyan", "size": "small"},
+    "mascot": {"shape": "circle", "colour": "magenta", "size": "large", "position": "left"},
+    "badge": {"shape": "square", "colour": "cyan", "size": "small", "position": "right"},
 }
 MODES = {
     "single": ["table.groups=single"],
@@ -49,15 +52,22 @@ MODES = {
     "layers+2 anchors": ["table.groups=layers", "table.anchors=2"],
 }
 BACKGROUND = "white"
+# The same two objects described with the base's own tags, for comparison with the learned concepts.
+BASE_TAGS_PROMPT = ("magenta circle, large circle, circle on left, cyan square, small square, square on right, "
+                    f"two objects, {BACKGROUND} background")
+GRID_SCALE = 2
 
 
 def _data(root: str) -> str:
     from train.demo_data import generate_concept_dataset
 
     path = os.path.join(root, "concepts")
-    if not os.path.isdir(path):
+    marker = os.path.join(path, "concepts.json")
+    if not os.path.exists(marker) or json.load(open(marker)) != CONCEPTS:
         for k, (tag, attrs) in enumerate(CONCEPTS.items()):
             generate_concept_dataset(os.path.join(path, tag), tag, attrs, 64, size=32, seed=100 + k)
+        with open(marker, "w") as f:
+            json.dump(CONCEPTS, f)
     return path
 
 
@@ -66,11 +76,9 @@ def _trainer(data: str, out: str, seed: int, steps: int, extra: list[str]) -> Tr
         f"model.pretrained={BASE}", f"data.path={data}", "data.bucketing=false", "data.caption_dropout=0.0",
         "table.train_special=false", "table.init=normal", "training.train=table", f"training.steps={steps}",
         "training.batch_size=16", "training.lr=2e-2", "training.min_snr_gamma=0", f"training.seed={seed}",
-        f"output.dir={out}",
-        "output.progress=false", *extra,
+        f"output.dir={out}", "output.progress=false", *extra,
     ])
-    trainer = Trainer(cfg)
-    return trainer
+    return Trainer(cfg)
 
 
 def _generate(trainer: Trainer, prompt: str, n: int, seed: int = 1000) -> list[Image.Image]:
@@ -86,66 +94,101 @@ def _generate(trainer: Trainer, prompt: str, n: int, seed: int = 1000) -> list[I
                 generator=torch.Generator().manual_seed(seed)).images
 
 
-# The base renders colour, size, count and background reliably but not shape (see BENCHMARKS.md), so fidelity
-# counts those; whether the shape is right too is reported separately.
-FIDELITY_ATTRIBUTES = ("colour", "size")
-
-
-def _faithful(image: Image.Image, attrs: dict, background: str = BACKGROUND) -> tuple[bool, bool]:
+def _check(image: Image.Image, attrs: dict, background: str = BACKGROUND) -> dict[str, bool]:
+    """Per-attribute correctness of a one-object sample; ``all``: one object, right background, every attribute."""
     found = detect(image)
-    if found["background"] != background or len(found["objects"]) != 1:
-        return False, False
-    obj = found["objects"][0]
-    ok = all(obj[k] == attrs[k] for k in FIDELITY_ATTRIBUTES)
-    return ok, ok and obj["shape"] == attrs["shape"]
+    one = len(found["objects"]) == 1
+    obj = found["objects"][0] if one else {}
+    right = {"one object": one, "background": found["background"] == background}
+    right.update({a: obj.get(a) == attrs[a] for a in ATTRIBUTES})
+    right["all"] = all(right.values())
+    return right
 
 
 def _fidelity(trainer: Trainer, n: int) -> dict:
-    scores = {}
+    """For each concept: fraction of ``n`` samples with every attribute right, and per attribute."""
+    scores: dict = {}
     for tag, attrs in CONCEPTS.items():
-        images = _generate(trainer, f"{tag}, {BACKGROUND} background", n)
-        results = [_faithful(im, attrs) for im in images]
-        scores[tag] = sum(r[0] for r in results) / n
-        scores[f"{tag} incl. shape"] = sum(r[1] for r in results) / n
-    scores["mean"] = sum(scores[t] for t in CONCEPTS) / len(CONCEPTS)
-    scores["mean incl. shape"] = sum(scores[f"{t} incl. shape"] for t in CONCEPTS) / len(CONCEPTS)
+        checks = [_check(im, attrs) for im in _generate(trainer, f"{tag}, {BACKGROUND} background", n)]
+        scores[tag] = {key: sum(c[key] for c in checks) / n for key in checks[0]}
+    scores["mean"] = sum(scores[t]["all"] for t in CONCEPTS) / len(CONCEPTS)
     return scores
 
 
-def _grid(images: list[list[Image.Image]], path: str, scale: int = 3) -> None:
-    w, h = images[0][0].size
-    grid = Image.new("RGB", (w * scale * len(images[0]), h * scale * len(images)), "white")
-    for i, row in enumerate(images):
-        for j, im in enumerate(row):
-            grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (j * w * scale, i * h * scale))
-    grid.save(path)
+def _label(mode: str) -> str:
+    return mode.replace(" ", "_").replace("+", "_")
 
 
-def run_fidelity(out: str, seeds: list[int], steps: int, eval_every: int, n: int) -> dict:
+def run_fidelity(out: str, seeds: list[int], steps: int, eval_at: list[int], n: int) -> dict:
+    """Train both concepts into a fresh table of every mode and seed; fidelity along the way."""
     data = _data(out)
     results: dict = {}
+    grid_rows, grid_labels = [], []
     for mode, extra in MODES.items():
         runs = []
         for seed in seeds:
             started = time.time()
-            trainer = _trainer(data, os.path.join(out, "runs", f"{mode}-{seed}"), seed, steps,
+            trainer = _trainer(data, os.path.join(out, "runs", f"{_label(mode)}-{seed}"), seed, steps,
                                ["table.use_base_table=false", *extra])
             curve = []
             while trainer.state.step < steps:
                 trainer.train_step()
-                if trainer.state.step % eval_every == 0:
+                if trainer.state.step in eval_at or trainer.state.step == steps:
                     curve.append({"step": trainer.state.step, **_fidelity(trainer, n)})
             runs.append({"seed": seed, "curve": curve, "seconds": time.time() - started})
             print(f"{mode:18s} seed {seed}: fidelity {curve[-1]['mean']:.2f} ({time.time() - started:.0f} s)",
                   flush=True)
             if seed == seeds[0]:
-                rows = [_generate(trainer, f"{tag}, {BACKGROUND} background", 8) for tag in CONCEPTS]
-                _grid(rows, os.path.join(out, f"fidelity-{mode.replace(' ', '_').replace('+', '_')}.png"))
+                for tag in CONCEPTS:
+                    grid_rows.append(_generate(trainer, f"{tag}, {BACKGROUND} background", 8))
+                    grid_labels.append(f"{mode}: {tag}")
         results[mode] = runs
+    _save_grid(grid_rows, grid_labels, os.path.join(out, "fidelity-modes.png"),
+               f"concept fidelity per mode, seed {seeds[0]}, {steps} steps (prompt: TAG, {BACKGROUND} background)")
+    series = {}
+    for mode, runs in results.items():
+        points = sorted({p["step"] for r in runs for p in r["curve"]})
+        series[mode] = (points, [sum(p["mean"] for r in runs for p in r["curve"] if p["step"] == s) / len(runs)
+                                 for s in points])
+    curves_plot(series, os.path.join(out, "convergence.png"),
+                f"concept fidelity vs steps (mean of {len(seeds)} seeds)", xlabel="training step",
+                ylabel="fidelity", y_range=(0.0, 1.0))
     return results
 
 
+def _save_grid(rows: list[list[Image.Image]], labels: list[str], path: str, title: str) -> None:
+    scaled = [[im.resize((im.width * GRID_SCALE, im.height * GRID_SCALE), Image.NEAREST) for im in row]
+              for row in rows]
+    labelled_grid(scaled, labels, [f"#{j}" for j in range(len(rows[0]))], title=title).save(path)
+
+
+def _two_concepts(images: list[Image.Image]) -> dict:
+    """Rates over two-concept samples: two objects, both concepts right, and bleeding.
+
+    Each detected object is matched to the concept it agrees with most (over both assignments); a sample bleeds
+    when a matched object shows an attribute value of the *other* concept (all four attributes differ between
+    the two concepts).
+    """
+    mascot, badge = CONCEPTS["mascot"], CONCEPTS["badge"]
+    two = both = bleed = 0
+    for image in images:
+        objs = detect(image)["objects"]
+        if len(objs) != 2:
+            continue
+        two += 1
+
+        def agree(obj, concept):
+            return sum(obj[a] == concept[a] for a in ATTRIBUTES)
+
+        pair = max(itertools.permutations(objs), key=lambda p: agree(p[0], mascot) + agree(p[1], badge))
+        both += int(agree(pair[0], mascot) == len(ATTRIBUTES) and agree(pair[1], badge) == len(ATTRIBUTES))
+        bleed += int(agree(pair[0], badge) > 0 or agree(pair[1], mascot) > 0)
+    n = len(images)
+    return {"two_objects": two / n, "both_right": both / n, "bleeding": bleed / n}
+
+
 def run_bleeding_and_swap(out: str, steps: int, n: int) -> dict:
+    """Both concepts in the base's own table: fidelity, bleeding when prompted together, key/value swaps."""
     from merge import swap
 
     data = _data(out)
@@ -154,37 +197,22 @@ def run_bleeding_and_swap(out: str, steps: int, n: int) -> dict:
         trainer.train_step()
     result: dict = {"fidelity_in_base_table": _fidelity(trainer, n)}
 
-    # bleeding: both concepts in one prompt
-    images = _generate(trainer, f"mascot, badge, two objects, {BACKGROUND} background", n)
-    both = 0
-    for im in images:
-        objs = detect(im)["objects"]
-        wanted = [CONCEPTS["mascot"], CONCEPTS["badge"]]
-        matched = sum(any(all(o[k] == v for k, v in w.items()) for o in objs) for w in wanted)
-        both += int(len(objs) == 2 and matched == 2)
-    result["bleeding"] = {"prompt": f"mascot, badge, two objects, {BACKGROUND} background",
-                          "both_correct": both / n}
-    _grid([images[:8]], os.path.join(out, "bleeding.png"))
-    base_images = _generate(trainer, f"magenta circle, large circle, cyan square, small square, two objects, "
-                                     f"{BACKGROUND} background", n)
-    base_both = 0
-    for im in base_images:
-        objs = detect(im)["objects"]
-        matched = sum(any(all(o[k] == v for k, v in w.items()) for o in objs) for w in CONCEPTS.values())
-        base_both += int(len(objs) == 2 and matched == 2)
-    result["bleeding_base_tags"] = {"prompt": "the same attributes with the base's own tags",
-                                    "both_correct": base_both / n}
+    prompt = f"mascot, badge, two objects, {BACKGROUND} background"
+    images = _generate(trainer, prompt, n)
+    base_images = _generate(trainer, BASE_TAGS_PROMPT, n)
+    result["bleeding"] = {"prompt": prompt, **_two_concepts(images)}
+    result["bleeding_base_tags"] = {"prompt": BASE_TAGS_PROMPT, **_two_concepts(base_images)}
+    _save_grid([images[:8], base_images[:8]], ["mascot, badge, two objects", "the same with base tags"],
+               os.path.join(out, "bleeding.png"), "two concepts in one prompt (white background)")
 
-    # swap: which attributes follow the key concept, which the value concept
     table = trainer.table
-    swaps = {}
-    grid_rows = []
+    swaps, grid_rows, grid_labels = {}, [], []
     for key, value in (("mascot", "badge"), ("badge", "mascot")):
         for layers in (None, "down.*", "up.*"):
             name = f"k-{key}-v-{value}-{layers or 'all'}"
             trainer.table = swap(table, name, key=key, value=value, layers=layers)
             images = _generate(trainer, f"{name}, {BACKGROUND} background", n)
-            follow = {a: {"key": 0, "value": 0, "neither": 0} for a in ("shape", "colour", "size")}
+            follow = {a: {"key": 0, "value": 0, "neither": 0} for a in ATTRIBUTES}
             count_ok = 0
             for im in images:
                 objs = detect(im)["objects"]
@@ -198,8 +226,9 @@ def run_bleeding_and_swap(out: str, steps: int, n: int) -> dict:
             swaps[name] = {"key": key, "value": value, "layers": layers or "all", "one_object": count_ok / n,
                            "follows": {a: {s: c / max(1, count_ok) for s, c in v.items()} for a, v in follow.items()}}
             grid_rows.append(images[:8])
+            grid_labels.append(f"key {key}, value {value}, {layers or 'all layers'}")
     trainer.table = table
-    _grid(grid_rows, os.path.join(out, "swap.png"))
+    _save_grid(grid_rows, grid_labels, os.path.join(out, "swap.png"), "key/value swaps (white background)")
     result["swap"] = swaps
     return result
 
@@ -208,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=90)
-    parser.add_argument("--eval-every", type=int, default=30)
-    parser.add_argument("--samples", type=int, default=24, help="generated images per concept and measurement")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--eval-at", type=int, nargs="+", default=[20, 40],
+                        help="extra step counts at which fidelity is measured (it always is at --steps)")
+    parser.add_argument("--samples", type=int, default=16, help="generated images per concept and measurement")
     parser.add_argument("--skip-fidelity", action="store_true")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -219,11 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv),
+        "concepts": CONCEPTS,
         "detector": {size: validate(1000, size) for size in (32,)},
     }
     print("detector:", json.dumps(report["detector"]), flush=True)
     if not args.skip_fidelity:
-        report["fidelity"] = run_fidelity(args.out, args.seeds, args.steps, args.eval_every, args.samples)
+        report["fidelity"] = run_fidelity(args.out, args.seeds, args.steps, args.eval_at, args.samples)
     report.update(run_bleeding_and_swap(args.out, args.steps, args.samples))
     report["seconds"] = time.time() - started
     with open(os.path.join(args.out, "results.json"), "w") as f:

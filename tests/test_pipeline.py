@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
 from conditioner import TagTable
 from unet_patch import TagDiffusionPipeline, is_installed, table_for_unet
 from unet_patch.cli import main as generate_main
+from unet_patch.pipeline import rescale_guidance
 
 
 def _tiny_vae():
@@ -58,6 +59,27 @@ def test_prompt_changes_the_image_and_anchors_reencode_each_step():
     b = pipe("blue square", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
     assert not np.array_equal(a.images, b.images)
     assert not torch.equal(packed_widths[0], packed_widths[-1]), "conditioning follows the timestep"
+
+
+def test_guidance_rescale():
+    torch.manual_seed(0)
+    guided, conditional = torch.randn(2, 3, 8, 8) * 3, torch.randn(2, 3, 8, 8)
+    full = rescale_guidance(guided, conditional, 1.0)
+    assert torch.allclose(full.std(dim=(1, 2, 3)), conditional.std(dim=(1, 2, 3)), rtol=1e-5)
+    assert torch.allclose(full / guided, (full / guided).flatten(1)[:, :1, None, None].expand_as(full))
+    assert torch.equal(rescale_guidance(guided, conditional, 0.0), guided)
+    half = rescale_guidance(guided, conditional, 0.5)
+    assert torch.allclose(half, 0.5 * full + 0.5 * guided)
+
+    pipe = _pipe(False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**kw):
+        return pipe("red circle", num_inference_steps=3, guidance_scale=4.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0), **kw).images
+
+    assert np.array_equal(run(), run(guidance_rescale=0.0))
+    assert not np.array_equal(run(), run(guidance_rescale=0.7))
 
 
 def test_callback_and_latent_output():
@@ -115,6 +137,7 @@ def test_generate_cli_writes_grid(model_dir, tmp_path, capsys):
         (["--prompt", "(red circle:x)"], "malformed weight 'x'"),
         (["--prompt", "a", "--table", "/nonexistent.safetensors"], "does not exist"),
         (["--prompt", "a", "--out", "x.jpg"], "--out must be a .png"),
+        (["--prompt", "red circle", "--guidance-rescale", "1.5"], "--guidance-rescale must be between 0 and 1"),
     ],
 )
 def test_generate_cli_errors(model_dir, tmp_path, capsys, args, message):

@@ -99,3 +99,69 @@ def _wrap(text: str, width: int) -> list[str]:
     if line:
         lines.append(line)
     return lines
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
+
+
+def curves_plot(series: dict[str, tuple[list[float], list[float]]], path: str, title: str = "",
+                xlabel: str = "step", ylabel: str = "", y_range: tuple[float, float] | None = None,
+                width: int = 720, height: int = 400) -> None:
+    """Write several labelled curves on shared linear axes, with a legend, to a PNG.
+
+    Args:
+        series (`dict[str, tuple[list[float], list[float]]]`): legend label → (x values, y values).
+        path (`str`): output PNG.
+        title (`str`): heading.
+        xlabel, ylabel (`str`): axis labels.
+        y_range (`tuple[float, float]`, *optional*): fixed y axis; defaults to the data's range.
+    """
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font()
+    left, right, top, bottom = 64, 170, 28, 40
+    draw.text((left, 8), title, fill="black", font=font)
+    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    if not points:
+        draw.text((left, height // 2), "no points", fill="black", font=font)
+        image.save(path)
+        return
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = y_range if y_range else (min(p[1] for p in points), max(p[1] for p in points))
+    if x1 - x0 < 1e-9:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 - y0 < 1e-9:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+
+    def to_px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        _, py = to_px(x0, y)
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.line([left, py, width - right, py], fill=(230, 230, 230))
+        draw.text((4, py - 6), f"{y:.3g}", fill="black", font=font)
+    xticks = sorted({x for x, _ in points})
+    if len(xticks) > 8:
+        xticks = [x0 + (x1 - x0) * i / 4 for i in range(5)]
+    for x in xticks:
+        px, _ = to_px(x, y0)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
+        draw.text((px - 8, height - bottom + 8), f"{x:g}", fill="black", font=font)
+    draw.text((width // 2 - 40, height - 14), xlabel, fill="black", font=font)
+    draw.text((4, top - 18), ylabel, fill="black", font=font)
+    for k, (label, (xs, ys)) in enumerate(series.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        pts = [to_px(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for px, py in pts:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        ly = top + 4 + 16 * k
+        draw.line([width - right + 10, ly + 6, width - right + 30, ly + 6], fill=colour, width=2)
+        draw.text((width - right + 36, ly), label, fill="black", font=font)
+    image.save(path)

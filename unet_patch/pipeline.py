@@ -21,6 +21,13 @@ from unet_patch.patch import patched
 TABLE_FILE = os.path.join("table", "table.safetensors")
 
 
+def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blend the guided prediction with a copy rescaled to the conditional prediction's per-sample std."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12))
+    return factor * rescaled + (1 - factor) * guided
+
+
 class TagDiffusionPipeline(DiffusionPipeline):
     """Generate images from tag prompts with a stock diffusers UNet and a condvec table.
 
@@ -69,6 +76,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -86,6 +94,9 @@ class TagDiffusionPipeline(DiffusionPipeline):
             negative_prompt (`str | list[str]`, *optional*): tags to steer away from; default is the null prompt.
             num_inference_steps (`int`, defaults to 30): denoising steps.
             guidance_scale (`float`, defaults to 5.0): classifier-free guidance; ≤ 1 disables it.
+            guidance_rescale (`float`, defaults to 0.0): rescale the guided prediction's standard deviation towards
+                the conditional one (Lin et al., 2023, §3.4; 0.7 is their value): counters over-exposure with large
+                guidance on zero-terminal-SNR models. 0 disables it.
             height (`int`, *optional*): image height; defaults to the UNet's sample size × the VAE's scale.
             width (`int`, *optional*): image width; same default.
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
@@ -146,6 +157,8 @@ class TagDiffusionPipeline(DiffusionPipeline):
                 if do_cfg:
                     uncond, text = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
+                    if guidance_rescale > 0:
+                        noise_pred = rescale_guidance(noise_pred, text, guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     result = callback_on_step_end(self, i, t, {"latents": latents})
