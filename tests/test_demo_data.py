@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.detector import accuracy, detect
+from benchmarks.detector import accuracy, degrade, detect
 from train.demo_data import (
     BACKGROUNDS,
     COLOURS,
@@ -174,6 +174,18 @@ def test_detector_accuracy_at_least_98_percent(tmp_path):
     assert result["images"] == 300
     for key in ("count", "background", "shape", "colour", "size", "position"):
         assert result[key] >= 0.98, (key, result[key])
+
+
+def test_detector_reads_shape_and_size_through_ragged_edges(tmp_path):
+    records = generate_demo_dataset(tmp_path, 200, size=32, seed=12)
+    rng = np.random.default_rng(0)
+    clean = [np.asarray(Image.open(tmp_path / r["file_name"]).convert("RGB")) for r in records]
+    images = [degrade(im, rng) for im in clean]
+    changed = np.mean([np.mean(np.any(a != b, axis=2)) for a, b in zip(clean, images)])
+    assert changed > 0.5, "the degradation must actually change the images"
+    result = accuracy(records, images)
+    for key in ("shape", "size", "colour", "position"):
+        assert result[key] >= 0.95, (key, result[key])
 
 
 def test_palette_is_well_separated():
