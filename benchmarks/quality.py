@@ -71,11 +71,14 @@ def _data(root: str) -> str:
     return path
 
 
-def _trainer(data: str, out: str, seed: int, steps: int, extra: list[str]) -> Trainer:
+LR = 2e-2
+
+
+def _trainer(data: str, out: str, seed: int, steps: int, extra: list[str], lr: float = LR) -> Trainer:
     cfg = load_config(None, [
         f"model.pretrained={BASE}", f"data.path={data}", "data.bucketing=false", "data.caption_dropout=0.0",
         "table.train_special=false", "table.init=normal", "training.train=table", f"training.steps={steps}",
-        "training.batch_size=16", "training.lr=2e-2", "training.min_snr_gamma=0", f"training.seed={seed}",
+        "training.batch_size=16", f"training.lr={lr}", "training.min_snr_gamma=0", f"training.seed={seed}",
         f"output.dir={out}", "output.progress=false", *extra,
     ])
     return Trainer(cfg)
@@ -119,17 +122,20 @@ def _label(mode: str) -> str:
     return mode.replace(" ", "_").replace("+", "_")
 
 
-def run_fidelity(out: str, seeds: list[int], steps: int, eval_at: list[int], n: int) -> dict:
-    """Train both concepts into a fresh table of every mode and seed; fidelity along the way."""
+def run_fidelity(out: str, seeds: list[int], steps: int, eval_at: list[int], n: int,
+                 modes: list[str] | None = None, lr: float = LR) -> dict:
+    """Train both concepts into a fresh table of every mode (or ``modes``) and seed; fidelity along the way."""
     data = _data(out)
     results: dict = {}
     grid_rows, grid_labels = [], []
     for mode, extra in MODES.items():
+        if modes and mode not in modes:
+            continue
         runs = []
         for seed in seeds:
             started = time.time()
             trainer = _trainer(data, os.path.join(out, "runs", f"{_label(mode)}-{seed}"), seed, steps,
-                               ["table.use_base_table=false", *extra])
+                               ["table.use_base_table=false", *extra], lr)
             curve = []
             while trainer.state.step < steps:
                 trainer.train_step()
@@ -187,12 +193,12 @@ def _two_concepts(images: list[Image.Image]) -> dict:
     return {"two_objects": two / n, "both_right": both / n, "bleeding": bleed / n}
 
 
-def run_bleeding_and_swap(out: str, steps: int, n: int) -> dict:
+def run_bleeding_and_swap(out: str, steps: int, n: int, lr: float = LR) -> dict:
     """Both concepts in the base's own table: fidelity, bleeding when prompted together, key/value swaps."""
     from merge import swap
 
     data = _data(out)
-    trainer = _trainer(data, os.path.join(out, "runs", "base-table"), 0, steps, ["table.freeze_existing=true"])
+    trainer = _trainer(data, os.path.join(out, "runs", "base-table"), 0, steps, ["table.freeze_existing=true"], lr)
     while trainer.state.step < steps:
         trainer.train_step()
     result: dict = {"fidelity_in_base_table": _fidelity(trainer, n)}
@@ -241,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-at", type=int, nargs="+", default=[20, 40],
                         help="extra step counts at which fidelity is measured (it always is at --steps)")
     parser.add_argument("--samples", type=int, default=16, help="generated images per concept and measurement")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), help="fidelity for these modes only (default all)")
+    parser.add_argument("--lr", type=float, default=LR, help=f"table learning rate of every run (default {LR:g})")
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--fidelity-only", action="store_true", help="skip the bleeding and swap measurements")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
@@ -250,12 +259,15 @@ def main(argv: list[str] | None = None) -> int:
                    f"{torch.get_num_threads()} threads",
         "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv),
         "concepts": CONCEPTS,
+        "lr": args.lr,
         "detector": {size: validate(1000, size) for size in (32,)},
     }
     print("detector:", json.dumps(report["detector"]), flush=True)
     if not args.skip_fidelity:
-        report["fidelity"] = run_fidelity(args.out, args.seeds, args.steps, args.eval_at, args.samples)
-    report.update(run_bleeding_and_swap(args.out, args.steps, args.samples))
+        report["fidelity"] = run_fidelity(args.out, args.seeds, args.steps, args.eval_at, args.samples,
+                                          args.modes, args.lr)
+    if not args.fidelity_only:
+        report.update(run_bleeding_and_swap(args.out, args.steps, args.samples, args.lr))
     report["seconds"] = time.time() - started
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
