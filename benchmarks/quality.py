@@ -1,6 +1,6 @@
 """Concept-quality benchmark on the embedded tiny base: fidelity per table mode, bleeding, key/value swap.
 
-One command (not run in CI; about 30 minutes on 2 CPU cores)::
+One command (not run in CI; about 25 minutes on 2 CPU cores)::
 
     python -m benchmarks.quality --out benchmarks/results
 
