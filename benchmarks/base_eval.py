@@ -14,7 +14,6 @@ model can no longer restore it.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from benchmarks.detector import detect
+from benchmarks.detector import ATTRIBUTES, check_one, detect, match_two
 from conditioner.encode import encode
 from train.demo_data import generate_demo_dataset
 from unet_patch import TagDiffusionPipeline, patched
@@ -37,7 +36,6 @@ TWO_CASES = [
     ((("yellow", "triangle", "small", "left"), ("green", "circle", "large", "right")), "black"),
     ((("cyan", "square", "large", "left"), ("magenta", "triangle", "small", "right")), "gray"),
 ]
-ATTRS = ("colour", "shape", "size", "position")
 
 
 def one_object_prompt(colour: str, shape: str, size: str, position: str, background: str) -> str:
@@ -60,36 +58,27 @@ def evaluate(model: str, guidance: float, steps: int, num: int) -> dict:
         return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=num,
                     generator=torch.Generator().manual_seed(0)).images
 
-    totals = dict.fromkeys(("background", "one object", "colour", "position", "size", "shape", "all"), 0)
-    n = 0
+    checks = []
     for colour, shape, size, position, background in CASES:
-        for image in sample(one_object_prompt(colour, shape, size, position, background)):
-            found = detect(image)
-            n += 1
-            obj = found["objects"][0] if found["objects"] else {}
-            right = {"background": found["background"] == background, "one object": len(found["objects"]) == 1,
-                     "colour": obj.get("colour") == colour, "position": obj.get("position") == position,
-                     "size": obj.get("size") == size, "shape": obj.get("shape") == shape}
-            right["all"] = all(right.values())
-            for key, value in right.items():
-                totals[key] += int(value)
-    result = {key: value / n for key, value in totals.items()} | {"samples": n}
+        want = {"colour": colour, "shape": shape, "size": size, "position": position}
+        checks += [check_one(detect(image), want, background)
+                   for image in sample(one_object_prompt(colour, shape, size, position, background))]
+    result = {key: sum(c[key] for c in checks) / len(checks) for key in checks[0]} | {"samples": len(checks)}
 
     two = dict.fromkeys(("two objects", "colours bound", "both right"), 0)
     m = 0
     for objects, background in TWO_CASES:
-        wanted = [dict(zip(ATTRS, o)) for o in objects]
+        wanted = [dict(zip(("colour", "shape", "size", "position"), o)) for o in objects]
         for image in sample(two_object_prompt(objects, background)):
             m += 1
             found = detect(image)
             if len(found["objects"]) != 2 or found["background"] != background:
                 continue
             two["two objects"] += 1
-            best = max(itertools.permutations(found["objects"]),
-                       key=lambda p: sum(p[i][a] == wanted[i][a] for i in range(2) for a in ATTRS))
+            best = match_two(found["objects"], wanted)
             two["colours bound"] += int(all(best[i]["colour"] == wanted[i]["colour"]
                                             and best[i]["shape"] == wanted[i]["shape"] for i in range(2)))
-            two["both right"] += int(all(best[i][a] == wanted[i][a] for i in range(2) for a in ATTRS))
+            two["both right"] += int(all(best[i][a] == wanted[i][a] for i in range(2) for a in ATTRIBUTES))
     result["two-object prompts"] = {key: value / m for key, value in two.items()} | {"samples": m}
     return result
 
@@ -120,15 +109,9 @@ def recovery(model: str, starts: list[float], num: int, guidance: float, steps: 
                 text, uncond = out.chunk(2)
                 x = scheduler.step(uncond + guidance * (text - uncond), t, x).prev_sample
         arrays = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        kept = dict.fromkeys(("one object", *ATTRS), 0)
-        for record, array in zip(records, arrays):
-            found = detect(array)
-            if len(found["objects"]) != 1:
-                continue
-            kept["one object"] += 1
-            for a in ATTRS:
-                kept[a] += int(found["objects"][0][a] == record["objects"][0][a])
-        result[start] = {k: v / num for k, v in kept.items()}
+        checks = [check_one(detect(array), record["objects"][0], record["background"])
+                  for record, array in zip(records, arrays)]
+        result[start] = {k: sum(c[k] for c in checks) / num for k in ("one object", *ATTRIBUTES)}
     return result
 
 

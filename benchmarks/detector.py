@@ -24,6 +24,7 @@ Validation on fresh data::
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -182,6 +183,26 @@ def detect(image: Image.Image | np.ndarray) -> dict:
         else:
             obj["position"] = "left" if cx < w / 3 else "right" if cx > 2 * w / 3 else "center"
     return {"background": _BG_NAMES[bg_index], "objects": found}
+
+
+def check_one(found: dict, want: dict, background: str) -> dict[str, bool]:
+    """Score a :func:`detect` reading against a one-object spec.
+
+    Returns ``{"one object", "background", "shape", "colour", "size", "position", "all"}`` → right or not; the
+    attributes count as right only when exactly one object was found, ``all`` needs every entry.
+    """
+    one = len(found["objects"]) == 1
+    obj = found["objects"][0] if one else {}
+    right = {"one object": one, "background": found["background"] == background}
+    right.update({a: obj.get(a) == want[a] for a in ATTRIBUTES})
+    right["all"] = all(right.values())
+    return right
+
+
+def match_two(objects: Sequence[dict], wanted: Sequence[dict]) -> tuple[dict, dict]:
+    """Pair two detected objects with two wanted specs, in the order that agrees on the most attributes."""
+    return max(itertools.permutations(objects),
+               key=lambda pair: sum(pair[i][a] == wanted[i][a] for i in range(2) for a in ATTRIBUTES))
 
 
 def accuracy(records: Sequence[dict], images: Sequence[Image.Image | np.ndarray]) -> dict:

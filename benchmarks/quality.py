@@ -23,23 +23,22 @@ Writes ``results.json``, labelled PNG grids and ``convergence.png`` into ``--out
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from benchmarks.detector import detect, validate
+from benchmarks.detector import ATTRIBUTES, check_one, detect, match_two, validate
 from train.config import load_config
 from train.loop import Trainer
 from train.plot import curves_plot, labelled_grid
 
 BASE = "models/tiny-base"
-ATTRIBUTES = ("shape", "colour", "size", "position")
 CONCEPTS = {
     "mascot": {"shape": "circle", "colour": "magenta", "size": "large", "position": "left"},
     "badge": {"shape": "square", "colour": "cyan", "size": "small", "position": "right"},
@@ -63,7 +62,7 @@ def _data(root: str) -> str:
 
     path = os.path.join(root, "concepts")
     marker = os.path.join(path, "concepts.json")
-    if not os.path.exists(marker) or json.load(open(marker)) != CONCEPTS:
+    if not os.path.exists(marker) or json.loads(Path(marker).read_text()) != CONCEPTS:
         for k, (tag, attrs) in enumerate(CONCEPTS.items()):
             generate_concept_dataset(os.path.join(path, tag), tag, attrs, 64, size=32, seed=100 + k)
         with open(marker, "w") as f:
@@ -97,22 +96,12 @@ def _generate(trainer: Trainer, prompt: str, n: int, seed: int = 1000) -> list[I
                 generator=torch.Generator().manual_seed(seed)).images
 
 
-def _check(image: Image.Image, attrs: dict, background: str = BACKGROUND) -> dict[str, bool]:
-    """Per-attribute correctness of a one-object sample; ``all``: one object, right background, every attribute."""
-    found = detect(image)
-    one = len(found["objects"]) == 1
-    obj = found["objects"][0] if one else {}
-    right = {"one object": one, "background": found["background"] == background}
-    right.update({a: obj.get(a) == attrs[a] for a in ATTRIBUTES})
-    right["all"] = all(right.values())
-    return right
-
-
 def _fidelity(trainer: Trainer, n: int) -> dict:
     """For each concept: fraction of ``n`` samples with every attribute right, and per attribute."""
     scores: dict = {}
     for tag, attrs in CONCEPTS.items():
-        checks = [_check(im, attrs) for im in _generate(trainer, f"{tag}, {BACKGROUND} background", n)]
+        checks = [check_one(detect(im), attrs, BACKGROUND)
+                  for im in _generate(trainer, f"{tag}, {BACKGROUND} background", n)]
         scores[tag] = {key: sum(c[key] for c in checks) / n for key in checks[0]}
     scores["mean"] = sum(scores[t]["all"] for t in CONCEPTS) / len(CONCEPTS)
     return scores
@@ -186,7 +175,7 @@ def _two_concepts(images: list[Image.Image]) -> dict:
         def agree(obj, concept):
             return sum(obj[a] == concept[a] for a in ATTRIBUTES)
 
-        pair = max(itertools.permutations(objs), key=lambda p: agree(p[0], mascot) + agree(p[1], badge))
+        pair = match_two(objs, (mascot, badge))
         both += int(agree(pair[0], mascot) == len(ATTRIBUTES) and agree(pair[1], badge) == len(ATTRIBUTES))
         bleed += int(agree(pair[0], badge) > 0 or agree(pair[1], mascot) > 0)
     n = len(images)

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
 from conditioner import TagTable
 from unet_patch import TagDiffusionPipeline, is_installed, table_for_unet
 from unet_patch.cli import main as generate_main
-from unet_patch.pipeline import rescale_guidance
+from unet_patch.pipeline import rescale_noise_cfg
 
 
 def _tiny_vae():
@@ -64,11 +64,11 @@ def test_prompt_changes_the_image_and_anchors_reencode_each_step():
 def test_guidance_rescale():
     torch.manual_seed(0)
     guided, conditional = torch.randn(2, 3, 8, 8) * 3, torch.randn(2, 3, 8, 8)
-    full = rescale_guidance(guided, conditional, 1.0)
+    full = rescale_noise_cfg(guided, conditional, 1.0)
     assert torch.allclose(full.std(dim=(1, 2, 3)), conditional.std(dim=(1, 2, 3)), rtol=1e-5)
     assert torch.allclose(full / guided, (full / guided).flatten(1)[:, :1, None, None].expand_as(full))
-    assert torch.equal(rescale_guidance(guided, conditional, 0.0), guided)
-    half = rescale_guidance(guided, conditional, 0.5)
+    assert torch.equal(rescale_noise_cfg(guided, conditional, 0.0), guided)
+    half = rescale_noise_cfg(guided, conditional, 0.5)
     assert torch.allclose(half, 0.5 * full + 0.5 * guided)
 
     pipe = _pipe(False)
@@ -80,6 +80,8 @@ def test_guidance_rescale():
 
     assert np.array_equal(run(), run(guidance_rescale=0.0))
     assert not np.array_equal(run(), run(guidance_rescale=0.7))
+    with pytest.raises(ValueError, match="guidance_rescale must be between 0 and 1"):
+        run(guidance_rescale=1.5)
 
 
 def test_callback_and_latent_output():

@@ -33,29 +33,10 @@ def loss_plot(steps: list[int], losses: list[float], path: str, title: str = "tr
         image.save(path)
         return
     xs, ys = [p[0] for p in pts], [math.log10(p[1]) for p in pts]
-    x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
-    if y1 - y0 < 1e-6:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    pad = (y1 - y0) * 0.05
-    y0, y1 = y0 - pad, y1 + pad
-
-    def to_px(x, y):
-        px = left + (x - x0) / max(1e-9, x1 - x0) * (width - left - right)
-        py = top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)
-        return px, py
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):  # y ticks (log scale, labelled in loss units)
-        y = y0 + (y1 - y0) * i / 4
-        _, py = to_px(x0, y)
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.text((4, py - 6), f"{10 ** y:.3g}", fill="black", font=font)
-    for i in range(5):  # x ticks
-        x = x0 + (x1 - x0) * i / 4
-        px, _ = to_px(x, y0)
-        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-        draw.text((px - 10, height - bottom + 8), f"{int(round(x))}", fill="black", font=font)
+    pad = max(y1 - y0, 1e-6) * 0.05
+    to_px = _frame(draw, (left, top, width - right, height - bottom), (min(xs), max(xs)), (y0 - pad, y1 + pad),
+                   y_label=lambda y: f"{10 ** y:.3g}")
     draw.text((width // 2 - 10, height - 14), "step", fill="black", font=font)
     draw.line([to_px(x, y) for x, y in zip(xs, ys)], fill=(200, 200, 200), width=1)
     smooth, acc = [], ys[0]
@@ -64,6 +45,40 @@ def loss_plot(steps: list[int], losses: list[float], path: str, title: str = "tr
         smooth.append(acc)
     draw.line([to_px(x, y) for x, y in zip(xs, smooth)], fill=(31, 119, 180), width=2)
     image.save(path)
+
+
+def _frame(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], x_range: tuple[float, float],
+           y_range: tuple[float, float], y_label=lambda y: f"{y:.3g}", x_ticks: list[float] | None = None,
+           grid: bool = False):
+    """Draw the plot box with 5 labelled y ticks (and grid lines) and x ticks (5 evenly spaced unless given).
+
+    Returns the data → pixel mapping.
+    """
+    font = _font()
+    left, top, right, bottom = box
+    (x0, x1), (y0, y1) = x_range, y_range
+    if x1 - x0 < 1e-9:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 - y0 < 1e-9:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+
+    def to_px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (right - left), top + (1 - (y - y0) / (y1 - y0)) * (bottom - top))
+
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        _, py = to_px(x0, y)
+        draw.line([left - 4, py, left, py], fill="black")
+        if grid and 0 < i < 4:
+            draw.line([left + 1, py, right - 1, py], fill=(230, 230, 230))
+        draw.text((4, py - 6), y_label(y), fill="black", font=font)
+    for x in x_ticks if x_ticks is not None else [x0 + (x1 - x0) * i / 4 for i in range(5)]:
+        px, _ = to_px(x, y0)
+        draw.line([px, bottom, px, bottom + 4], fill="black")
+        draw.text((px - 10, bottom + 8), f"{x:g}" if x_ticks is not None else f"{int(round(x))}", fill="black",
+                  font=font)
+    return to_px
 
 
 def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str],
@@ -127,31 +142,10 @@ def curves_plot(series: dict[str, tuple[list[float], list[float]]], path: str, t
         draw.text((left, height // 2), "no points", fill="black", font=font)
         image.save(path)
         return
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = y_range if y_range else (min(p[1] for p in points), max(p[1] for p in points))
-    if x1 - x0 < 1e-9:
-        x0, x1 = x0 - 1, x1 + 1
-    if y1 - y0 < 1e-9:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-
-    def to_px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        _, py = to_px(x0, y)
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.line([left, py, width - right, py], fill=(230, 230, 230))
-        draw.text((4, py - 6), f"{y:.3g}", fill="black", font=font)
-    xticks = sorted({x for x, _ in points})
-    if len(xticks) > 8:
-        xticks = [x0 + (x1 - x0) * i / 4 for i in range(5)]
-    for x in xticks:
-        px, _ = to_px(x, y0)
-        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-        draw.text((px - 8, height - bottom + 8), f"{x:g}", fill="black", font=font)
+    y_range = y_range or (min(p[1] for p in points), max(p[1] for p in points))
+    xs_all = sorted({x for x, _ in points})
+    to_px = _frame(draw, (left, top, width - right, height - bottom), (xs_all[0], xs_all[-1]), y_range,
+                   x_ticks=xs_all if len(xs_all) <= 8 else None, grid=True)
     draw.text((width // 2 - 40, height - 14), xlabel, fill="black", font=font)
     draw.text((4, top - 18), ylabel, fill="black", font=font)
     for k, (label, (xs, ys)) in enumerate(series.items()):

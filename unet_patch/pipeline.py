@@ -10,6 +10,7 @@ from collections.abc import Callable
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -19,13 +20,6 @@ from conditioner.table import TagTable
 from unet_patch.patch import patched
 
 TABLE_FILE = os.path.join("table", "table.safetensors")
-
-
-def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blend the guided prediction with a copy rescaled to the conditional prediction's per-sample std."""
-    dims = list(range(1, guided.ndim))
-    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12))
-    return factor * rescaled + (1 - factor) * guided
 
 
 class TagDiffusionPipeline(DiffusionPipeline):
@@ -119,6 +113,8 @@ class TagDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
         batch = len(prompts)
@@ -158,7 +154,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
                     uncond, text = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
                     if guidance_rescale > 0:
-                        noise_pred = rescale_guidance(noise_pred, text, guidance_rescale)
+                        noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     result = callback_on_step_end(self, i, t, {"latents": latents})
