@@ -19,9 +19,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from conditioner.parse import Tag, parse_prompt
-from conditioner.table import PAD, SINK, TagTable
+from conditioner.table import TagTable
 
 SINK_ID, PAD_ID = -1, -2
 
@@ -51,6 +52,28 @@ class TokenBatch:
         return bool(self.masked.any()) or bool((self.weights != 1).any())
 
 
+@dataclass
+class Rows:
+    """The row set :func:`pack` reads: a subset of the table's tag rows, plus its special rows.
+
+    Attributes:
+        ids (`torch.LongTensor`): ``(K,)`` sorted unique table rows; must include every row of the tokens packed.
+        data (`torch.Tensor`): ``(K, A, W)`` their data (the trainer passes a differentiable copy).
+        special (`torch.Tensor`): ``(S, A, W)`` sink (row 0) and padding rows (row ``i`` pads position ``i``; the
+            last one pads every later position).
+    """
+
+    ids: torch.Tensor
+    data: torch.Tensor
+    special: torch.Tensor
+
+    @classmethod
+    def from_table(cls, table: TagTable, ids: torch.Tensor) -> Rows:
+        """The table's own data for rows ``ids`` (sorted, unique)."""
+        ids = ids.to(table.data.device)
+        return cls(ids=ids, data=table.data.index_select(0, ids), special=table.special)
+
+
 def tokenize(
     table: TagTable,
     prompts: list[str] | list[list[Tag]] | str,
@@ -77,43 +100,39 @@ def tokenize(
         raise ValueError("no prompts given: pass at least one prompt ('' is the null prompt)")
     if pad_to == "table":
         pad_to = table.pad_to
+    index = table._index
     parsed: list[list[Tag]] = []
     unknown: list[str] = []
     for prompt in prompts:
         tags = parse_prompt(prompt, table.normalization) if isinstance(prompt, str) else list(prompt)
-        kept = []
-        for tag in tags:
-            if tag.name in table._index:
-                kept.append(tag)
-            elif tag.name not in unknown:
-                unknown.append(tag.name)
+        kept = [tag for tag in tags if tag.name in index]
+        if len(kept) != len(tags):
+            unknown.extend(t.name for t in tags if t.name not in index and t.name not in unknown)
         parsed.append(kept)
     if unknown:
         message = table.unknown_message(unknown)
         if not lenient:
             raise ValueError(message + " (pass lenient=True / --lenient to skip unknown tags)")
         warnings.warn("skipping " + message, stacklevel=2)
-    lead = 1 if table.use_sink else 0
-    lengths = [lead + len(tags) for tags in parsed]
+    lead = [SINK_ID] if table.use_sink else []
+    lengths = [len(lead) + len(tags) for tags in parsed]
     n = max(max(lengths), 1)
     if pad_to is not None:
         n = max(n, int(pad_to))
-    batch = len(parsed)
-    ids = torch.full((batch, n), PAD_ID, dtype=torch.long)
-    weights = torch.ones(batch, n)
-    masked = torch.zeros(batch, n, dtype=torch.bool)
-    split = False
-    for b, tags in enumerate(parsed):
-        if lead:
-            ids[b, 0] = SINK_ID
-        for i, tag in enumerate(tags):
-            ids[b, lead + i] = table._index[tag.name]
-            weights[b, lead + i] = tag.weight
-            split = split or tag.name in table.values
-        if pad_to is None:
-            # dynamic length: padding is masked out, except that a sequence never ends up with nothing to attend to
-            start = max(lengths[b], 1)
-            masked[b, start:] = True
+    # build plain lists, then one tensor each (no per-element tensor writes)
+    id_lists, weight_lists, splits = [], [], table.values
+    for tags, length in zip(parsed, lengths):
+        id_lists.append(lead + [index[tag.name] for tag in tags] + [PAD_ID] * (n - length))
+        weight_lists.append([1.0] * len(lead) + [tag.weight for tag in tags] + [1.0] * (n - length))
+    ids = torch.tensor(id_lists, dtype=torch.long)  # (B, N)
+    weights = torch.tensor(weight_lists)  # (B, N)
+    if pad_to is None:
+        # dynamic length: padding is masked out, except that a sequence never ends up with nothing to attend to
+        starts = torch.tensor([max(length, 1) for length in lengths])
+        masked = torch.arange(n)[None, :] >= starts[:, None]
+    else:
+        masked = torch.zeros(len(parsed), n, dtype=torch.bool)
+    split = bool(splits) and any(tag.name in splits for tags in parsed for tag in tags)
     rows = torch.unique(ids[ids >= 0])
     return TokenBatch(ids=ids, weights=weights, masked=masked, rows=rows, split=split, tags=parsed)
 
@@ -131,41 +150,45 @@ def anchor_weights(anchors: list[float], timesteps: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _interp(rows: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """``rows (..., A, W)`` with per-item weights ``w (..., A)`` → ``(..., W)``."""
-    if w is None:
-        return rows[..., 0, :]
-    return (rows * w.to(rows.dtype)[..., None]).sum(-2)
+def source_index(tokens: TokenBatch, row_ids: torch.Tensor, num_special: int) -> torch.Tensor:
+    """``(B, N)`` index of every position into ``cat([special, rows.data])``.
+
+    The sink reads special row 0; padding at position ``i`` reads special row ``min(i, S - 1)`` (at least 1), so a
+    table with one padding row pads every position alike and a table holding a base model's whole null sequence
+    reproduces it position by position; tag positions read row ``S + k`` for their place ``k`` in ``row_ids``.
+    """
+    ids = tokens.ids.to(row_ids.device)
+    positions = torch.arange(ids.shape[1], device=ids.device).clamp(1, num_special - 1).expand_as(ids)
+    index = torch.where(ids == SINK_ID, 0, positions)
+    tag = ids >= 0
+    if tag.any():
+        index = index.masked_scatter(tag, num_special + torch.searchsorted(row_ids, ids[tag]))
+    return index
 
 
 def pack(
     table: TagTable,
     tokens: TokenBatch,
     timesteps: torch.Tensor | float | None = None,
-    rows: torch.Tensor | None = None,
-    value_rows: torch.Tensor | None = None,
-    special: torch.Tensor | None = None,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
-    """Gather and interpolate a :class:`TokenBatch` into the packed tensor.
+    """Gather and interpolate a :class:`TokenBatch` into the packed tensor, in one gather.
 
     Args:
-        table (`TagTable`): the table the tokens came from.
+        table (`TagTable`): the table the tokens came from (layout, value sources of split tags).
         tokens (`TokenBatch`): from :func:`tokenize`.
         timesteps (`torch.Tensor | float`, *optional*): one timestep per sample (or one for all); required when the
             table has more than one anchor.
-        rows (`torch.Tensor`, *optional*): ``(K, A, W)`` data for ``tokens.rows`` to use instead of the table's
-            (the trainer passes its differentiable copy of the touched rows).
-        value_rows (`torch.Tensor`, *optional*): ``(K, A, W)`` value sources for ``tokens.rows`` when split.
-        special (`torch.Tensor`, *optional*): ``(2, A, W)`` sink and padding rows to use instead of the table's.
+        rows (`Rows`, *optional*): the rows to read; defaults to the table's own rows for ``tokens.rows``. The
+            trainer passes its differentiable copies (``Rows(ids, data, special)``); ``ids`` may be a superset.
 
     Returns:
-        `torch.Tensor`: ``(B, N, width [+ width] [+ 1])`` on the table's device and dtype (or ``rows``').
+        `torch.Tensor`: ``(B, N, width [+ width] [+ 1])`` on the rows' device and dtype.
     """
     batch, n = tokens.ids.shape
-    source = table.data if rows is None else rows
-    device, dtype = source.device, source.dtype
     if rows is None:
-        rows = table.data.index_select(0, tokens.rows.to(table.data.device))
+        rows = Rows.from_table(table, tokens.rows)
+    device, dtype = rows.data.device, rows.data.dtype
     if table.num_anchors > 1:
         if timesteps is None:
             raise ValueError(f"this table has {table.num_anchors} timestep anchors: pass the timesteps to encode")
@@ -174,33 +197,24 @@ def pack(
             t = t.expand(batch)
         if t.numel() != batch:
             raise ValueError(f"got {t.numel()} timesteps for a batch of {batch}")
-        w = anchor_weights(table.anchors, t).to(device)  # (B, A)
+        w = anchor_weights(table.anchors, t).to(device, dtype)  # (B, A)
     else:
         w = None
+    special = rows.special.to(device=device, dtype=dtype)
+    index = source_index(tokens, rows.ids, special.shape[0])  # (B, N)
 
-    ids = tokens.ids.to(device)
-    is_tag = ids >= 0
-    b_idx, n_idx = is_tag.nonzero(as_tuple=True)
-    local = torch.searchsorted(tokens.rows.to(device), ids[b_idx, n_idx])  # index into rows
-    special = (table.special if special is None else special).to(device=device, dtype=dtype)
+    def gather(data: torch.Tensor) -> torch.Tensor:
+        source = torch.cat([special, data], 0)  # (S + K, A, W)
+        if w is None:
+            return F.embedding(index, source[:, 0])  # (B, N, W)
+        return torch.einsum("bnaw,ba->bnw", source[index], w)  # (B, N, W)
 
-    def assemble(tag_rows: torch.Tensor) -> torch.Tensor:
-        tag_vals = _interp(tag_rows[local], None if w is None else w[b_idx])  # (T, W)
-        spec = _interp(special[None].expand(batch, -1, -1, -1), None if w is None else w[:, None, :])  # (B, 2, W)
-        out = spec[:, PAD, None, :].expand(batch, n, -1)  # (B, N, W)
-        if table.use_sink:
-            sink = (ids == SINK_ID)[..., None]
-            out = torch.where(sink, spec[:, SINK, None, :], out)
-        return out.index_put((b_idx, n_idx), tag_vals)
-
-    parts = [assemble(rows)]
+    parts = [gather(rows.data)]
     if tokens.split:
-        if value_rows is None:
-            names = [table.tags[r] for r in tokens.rows.tolist()]
-            value_rows = torch.stack(
-                [table.values[nm].to(device, dtype) if nm in table.values else rows[i] for i, nm in enumerate(names)]
-            )
-        parts.append(assemble(value_rows))
+        names = [table.tags[r] for r in rows.ids.tolist()]
+        values = [table.values[nm].to(device, dtype) if nm in table.values else rows.data[k]
+                  for k, nm in enumerate(names)]
+        parts.append(gather(torch.stack(values) if values else rows.data))
     if tokens.needs_bias:
         bias = tokens.weights.to(device=device, dtype=torch.float32).log()
         bias = bias.masked_fill(tokens.masked.to(device), -math.inf)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conditioner.encode import anchor_weights, pack, tokenize
+from conditioner.encode import Rows, anchor_weights, pack, tokenize
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.table import TagTable
 from train import checkpoint as ckpt
@@ -342,8 +342,8 @@ class Trainer:
         else:
             target = noise
         tokens = tokenize(self.table, [p.tags for p in plans])
-        tokens.rows = all_rows  # rows of the whole global batch: the same row order on every rank
-        cond = pack(self.table, tokens, t.float(), rows=rows_param, special=special_param)
+        rows = Rows(ids=all_rows, data=rows_param, special=special_param)  # the whole global batch's rows
+        cond = pack(self.table, tokens, t.float(), rows=rows)
         with self.acc.autocast():
             pred = self.model(noisy, t, encoder_hidden_states=cond).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)

@@ -15,7 +15,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from conditioner.encode import pack, tokenize
+from conditioner.encode import Rows, pack, tokenize
 from conditioner.table import TagTable
 from unet_patch.patch import patched
 
@@ -131,10 +131,10 @@ class TagDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be multiples of {scale}, got {height}×{width}")
 
         tokens = tokenize(table, (negatives + prompts) if do_cfg else prompts, lenient=lenient)
-        tag_rows = table.data.index_select(0, tokens.rows.to(table.data.device))  # gathered once per call
+        rows = Rows.from_table(table, tokens.rows)  # gathered once per call
 
         def conditioning(t) -> torch.Tensor:
-            return pack(table, tokens, t, rows=tag_rows).to(device=device, dtype=dtype)
+            return pack(table, tokens, t, rows=rows).to(device=device, dtype=dtype)
 
         static = conditioning(0.0) if table.num_anchors == 1 else None  # re-encode only with timestep anchors
 
