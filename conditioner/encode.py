@@ -222,6 +222,31 @@ def pack(
     return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
 
+def encode_pooled(table: TagTable, prompts: list[str] | str, lenient: bool = False) -> torch.Tensor:
+    """The pooled vector of each prompt (SDXL's ``text_embeds``): the weighted mean of its tags' pooled vectors.
+
+    A prompt's tags combine by their weights (``(tag:1.5)`` counts 1.5×); a prompt without tags (``""``) gets the
+    table's null pooled vector, exactly what the base model's pipeline computed for ``""`` at bootstrap.
+
+    Args:
+        table (`TagTable`): a table with pooled vectors (SDXL family).
+        prompts (`list[str] | str`): tag prompts.
+        lenient (`bool`, defaults to `False`): skip unknown tags with a warning instead of raising.
+
+    Returns:
+        `torch.Tensor`: ``(B, P)``; pass it as ``pooled_prompt_embeds`` / ``added_cond_kwargs["text_embeds"]``.
+    """
+    if table.pooled is None:
+        raise ValueError("this table has no pooled vectors: only SDXL-family tables (bootstrapped from an SDXL "
+                         "model or built for an SDXL UNet) carry them")
+    tokens = tokenize(table, prompts, lenient=lenient, pad_to=None)
+    weights = torch.where(tokens.ids >= 0, tokens.weights, 0.0).to(table.pooled)  # (B, N)
+    index = tokens.ids.clamp(min=0).to(table.pooled.device)
+    summed = torch.einsum("bn,bnp->bp", weights, table.pooled[index])  # (B, P)
+    total = weights.sum(1, keepdim=True)  # (B, 1)
+    return torch.where(total > 0, summed / total.clamp(min=1e-12), table.null_pooled.expand_as(summed))
+
+
 def encode(
     table: TagTable,
     prompts: list[str] | str,

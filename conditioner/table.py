@@ -7,8 +7,13 @@ Data layout (``R`` tags, ``A`` timestep anchors, ``W`` packed width):
   Key/value mode: one group per layer; layer ``l`` owns ``K = [o_l, o_l + I_l)`` and ``V = [o_l + I_l, o_l + 2 I_l)``.
 - ``values``   ``{tag: (A, W)}``: the separate value source of *split* tags (vector mode only), e.g. a swap result
   whose attention keys come from one concept and values from another. Tags not in ``values`` are tied.
-- ``special``  ``(2, A, W)``: the attention-sink row (index 0) and the padding row (index 1). The null
-  (unconditional) prompt is the sink followed by padding.
+- ``special``  ``(S, A, W)``, ``S >= 2``: the attention-sink row (index 0) and padding rows: padding at sequence
+  position ``i`` reads row ``min(i, S - 1)``. Tables trained from scratch have one padding row (``S = 2``); a table
+  bootstrapped from a pretrained model's text encoder holds that model's whole null sequence (``S = 77``: the
+  encoding of ``""`` position by position), so the null prompt is exactly what the base model saw.
+- ``pooled``   ``(R, P)`` and ``null_pooled`` ``(P,)``, SDXL-family tables only: each tag's pooled vector (the
+  second text encoder's projected output) and the null prompt's. A prompt's pooled vector is the weight-weighted
+  mean of its tags' (see ``conditioner.encode.encode_pooled``).
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ import difflib
 import fnmatch
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
 from conditioner.parse import TagNormalization
 
@@ -108,7 +113,11 @@ class TagTable:
         tags (`list[str]`): tag names, row order.
         data (`torch.Tensor`): ``(R, A, W)`` tag rows.
         values (`dict[str, torch.Tensor]`): separate value sources of split tags, each ``(A, W)``.
-        special (`torch.Tensor`): ``(2, A, W)`` sink and padding rows.
+        special (`torch.Tensor`): ``(S, A, W)`` sink row and ``S - 1`` padding rows (position-dependent).
+        pooled (`torch.Tensor`, *optional*): ``(R, P)`` per-tag pooled vectors (SDXL).
+        null_pooled (`torch.Tensor`, *optional*): ``(P,)`` the null prompt's pooled vector (SDXL).
+        negative_zeros (`bool`): the base model's pipeline uses zeros, not the null encoding, for an empty negative
+            prompt (SDXL's ``force_zeros_for_empty_prompt``); condvec's pipeline does the same.
         use_sink (`bool`): whether sequences start with the sink row.
         pad_to (`int`, *optional*): fixed sequence length (77 for pretrained SD UNets); `None` = dynamic length
             with padding masked out.
@@ -134,6 +143,9 @@ class TagTable:
     counts: dict[str, int] = field(default_factory=dict)
     provenance: list[dict] = field(default_factory=list)
     group_kind: str = "layers"
+    pooled: torch.Tensor | None = None
+    null_pooled: torch.Tensor | None = None
+    negative_zeros: bool = False
 
     def __post_init__(self):
         self._index = {name: i for i, name in enumerate(self.tags)}
@@ -144,8 +156,15 @@ class TagTable:
         expected = (len(self.tags), len(self.anchors), self.width)
         if tuple(self.data.shape) != expected:
             raise ValueError(f"table data has shape {tuple(self.data.shape)}, layout needs {expected}")
-        if tuple(self.special.shape) != (2, len(self.anchors), self.width):
-            raise ValueError(f"special rows have shape {tuple(self.special.shape)}, expected (2, A, {self.width})")
+        if self.special.dim() != 3 or self.special.shape[0] < 2 or tuple(self.special.shape[1:]) != expected[1:]:
+            raise ValueError(f"special rows have shape {tuple(self.special.shape)}, expected (S >= 2, "
+                             f"{expected[1]}, {expected[2]})")
+        if (self.pooled is None) != (self.null_pooled is None):
+            raise ValueError("pooled vectors need both per-tag rows and the null prompt's")
+        if self.pooled is not None and (self.pooled.dim() != 2 or self.pooled.shape[0] != len(self.tags)
+                                        or tuple(self.null_pooled.shape) != (self.pooled.shape[1],)):
+            raise ValueError(f"pooled vectors have shape {tuple(self.pooled.shape)} (null "
+                             f"{tuple(self.null_pooled.shape)}), expected ({len(self.tags)}, P) and (P,)")
         if self.values and self.mode != "vector":
             raise ValueError("split (key ≠ value) tags exist only in vector mode; a kv row holds its own K and V")
 
@@ -284,7 +303,8 @@ class TagTable:
         Args:
             names (`list[str]`): tag names (normalised here); existing names raise ``ValueError``.
             init (`str`, defaults to `"zeros"`): ``"zeros"``, ``"normal"`` (std ``std``), ``"mean"`` (mean of the
-                existing rows plus noise of std ``std``), or ``"tag:NAME"`` (a copy of tag NAME).
+                existing rows plus noise of std ``std``), ``"mean:A,B,…"`` (mean of the named tags' rows, no noise),
+                or ``"tag:NAME"`` (a copy of tag NAME).
             std (`float`, defaults to 0.01): noise std for ``"normal"`` and ``"mean"``.
             seed (`int`, defaults to 0): noise seed.
         """
@@ -305,14 +325,31 @@ class TagTable:
             rows = base.expand(shape).clone() + torch.randn(shape, generator=gen) * std
         elif init.startswith("tag:"):
             rows = self.data[self.row(init[4:])].unsqueeze(0).expand(shape).clone()
+        elif init.startswith("mean:"):
+            chosen = self._init_rows(init)
+            rows = self.data[chosen].double().mean(0).to(self.data.dtype).expand(shape).clone()
         else:
-            raise ValueError(f"init must be 'zeros', 'normal', 'mean' or 'tag:NAME', got {init!r}")
+            raise ValueError(f"init must be 'zeros', 'normal', 'mean', 'mean:A,B,…' or 'tag:NAME', got {init!r}")
         start = len(self.tags)
         self.data = torch.cat([self.data, rows.to(device=self.data.device, dtype=self.data.dtype)], 0)
+        if self.pooled is not None:  # new tags start from the null prompt's pooled vector (or their sources')
+            if init.startswith("tag:"):
+                pooled = self.pooled[self.row(init[4:])]
+            elif init.startswith("mean:"):
+                pooled = self.pooled[self._init_rows(init)].double().mean(0).to(self.pooled.dtype)
+            else:
+                pooled = self.null_pooled
+            self.pooled = torch.cat([self.pooled, pooled.expand(len(names), -1).clone()], 0)
         for n in names:
             self._index[n] = len(self.tags)
             self.tags.append(n)
         return list(range(start, start + len(names)))
+
+    def _init_rows(self, init: str) -> list[int]:
+        names = [n.strip() for n in init[len("mean:"):].split(",") if n.strip()]
+        if not names:
+            raise ValueError(f"init {init!r} names no tags: write mean:TAG_A,TAG_B,…")
+        return [self.row(n) for n in names]
 
     def remove_tags(self, names: list[str]) -> None:
         """Remove tags and all their data (rows, split value sources, counts)."""
@@ -320,6 +357,8 @@ class TagTable:
         keep = [i for i in range(len(self.tags)) if i not in rows]
         removed = [self.tags[i] for i in sorted(rows)]
         self.data = self.data[keep].clone()
+        if self.pooled is not None:
+            self.pooled = self.pooled[keep].clone()
         self.tags = [self.tags[i] for i in keep]
         self._index = {name: i for i, name in enumerate(self.tags)}
         for n in removed:
@@ -364,6 +403,9 @@ class TagTable:
         self.data = self.data.to(device=device, dtype=dtype)
         self.special = self.special.to(device=device, dtype=dtype)
         self.values = {k: v.to(device=device, dtype=dtype) for k, v in self.values.items()}
+        if self.pooled is not None:
+            self.pooled = self.pooled.to(device=device, dtype=dtype)
+            self.null_pooled = self.null_pooled.to(device=device, dtype=dtype)
         return self
 
     def copy(self) -> TagTable:
@@ -376,6 +418,9 @@ class TagTable:
             normalization=TagNormalization.from_dict(self.normalization.to_dict()),
             base_model=json.loads(json.dumps(self.base_model)), counts=dict(self.counts),
             provenance=json.loads(json.dumps(self.provenance)), group_kind=self.group_kind,
+            pooled=None if self.pooled is None else self.pooled.clone(),
+            null_pooled=None if self.null_pooled is None else self.null_pooled.clone(),
+            negative_zeros=self.negative_zeros,
         )
 
     # ----------------------------------------------------------------- compatibility
@@ -421,6 +466,7 @@ class TagTable:
             "base_model": self.base_model,
             "counts": self.counts,
             "provenance": self.provenance,
+            "negative_zeros": self.negative_zeros,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -430,22 +476,12 @@ class TagTable:
         split = sorted(self.values)
         if split:
             tensors["values"] = torch.stack([self.values[n].detach().float().cpu() for n in split]).contiguous()
+        if self.pooled is not None:
+            tensors["pooled"] = self.pooled.detach().float().contiguous().cpu()
+            tensors["null_pooled"] = self.null_pooled.detach().float().contiguous().cpu()
         meta = {METADATA_KEY: json.dumps(self.metadata())}
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise stick to the user's file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> TagTable:
@@ -489,13 +525,16 @@ class TagTable:
                 normalization=TagNormalization.from_dict(meta.get("normalization", {})),
                 base_model=meta.get("base_model", {}), counts={k: int(v) for k, v in meta.get("counts", {}).items()},
                 provenance=meta.get("provenance", []), group_kind=meta.get("group_kind", "layers"),
+                pooled=tensors.get("pooled"), null_pooled=tensors.get("null_pooled"),
+                negative_zeros=bool(meta.get("negative_zeros", False)),
             )
         except KeyError as err:
             raise ValueError(f"{path!r}: table is missing {err}: incomplete or not a condvec table") from None
 
     def __repr__(self) -> str:
         return (f"TagTable({len(self.tags)} tags, mode={self.mode}, groups={len(self.group_names)} "
-                f"({self.group_kind}), anchors={self.num_anchors}, width={self.width}, split={len(self.values)})")
+                f"({self.group_kind}), anchors={self.num_anchors}, width={self.width}, split={len(self.values)}"
+                + (f", pooled={self.pooled.shape[1]}" if self.pooled is not None else "") + ")")
 
 
 def _width(mode: str, layers: list[LayerSpec], num_groups: int) -> int:
