@@ -23,9 +23,9 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from benchmarks.detector import ATTRIBUTES, check_one, detect, match_two
 from conditioner.encode import encode
-from train.demo_data import generate_demo_dataset
+from demo.data import generate_demo_dataset
+from demo.detector import ATTRIBUTES, check_one, detect, match_two
 from unet_patch import TagDiffusionPipeline, patched
 
 CASES = [("red", "circle", "large", "center", "white"), ("blue", "square", "small", "left", "black"),

@@ -4,7 +4,7 @@ One command (not run in CI; about 25 minutes on 2 CPU cores)::
 
     python -m benchmarks.quality --out benchmarks/results
 
-What it measures (every number comes from :mod:`benchmarks.detector` reading generated images):
+What it measures (every number comes from :mod:`demo.detector` reading generated images):
 
 1. detector accuracy on the generator's own ground truth (must be >= 98% before anything else means anything);
 2. concept fidelity: the frozen base learns two new concepts (``mascot`` = large magenta circle on the left,
@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from benchmarks.detector import ATTRIBUTES, check_one, detect, match_two, validate
+from demo.detector import ATTRIBUTES, check_one, detect, match_two, validate
 from train.config import load_config
 from train.loop import Trainer
-from train.plot import curves_plot, labelled_grid
+from train.plot import curves_plot
+from unet_patch.grid import labelled_grid
 
 BASE = "models/tiny-base"
 CONCEPTS = {
@@ -58,7 +59,7 @@ GRID_SCALE = 2
 
 
 def _data(root: str) -> str:
-    from train.demo_data import generate_concept_dataset
+    from demo.data import generate_concept_dataset
 
     path = os.path.join(root, "concepts")
     marker = os.path.join(path, "concepts.json")
@@ -152,9 +153,8 @@ def run_fidelity(out: str, seeds: list[int], steps: int, eval_at: list[int], n: 
 
 
 def _save_grid(rows: list[list[Image.Image]], labels: list[str], path: str, title: str) -> None:
-    scaled = [[im.resize((im.width * GRID_SCALE, im.height * GRID_SCALE), Image.NEAREST) for im in row]
-              for row in rows]
-    labelled_grid(scaled, labels, [f"#{j}" for j in range(len(rows[0]))], title=title).save(path)
+    grid = labelled_grid(rows, labels, [f"#{j}" for j in range(len(rows[0]))], title=title, upscale=GRID_SCALE)
+    grid.save(path)
 
 
 def _two_concepts(images: list[Image.Image]) -> dict:

@@ -3,7 +3,7 @@
 Every image shows one or two flat-coloured objects on a plain background. The attributes are drawn independently,
 so a model has to bind each attribute to the right object; the captions use object-level tags so that binding
 (``red circle`` makes a red circle) and bleeding (``red circle, blue square`` makes a red square) can be measured
-with :mod:`benchmarks.detector`.
+with :mod:`demo.detector`.
 
 Dataset layout (what the trainer reads)::
 
@@ -54,12 +54,11 @@ background, which keeps colours, areas and bounding boxes easy to measure.
 
 Same arguments and seed give byte-identical files. Command line::
 
-    python -m train.demo_data OUT_DIR --num 1000 [--size 32] [--seed 0] [--two-object-prob 0.5]
+    python -m demo.data OUT_DIR --num 1000 [--size 32] [--seed 0] [--two-object-prob 0.5]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -67,6 +66,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from conditioner.cli_errors import OneLineArgumentParser, run_cli
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -401,16 +402,11 @@ def generate_concept_dataset(
     return records
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors as a single ``error: ...`` line and exit status 2, without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(
-        prog="python -m train.demo_data",
+    """Entry point of ``python -m demo.data``; returns 0, or 2 with a one-line error on bad input."""
+    prog = "python -m demo.data"
+    parser = OneLineArgumentParser(
+        prog=prog,
         description="Write deterministic demo images with tag captions (see the module docstring for the tags).",
     )
     parser.add_argument("out_dir", help="output folder")
@@ -418,19 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32, help="image side in pixels: 32 or 64 (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--two-object-prob", type=float, default=0.5, help="chance of two objects (default 0.5)")
-    args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
+        args = parser.parse_args(argv)
         records = generate_demo_dataset(
             args.out_dir, args.num, size=args.size, seed=args.seed, two_object_prob=args.two_object_prob
         )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot write to {args.out_dir}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    print(f"wrote {len(records)} images to {args.out_dir}")
-    return 0
+        print(f"wrote {len(records)} images to {args.out_dir}")
+        return 0
+
+    return run_cli(prog, run)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Classical attribute detector for the demo images of :mod:`train.demo_data` (numpy only, nothing learned).
+"""Classical attribute detector for the demo images of :mod:`demo.data` (numpy only, nothing learned).
 
 It reads an image back into the attributes its caption names, so generated images can be scored tag by tag:
 
@@ -18,12 +18,11 @@ It reads an image back into the attributes its caption names, so generated image
 
 Validation on fresh data::
 
-    python -m benchmarks.detector --num 2000 [--sizes 32 64] [--seed 1]
+    python -m demo.detector --num 2000 [--sizes 32 64] [--seed 1]
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import tempfile
@@ -33,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.demo_data import BACKGROUNDS, COLOURS, IMAGE_SIZES, generate_demo_dataset
+from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
+from demo.data import BACKGROUNDS, COLOURS, IMAGE_SIZES, generate_demo_dataset
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
 _POSITION_ORDER = {"left": 0, "center": 1, "right": 2}
@@ -213,7 +213,7 @@ def accuracy(records: Sequence[dict], images: Sequence[Image.Image | np.ndarray]
 
     Args:
         records (`Sequence[dict]`): ground-truth records (``background`` and ``objects``), e.g. from
-            :func:`train.demo_data.generate_demo_dataset` or the prompt specs a model was asked to draw.
+            :func:`demo.data.generate_demo_dataset` or the prompt specs a model was asked to draw.
         images (`Sequence`): the images, in the same order.
 
     Returns:
@@ -291,33 +291,32 @@ def validate(num_images: int, size: int, seed: int = 1, degraded: bool = False) 
     return accuracy(records, images)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(
-        prog="python -m benchmarks.detector",
-        description="Validate the attribute detector on freshly generated demo images.",
-    )
+    """Entry point of ``python -m demo.detector``; returns 0, or 2 with a one-line error on bad input."""
+    prog = "python -m demo.detector"
+    parser = OneLineArgumentParser(prog=prog,
+                                   description="Validate the attribute detector on freshly generated demo images.")
     parser.add_argument("--num", type=int, default=2000, help="images per size (default 2000)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="image sizes (default 32 64)")
     parser.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
     parser.add_argument("--degraded", action="store_true", help="also score copies with ragged edges and noise")
-    args = parser.parse_args(argv)
-    if args.num < 1:
-        parser.error(f"--num must be >= 1, got {args.num}")
-    if any(size not in IMAGE_SIZES for size in args.sizes):
-        parser.error(f"--sizes must be 32 and/or 64, got {' '.join(map(str, args.sizes))}")
-    keys = ("count", "background", *ATTRIBUTES, "all")
-    print(f"{'size':>4} {'images':>6} {'objects':>7} " + " ".join(f"{k:>10}" for k in keys))
-    for size in args.sizes:
-        for degraded in (False, True) if args.degraded else (False,):
-            result = validate(args.num, size, seed=args.seed, degraded=degraded)
-            print(f"{size:>4} {result['images']:>6} {result['objects']:>7} "
-                  + " ".join(f"{result[k]:>10.4f}" for k in keys) + ("  degraded" if degraded else ""))
-    return 0
+
+    def run() -> int:
+        args = parser.parse_args(argv)
+        if args.num < 1:
+            raise UsageError(f"--num must be >= 1, got {args.num}")
+        if any(size not in IMAGE_SIZES for size in args.sizes):
+            raise UsageError(f"--sizes must be 32 and/or 64, got {' '.join(map(str, args.sizes))}")
+        keys = ("count", "background", *ATTRIBUTES, "all")
+        print(f"{'size':>4} {'images':>6} {'objects':>7} " + " ".join(f"{k:>10}" for k in keys))
+        for size in args.sizes:
+            for degraded in (False, True) if args.degraded else (False,):
+                result = validate(args.num, size, seed=args.seed, degraded=degraded)
+                print(f"{size:>4} {result['images']:>6} {result['objects']:>7} "
+                      + " ".join(f"{result[k]:>10.4f}" for k in keys) + ("  degraded" if degraded else ""))
+        return 0
+
+    return run_cli(prog, run)
 
 
 if __name__ == "__main__":

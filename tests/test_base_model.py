@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.detector import detect
+from demo.detector import detect
 from unet_patch import TagDiffusionPipeline
 
 BASE = Path(__file__).resolve().parents[1] / "models" / "tiny-base"

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.detector import accuracy, degrade, detect
-from train.demo_data import (
+from demo.data import (
     BACKGROUNDS,
     COLOURS,
     generate_concept_dataset,
@@ -17,6 +16,7 @@ from train.demo_data import (
     render,
     tag_vocabulary,
 )
+from demo.detector import accuracy, degrade, detect
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_concept_dataset_captions(tmp_path):
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args):
     proc = subprocess.run(
-        [sys.executable, "-m", "train.demo_data", str(tmp_path / "out"), *args],
+        [sys.executable, "-m", "demo.data", str(tmp_path / "out"), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -138,13 +138,13 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args):
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert len(lines) == 1 and lines[0].startswith("python -m demo.data: error: ")
     assert "Traceback" not in proc.stderr
 
 
 def test_cli_writes_dataset(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "train.demo_data", str(tmp_path), "--num", "4", "--size", "64", "--seed", "3"],
+        [sys.executable, "-m", "demo.data", str(tmp_path), "--num", "4", "--size", "64", "--seed", "3"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.detector import detect
+from demo.detector import detect
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,74 @@
+"""One way for every condvec command line to report bad input: one line on stderr, exit code 2, no traceback.
+
+Every CLI of the project (``condvec-train``, ``condvec-generate``, ``condvec-merge``, ``python -m demo.data``, the
+benchmarks) builds its parser with :class:`OneLineArgumentParser` and runs its body through :func:`run_cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from safetensors import SafetensorError
+
+#: Exceptions that mean "the user's input or files are wrong", reported as one line with exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, SafetensorError)
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments; :func:`run_cli` reports it as one line with exit code 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :class:`UsageError` instead of printing the usage block and exiting.
+
+    The message names the subcommand when there is one (``blend: the following arguments are required: NEW``).
+    Use it as ``parser_class`` of ``add_subparsers`` too, so subcommand errors take the same path.
+    """
+
+    def error(self, message: str):
+        top = self.prog.split(" ")[0]
+        sub = self.prog[len(top):].strip()
+        raise UsageError(f"{sub}: {message}" if sub else message)
+
+
+def error_line(err: BaseException) -> str:
+    """The first line of an exception's message (a ``KeyError``'s key without quotes; the type name when empty)."""
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    message = message.strip()
+    return message.splitlines()[0] if message else type(err).__name__
+
+
+def run_cli(prog: str, fn: Callable[[], int | None], errors: tuple[type[BaseException], ...] = (),
+            interrupted: str = "interrupted") -> int:
+    """Run a command-line body, turning user errors into one line on stderr.
+
+    Args:
+        prog (`str`): the program name written before ``error:`` (e.g. ``"condvec-merge"``).
+        fn (`Callable[[], int | None]`): the body; its return value (``None`` counts as 0) is the exit code.
+        errors (`tuple[type[BaseException], ...]`, defaults to `()`): further exception types to report as user
+            errors, besides ``ValueError``, ``OSError``, ``KeyError`` and ``SafetensorError``.
+        interrupted (`str`, defaults to `"interrupted"`): what to print on Ctrl-C (exit code 130).
+
+    Returns:
+        `int`: the body's exit code; 2 after a user error (``PROG: error: <first line>`` on stderr); 130 after
+        ``KeyboardInterrupt``. Any other exception is a bug and propagates with its traceback.
+
+    Example:
+        ```py
+        >>> def body() -> int:
+        ...     raise ValueError("--num must be >= 1, got 0")
+        >>> run_cli("demo", body)  # prints "demo: error: --num must be >= 1, got 0" on stderr
+        2
+        ```
+    """
+    try:
+        code = fn()
+    except (*USER_ERRORS, *errors) as err:
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    return 0 if code is None else int(code)

@@ -1,0 +1,1 @@
+"""Synthetic demo scenes (coloured shapes with tag captions) and the detector that reads attributes back."""
