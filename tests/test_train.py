@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conditioner import TagTable
+from demo.data import generate_demo_dataset
 from train.config import load_config
-from train.demo_data import generate_demo_dataset
 from train.loop import Trainer
 
 
