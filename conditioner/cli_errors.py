@@ -23,14 +23,25 @@ class UsageError(ValueError):
 class OneLineArgumentParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors raise :class:`UsageError` instead of printing the usage block and exiting.
 
-    The message names the subcommand when there is one (``blend: the following arguments are required: NEW``).
-    Use it as ``parser_class`` of ``add_subparsers`` too, so subcommand errors take the same path.
+    A subcommand's errors name it (``blend: the following arguments are required: NEW``); subcommand parsers made
+    with ``add_subparsers().add_parser`` are of this class too.
     """
 
+    subcommand: str | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _SubcommandsAction)
+
     def error(self, message: str):
-        top = self.prog.split(" ")[0]
-        sub = self.prog[len(top):].strip()
-        raise UsageError(f"{sub}: {message}" if sub else message)
+        raise UsageError(f"{self.subcommand}: {message}" if self.subcommand else message)
+
+
+class _SubcommandsAction(argparse._SubParsersAction):
+    def add_parser(self, name: str, **kwargs):
+        parser = super().add_parser(name, **kwargs)
+        parser.subcommand = name
+        return parser
 
 
 def error_line(err: BaseException) -> str:

@@ -14,22 +14,12 @@ import sys
 
 import torch
 
+from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
 from conditioner.table import TagTable
 from merge.concepts import blend, mix, swap
 from merge.tables import combine, drop, extract, rename
 
 PROG = "condvec-merge"
-
-
-class _UsageError(Exception):
-    """Bad command-line input; reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # argparse would print the usage block first; the contract is one line on stderr
-        sub = self.prog[len(PROG):].strip()
-        raise _UsageError(f"{sub}: {message}" if sub else message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,34 +29,25 @@ def main(argv: list[str] | None = None) -> int:
         argv (`list[str]`, *optional*): the arguments after the program name; `None` reads ``sys.argv[1:]``.
 
     Returns:
-        `int`: 0 on success. Errors print one line ``condvec-merge: error: …`` on stderr and raise
-        ``SystemExit(2)``; nothing is written then.
+        `int`: 0 on success; 2 after an error, printed as one line ``condvec-merge: error: …`` on stderr (nothing
+        is written then).
     """
-    parser = _build_parser()
-    try:
-        args = parser.parse_args(argv)
-        message = args.run(args)
-    except _UsageError as err:
-        _fail(str(err))
-    except KeyError as err:
-        _fail(str(err.args[0]) if err.args else repr(err))
-    except (ValueError, OSError) as err:
-        _fail(str(err))
+    return run_cli(PROG, lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
+    args = _build_parser().parse_args(argv)
+    message = args.run(args)
     if message:
         print(message)
     return 0
 
 
-def _fail(message: str):
-    one_line = " ".join(message.split())
-    print(f"{PROG}: error: {one_line}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 # ----------------------------------------------------------------------------- parser
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Inspect and edit condvec tag tables (.safetensors).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    parser = OneLineArgumentParser(prog=PROG, description="Inspect and edit condvec tag tables (.safetensors).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=OneLineArgumentParser)
 
     p = commands.add_parser("list", help="list tags with training counts, split flag and per-group norms")
     p.add_argument("table", metavar="TABLE")
@@ -143,18 +124,18 @@ def _output_options(p: argparse.ArgumentParser, in_place: bool = True) -> None:
 def _destination(args, source: str | None) -> str:
     in_place = getattr(args, "in_place", False)
     if in_place and args.output:
-        raise _UsageError(f"{args.command}: give either -o OUT or --in-place, not both")
+        raise UsageError(f"{args.command}: give either -o OUT or --in-place, not both")
     if not in_place and not args.output:
-        raise _UsageError(f"{args.command}: say where to write: -o OUT.safetensors, or --in-place to rewrite TABLE")
+        raise UsageError(f"{args.command}: say where to write: -o OUT.safetensors, or --in-place to rewrite TABLE")
     if in_place:
         return source
     if os.path.exists(args.output) and not args.force:
-        raise _UsageError(f"{args.command}: output {args.output!r} already exists; pass --force to overwrite it")
+        raise UsageError(f"{args.command}: output {args.output!r} already exists; pass --force to overwrite it")
     return args.output
 
 
 def _write(table: TagTable, path: str, what: str) -> str:
-    table.save(path)
+    table.save(path)  # atomic and durable: conditioner.fileio.atomic_path
     return f"wrote {path}: {what} ({len(table)} tags)"
 
 
@@ -170,7 +151,7 @@ def _blend(args) -> str:
 
 def _swap(args) -> str:
     if args.rest is not None and args.layers is None:
-        raise _UsageError("swap: --rest says what NEW is outside --layers; without --layers the swap covers every "
+        raise UsageError("swap: --rest says what NEW is outside --layers; without --layers the swap covers every "
                           "group and there is no rest")
     out = _destination(args, args.table)
     table = TagTable.load(args.table)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from safetensors import SafetensorError
+from conditioner.cli_errors import OneLineArgumentParser, run_cli
+from train.config import load_config, to_yaml
+from train.loop import train
 
 PROG = "condvec-train"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(
         prog=PROG, description=__doc__,
         epilog="Overrides use dotted keys, e.g. training.steps=200 data.path=my_data output.resume=latest",
     )
@@ -42,29 +43,17 @@ def _next_steps(cfg, result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``condvec-train``; exits 2 with a one-line error on bad input."""
-    args = _parser().parse_args(argv)
-    from train.config import ConfigError, load_config, to_yaml
+    """Entry point of ``condvec-train``; returns 0, or 2 with a one-line error on stderr on bad input."""
+    return run_cli(PROG, lambda: _run(argv), interrupted="interrupted — continue with output.resume=latest")
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+
+def _run(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    try:
-        from train.loop import train
-
-        result = train(cfg)
-    except (ValueError, OSError, KeyError, SafetensorError) as err:
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        print(f"{PROG}: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted — continue with output.resume=latest", file=sys.stderr)
-        return 130
+    result = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(_next_steps(cfg, result))
     return 0

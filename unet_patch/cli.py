@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
 import sys
 
-from safetensors import SafetensorError
+from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
+from conditioner.fileio import atomic_path
+from unet_patch.grid import image_grid, upscale
+
+PROG = "condvec-generate"
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -18,38 +19,26 @@ SCHEDULERS = {
 }
 
 
-def make_grid(images: list, cols: int | None = None):
-    """Paste PIL images into one grid image (near-square by default)."""
-    from PIL import Image
-
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-def _write(images: list, out: str, upscale: int) -> str:
-    """Save one PNG, or every image plus a grid; returns what was written."""
-    from PIL import Image
-
-    if upscale > 1:
-        images = [im.resize((im.width * upscale, im.height * upscale), Image.NEAREST) for im in images]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+def _write(images: list, out: str, upscale_by: int) -> str:
+    """Save one PNG, or every image plus a grid (each file atomically); returns what was written."""
+    images = [upscale(image, upscale_by) for image in images]
     if len(images) == 1:
-        images[0].save(out)
+        _save(images[0], out)
         return f"wrote {out}"
     stem = out[:-4]
     for i, image in enumerate(images):
-        image.save(f"{stem}-{i}.png")
-    make_grid(images).save(out)
+        _save(image, f"{stem}-{i}.png")
+    _save(image_grid(images), out)
     return f"wrote {len(images)} images {stem}-0.png … {stem}-{len(images) - 1}.png and the grid {out}"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="condvec-generate", description=__doc__)
+def _save(image, path: str) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def _parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--model", required=True, help="diffusers-layout folder with unet/, scheduler/ and optional vae/")
     p.add_argument("--table", help="table .safetensors (default: MODEL/table/table.safetensors)")
     p.add_argument("--prompt", required=True, help='comma-separated tags, e.g. "red circle, (large circle:1.3)"')
@@ -71,38 +60,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``condvec-generate``; returns 0, or exits 2 with a one-line error on bad input."""
+    """Entry point of ``condvec-generate``; returns 0, or 2 with a one-line error on stderr on bad input."""
+    return run_cli(PROG, lambda: _run(argv), errors=(RuntimeError,))
+
+
+def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    prog = "condvec-generate"
-    try:
-        if args.steps < 1 or args.num < 1 or args.upscale < 1:
-            raise ValueError("--steps, --num and --upscale must be >= 1")
-        if not 0.0 <= args.guidance_rescale <= 1.0:
-            raise ValueError(f"--guidance-rescale must be between 0 and 1, got {args.guidance_rescale}")
-        if not args.out.lower().endswith(".png"):
-            raise ValueError(f"--out must be a .png path, got {args.out!r}")
-        import diffusers
-        import torch
+    if args.steps < 1 or args.num < 1 or args.upscale < 1:
+        raise UsageError("--steps, --num and --upscale must be >= 1")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise UsageError(f"--guidance-rescale must be between 0 and 1, got {args.guidance_rescale}")
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out must be a .png path, got {args.out!r}")
+    import diffusers
+    import torch
 
-        from unet_patch.pipeline import TagDiffusionPipeline
+    from unet_patch.pipeline import TagDiffusionPipeline
 
-        pipe = TagDiffusionPipeline.from_pretrained(args.model, table=args.table)
-        if args.scheduler:
-            cls = getattr(diffusers, SCHEDULERS[args.scheduler])
-            pipe.scheduler = cls.from_config(pipe.scheduler.config)
-        pipe.to(args.device)
-        generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        images = pipe(
-            args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-            guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, num_images_per_prompt=args.num,
-            generator=generator, height=args.size, width=args.size, lenient=args.lenient,
-        ).images
-        message = _write(images, args.out, args.upscale)
-    except (ValueError, OSError, KeyError, RuntimeError, SafetensorError) as err:
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        print(f"{prog}: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
-        return 2
-    print(message)
+    pipe = TagDiffusionPipeline.from_pretrained(args.model, table=args.table)
+    if args.scheduler:
+        cls = getattr(diffusers, SCHEDULERS[args.scheduler])
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.to(args.device)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    images = pipe(
+        args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, num_images_per_prompt=args.num,
+        generator=generator, height=args.size, width=args.size, lenient=args.lenient,
+    ).images
+    print(_write(images, args.out, args.upscale))
     return 0
 
 
