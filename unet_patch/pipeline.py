@@ -15,11 +15,16 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from conditioner.encode import Rows, pack, tokenize
+from conditioner.encode import Rows, encode_pooled, pack, tokenize
 from conditioner.table import TagTable
 from unet_patch.patch import patched
 
 TABLE_FILE = os.path.join("table", "table.safetensors")
+
+
+def vae_scale_factor(vae: AutoencoderKL | None) -> int:
+    """How many image pixels one latent pixel covers (1 in pixel space, 8 for SD's VAE)."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 class TagDiffusionPipeline(DiffusionPipeline):
@@ -50,9 +55,12 @@ class TagDiffusionPipeline(DiffusionPipeline):
 
     @property
     def vae_scale_factor(self) -> int:
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the UNet takes SDXL's pooled text embeddings and time ids (``addition_embed_type: text_time``)."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
 
     def _step_kwargs(self, generator, eta: float) -> dict:
         params = set(inspect.signature(self.scheduler.step).parameters)
@@ -62,6 +70,60 @@ class TagDiffusionPipeline(DiffusionPipeline):
         if "eta" in params:
             kwargs["eta"] = eta
         return kwargs
+
+    def _added_cond(self, prompts: list[str], negatives: list[str], zero_negative: bool, do_cfg: bool,
+                    height: int, width: int, original_size, crops_coords_top_left, target_size, lenient: bool):
+        """SDXL's ``added_cond_kwargs``: pooled vectors from the table and time ids from the image geometry."""
+        table = self.table
+        if table.pooled is None:
+            raise ValueError("this UNet is SDXL-family (it needs pooled text embeddings) but the table has no pooled "
+                             "vectors: bootstrap the table from the SDXL model (condvec-bootstrap)")
+        pooled = encode_pooled(table, prompts, lenient=lenient)  # (B, P)
+        time_ids = torch.tensor([list(original_size or (height, width)) + list(crops_coords_top_left)
+                                 + list(target_size or (height, width))], dtype=pooled.dtype)  # (1, 6)
+        time_ids = time_ids.expand(len(prompts), -1)
+        if do_cfg:
+            negative = torch.zeros_like(pooled) if zero_negative else encode_pooled(table, negatives, lenient=lenient)
+            pooled = torch.cat([negative, pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        device, dtype = self.unet.device, self.unet.dtype
+        expected = self.unet.add_embedding.linear_1.in_features - pooled.shape[1]
+        if time_ids.shape[1] * self.unet.config.addition_time_embed_dim != expected:
+            raise ValueError(f"the table's pooled vectors have width {pooled.shape[1]}, which does not fit this "
+                             "UNet's add_embedding: use a table bootstrapped from this model")
+        return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
+
+    def _initial_latents(self, image, strength: float, shape, generator, device, dtype, num_inference_steps: int):
+        """Timesteps to run and the starting latents: pure noise, or (img2img) the image noised to ``strength``."""
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if image is None:
+            return timesteps, noise * self.scheduler.init_noise_sigma
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        # as diffusers' img2img pipelines: skip the first (1 - strength) of the schedule
+        keep = min(int(num_inference_steps * strength), num_inference_steps)
+        start = max(num_inference_steps - keep, 0) * self.scheduler.order
+        timesteps = timesteps[start:]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        scale = self.vae_scale_factor
+        pixels = VaeImageProcessor(vae_scale_factor=scale).preprocess(image, height=shape[2] * scale,
+                                                                      width=shape[3] * scale)
+        pixels = pixels.to(device=device, dtype=dtype)
+        if self.vae is not None:
+            latent_dist = self.vae.encode(pixels).latent_dist
+            init = latent_dist.sample(generator) * self.vae.config.scaling_factor
+        else:
+            init = pixels
+        if shape[0] % init.shape[0]:
+            raise ValueError(f"got {init.shape[0]} start images for {shape[0]} outputs: give one, or one per output")
+        init = init.expand(shape[0], -1, -1, -1) if init.shape[0] == 1 else init.repeat_interleave(
+            shape[0] // init.shape[0], 0)
+        return timesteps, self.scheduler.add_noise(init, noise, timesteps[:1].repeat(shape[0]))
 
     @torch.no_grad()
     def __call__(
@@ -80,13 +142,20 @@ class TagDiffusionPipeline(DiffusionPipeline):
         eta: float = 0.0,
         lenient: bool = False,
         return_dict: bool = True,
+        image=None,
+        strength: float = 0.8,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
     ):
-        """Generate images.
+        """Generate images (text-to-image, or image-to-image with ``image=``).
 
         Args:
             prompt (`str | list[str]`): comma-separated tags per image, e.g. ``"red circle, (large circle:1.3)"``.
-            negative_prompt (`str | list[str]`, *optional*): tags to steer away from; default is the null prompt.
-            num_inference_steps (`int`, defaults to 30): denoising steps.
+            negative_prompt (`str | list[str]`, *optional*): tags to steer away from; default is the null prompt
+                (zeros instead where the base model's pipeline forces zeros for an empty negative prompt, as
+                SDXL's ``force_zeros_for_empty_prompt``; the table records it).
+            num_inference_steps (`int`, defaults to 30): denoising steps (img2img runs ``strength`` of them).
             guidance_scale (`float`, defaults to 5.0): classifier-free guidance; ≤ 1 disables it.
             guidance_rescale (`float`, defaults to 0.0): rescale the guided prediction's standard deviation towards
                 the conditional one (Lin et al., 2023, §3.4; 0.7 is their value): counters over-exposure with large
@@ -101,8 +170,14 @@ class TagDiffusionPipeline(DiffusionPipeline):
             eta (`float`, defaults to 0.0): DDIM's eta (ignored by schedulers without it).
             lenient (`bool`, defaults to `False`): skip unknown tags with a warning instead of raising.
             return_dict (`bool`, defaults to `True`): return an ``ImagePipelineOutput`` rather than a tuple.
+            image (`PIL.Image | torch.Tensor | list`, *optional*): start image(s) for image-to-image.
+            strength (`float`, defaults to 0.8): img2img: how much of the schedule to run (1 = ignore the image).
+            original_size (`tuple[int, int]`, *optional*): SDXL micro-conditioning; defaults to ``(height, width)``.
+            crops_coords_top_left (`tuple[int, int]`, defaults to `(0, 0)`): SDXL micro-conditioning.
+            target_size (`tuple[int, int]`, *optional*): SDXL micro-conditioning; defaults to ``(height, width)``.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        zero_negative = negative_prompt is None and self.table.negative_zeros
         if negative_prompt is None:
             negatives = [""] * len(prompts)
         elif isinstance(negative_prompt, str):
@@ -134,22 +209,26 @@ class TagDiffusionPipeline(DiffusionPipeline):
         rows = Rows.from_table(table, tokens.rows)  # gathered once per call
 
         def conditioning(t) -> torch.Tensor:
-            return pack(table, tokens, t, rows=rows).to(device=device, dtype=dtype)
+            cond = pack(table, tokens, t, rows=rows).to(device=device, dtype=dtype)
+            if do_cfg and zero_negative:
+                cond = torch.cat([torch.zeros_like(cond[:batch]), cond[batch:]])
+            return cond
 
         static = conditioning(0.0) if table.num_anchors == 1 else None  # re-encode only with timestep anchors
+        added = self._added_cond(prompts, negatives, zero_negative, do_cfg, height, width, original_size,
+                                 crops_coords_top_left, target_size, lenient) if self.is_sdxl else None
 
         shape = (batch, unet.config.in_channels, height // scale, width // scale)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        timesteps, latents = self._initial_latents(image, strength, shape, generator, device, dtype,
+                                                   num_inference_steps)
         step_kwargs = self._step_kwargs(generator, eta)
 
         with patched(unet, table):
-            for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            for i, t in enumerate(self.progress_bar(timesteps)):
                 cond = static if static is not None else conditioning(float(t))
                 model_in = torch.cat([latents] * 2) if do_cfg else latents
                 model_in = self.scheduler.scale_model_input(model_in, t)
-                noise_pred = unet(model_in, t, encoder_hidden_states=cond).sample
+                noise_pred = unet(model_in, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
                 if do_cfg:
                     uncond, text = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)

@@ -1,0 +1,62 @@
+"""Tables move between layouts: regroup (vector groupings) and to_kv (through each layer's projections)."""
+
+import pytest
+import torch
+from conftest import make_unet
+
+from conditioner import TagTable, encode, regroup
+from unet_patch import discover, patched, to_kv
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return make_unet()
+
+
+def _table(unet, groups="single"):
+    table = TagTable.create(discover(unet), tags=["red", "blue", "cat"], groups=groups, pad_to=6, init_std=1.0)
+    table.set_value_source("cat", torch.randn(1, table.width))
+    return table
+
+
+def _run(unet, table, prompt="red, cat, (blue:1.4)"):
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with patched(unet, table):
+        return unet(x, 10, encoder_hidden_states=encode(table, [prompt])).sample
+
+
+def test_single_to_layers_to_single_round_trips_exactly(unet):
+    table = _table(unet)
+    layers = regroup(table, "layers")
+    assert len(layers.group_names) == len(table.layers)
+    back = regroup(layers, "single")
+    assert torch.equal(back.data, table.data) and torch.equal(back.special, table.special)
+    assert torch.equal(back.values["cat"], table.values["cat"])
+    assert back.tags == table.tags and back.group_kind == "single"
+
+
+def test_layers_to_blocks_averages_each_blocks_layers(unet):
+    table = _table(unet, "layers")
+    blocks = regroup(table, "blocks")
+    dim = table.dim
+    for g, name in enumerate(blocks.group_names):
+        members = [li for li, layer in enumerate(table.layers) if layer.block == name]
+        expected = torch.stack([table.data[:, :, li * dim:(li + 1) * dim] for li in members]).double().mean(0)
+        torch.testing.assert_close(blocks.data[:, :, g * dim:(g + 1) * dim].double(), expected)
+
+
+def test_regrouped_table_generates_the_same_output(unet):
+    table = _table(unet, "blocks")
+    torch.testing.assert_close(_run(unet, regroup(table, "layers")), _run(unet, table), rtol=0, atol=0)
+
+
+def test_to_kv_generates_the_same_output(unet):
+    table = _table(unet, "blocks")
+    kv = to_kv(table, unet)
+    assert kv.mode == "kv" and kv.tags == table.tags
+    torch.testing.assert_close(_run(unet, kv), _run(unet, table), rtol=1e-5, atol=1e-6)
+
+
+def test_kv_tables_cannot_be_regrouped(unet):
+    with pytest.raises(ValueError, match="key/value-mode"):
+        regroup(TagTable.create(discover(unet), mode="kv"), "single")
