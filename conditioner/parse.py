@@ -26,6 +26,23 @@ _WS = re.compile(r"\s+")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
+def parse_number(text: str) -> float | None:
+    """A plain decimal literal as a float, or `None` when the text is not one.
+
+    Accepted: an optional sign, digits with an optional fraction (or a bare fraction ``.5``), an optional exponent
+    (``1e-3``). Not accepted: ``inf``, ``nan``, ``0x10``, ``1_000``, surrounding whitespace — spellings Python's
+    ``float`` would take but a prompt or weight expression should not. A literal too large for a float gives
+    ``inf``; callers check finiteness.
+
+    Example:
+        ```py
+        >>> parse_number("1.3"), parse_number("-.5e1"), parse_number("nan")
+        (1.3, -5.0, None)
+        ```
+    """
+    return float(text) if _NUMBER.match(text) else None
+
+
 @dataclass(frozen=True)
 class Tag:
     """One tag of a parsed prompt.
@@ -125,11 +142,11 @@ def _parse_piece(chars: list[tuple[str, bool]], raw: str) -> tuple[str, float] |
         name_chars, weight_text = inner[: colons[-1]], _text(inner[colons[-1] + 1 :]).strip()
         if any(c in "()" and not esc for c, esc in name_chars):
             raise ValueError(f"nested parentheses in tag {raw.strip()!r}: nesting is not supported, use '(tag:1.2)'")
-        if not _NUMBER.match(weight_text):
+        weight = parse_number(weight_text)
+        if weight is None:
             raise ValueError(
                 f"malformed weight {weight_text!r} in tag {raw.strip()!r}: expected a number, e.g. '(tag:1.2)'"
             )
-        weight = float(weight_text)
         if not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"weight {weight_text} in tag {raw.strip()!r} must be a finite number > 0")
         name = _text(_strip(name_chars))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import re
 
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+from conditioner.parse import parse_number
+
 # "+" except inside a number's exponent ("1e+3"); "-" only where it cannot be part of a tag name or an exponent
 # (start, after whitespace or after "+")
 _OPERATOR = re.compile(r"\s*((?<!\d[eE])\+|(?<![^\s+])-)\s*")
@@ -61,7 +62,7 @@ def parse_weights(expression: str) -> list[tuple[str, float]]:
 def _term(term: str, expression: str) -> tuple[str, float]:
     parts = [part.strip() for part in term.split("*")]
     if len(parts) == 1:
-        if _NUMBER.match(parts[0]):
+        if parse_number(parts[0]) is not None:
             raise ValueError(f"weight expression {expression!r}: term {term!r} is a number without a tag; "
                              "write WEIGHT*TAG")
         return parts[0], 1.0
@@ -69,14 +70,14 @@ def _term(term: str, expression: str) -> tuple[str, float]:
         raise ValueError(f"weight expression {expression!r}: term {term!r} has more than one '*'; write WEIGHT*TAG "
                          "(to subtract, put spaces around '-': 'a - 0.5*b')")
     left, right = parts
-    if _NUMBER.match(left) and right and not _NUMBER.match(right):
-        number, name = left, right
-    elif _NUMBER.match(right) and left and not _NUMBER.match(left):
-        number, name = right, left
+    left_number, right_number = parse_number(left), parse_number(right)
+    if left_number is not None and right and right_number is None:
+        number, weight, name = left, left_number, right
+    elif right_number is not None and left and left_number is None:
+        number, weight, name = right, right_number, left
     else:
         raise ValueError(f"weight expression {expression!r}: term {term!r} must be WEIGHT*TAG with a finite number "
                          "as WEIGHT and a tag name")
-    weight = float(number)
     if not math.isfinite(weight):
         raise ValueError(f"weight expression {expression!r}: weight {number!r} is not a finite number")
     return name, weight

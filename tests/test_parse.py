@@ -73,3 +73,29 @@ def test_any_string_parses_or_raises_value_error():
 def test_non_string_prompt():
     with pytest.raises(ValueError, match="must be a string"):
         parse_prompt(None)
+
+
+NUMBERS = [("1", 1.0), ("1.3", 1.3), ("-.5e1", -5.0), ("+2.", 2.0), (".25", 0.25), ("1E+2", 100.0),
+           ("nan", None), ("inf", None), ("0x10", None), ("1_000", None), (" 1", None), ("1.2.3", None), ("", None),
+           ("e3", None), ("1e", None), ("-", None)]
+
+
+@pytest.mark.parametrize("text, value", NUMBERS)
+def test_parse_number_accepts_plain_decimal_literals_only(text, value):
+    from conditioner.parse import parse_number
+
+    assert parse_number(text) == value
+
+
+@pytest.mark.parametrize("text, value", [(t, v) for t, v in NUMBERS if t.strip() == t and t and "*" not in t])
+def test_prompt_weights_and_blend_weights_accept_the_same_numbers(text, value):
+    from merge.weights import parse_weights
+
+    if value is not None and value > 0:
+        assert parse_prompt(f"(cat:{text})") == [Tag("cat", value)]
+        assert parse_weights(f"{text}*cat") == [("cat", value)]
+    elif value is None:
+        with pytest.raises(ValueError, match="malformed weight"):
+            parse_prompt(f"(cat:{text})")
+        with pytest.raises(ValueError, match="must be WEIGHT\\*TAG"):
+            parse_weights(f"{text}*cat")
