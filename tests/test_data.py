@@ -11,9 +11,9 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from demo.data import generate_demo_dataset
 from train.cache import LatentCache, PixelCache, vae_identity
 from train.data import Item, assign_buckets, epoch_batches, load_image, scan_dataset
-from train.demo_data import generate_demo_dataset
 
 
 def _image(path: Path, size: tuple[int, int] = (16, 16), colour=(200, 30, 60), mode: str = "RGB", **save) -> Path:
@@ -51,9 +51,10 @@ def test_sidecars_are_found_recursively_in_path_order(tmp_path):
         "red circle, blue square", 20, 10, 1, (0, 0))
 
 
-def test_empty_caption_is_an_unconditional_sample(tmp_path):
+def test_empty_caption_is_skipped_not_trained_as_unconditional(tmp_path):
     _pair(tmp_path, "a.png", "")
-    assert scan_dataset(str(tmp_path))[0].caption == ""
+    _pair(tmp_path, "b.png", "cat")
+    assert [item.caption for item in scan_dataset(str(tmp_path))] == ["cat"]
 
 
 def test_caption_ext_selects_the_sidecar_files(tmp_path):
@@ -96,7 +97,7 @@ def test_jsonl_captions_replace_sidecars(tmp_path):
         assert [(rel, item.caption) for rel, item in zip(_rels(items, tmp_path), items)] == [
             ("a.png", "cat, dog"), ("sub/b.png", "fox")]
     with pytest.raises(ValueError, match="sub/b.png"):  # sidecar mode ignores the jsonl: b.png has no caption
-        scan_dataset(str(tmp_path), metadata="sidecar")
+        scan_dataset(str(tmp_path), metadata="sidecar", on_bad_image="error")
 
 
 GOOD = json.dumps({"file_name": "a.png", "text": "cat"})
@@ -134,8 +135,9 @@ def test_image_missing_from_jsonl_is_reported(tmp_path):
     _image(tmp_path / "a.png")
     _image(tmp_path / "b.png")
     _write_jsonl(tmp_path, [GOOD])
-    with pytest.raises(ValueError, match=r"1 of 2 images .* no caption \(metadata.jsonl\): b.png; add a line"):
-        scan_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match=r"image b.png in .*: not listed in metadata.jsonl; add a line"):
+        scan_dataset(str(tmp_path), on_bad_image="error")
+    assert [Path(item.path).name for item in scan_dataset(str(tmp_path))] == ["a.png"]
 
 
 def test_kohya_folders_give_repeats_innermost_wins(tmp_path):
@@ -179,30 +181,37 @@ def test_no_images_names_the_extensions(tmp_path):
         scan_dataset(str(tmp_path))
 
 
-def test_missing_captions_lists_three_names_and_the_count(tmp_path):
+def test_missing_captions_all_missing_is_one_error_with_the_hint(tmp_path):
     for name in "abcde":
         _pair(tmp_path, f"{name}.png", caption=None)
-    _pair(tmp_path, "f.png")
     with pytest.raises(ValueError) as error:
         scan_dataset(str(tmp_path))
     message = str(error.value)
-    assert "5 of 6 images" in message and "a.png, b.png, c.png and 2 more" in message
-    assert "d.png" not in message and "caption_ext" in message and "metadata.jsonl" in message
+    assert "no usable images" in message
+    assert "all 5 skipped (5 without caption; first a.png: no caption file a.txt)" in message
+    assert "caption_ext" in message and "metadata.jsonl" in message and "\n" not in message
 
 
-def test_caption_that_is_not_utf8_is_an_error(tmp_path):
+def test_missing_caption_in_error_mode_names_the_first_image(tmp_path):
+    for name in "abc":
+        _pair(tmp_path, f"{name}.png", caption=None if name != "a" else "cat")
+    with pytest.raises(ValueError, match=r"^image b.png in .*: no caption file b.txt; write a NAME.txt file"):
+        scan_dataset(str(tmp_path), on_bad_image="error")
+
+
+def test_caption_that_is_not_utf8_is_an_error_in_error_mode(tmp_path):
     _image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"caption file .*a.txt is not UTF-8"):
-        scan_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match=r"image a.png in .*: caption file a.txt is not UTF-8"):
+        scan_dataset(str(tmp_path), on_bad_image="error")
 
 
-def test_corrupt_image_is_named(tmp_path):
+def test_corrupt_image_is_named_in_error_mode(tmp_path):
     _pair(tmp_path, "good.png")
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     (tmp_path / "bad.txt").write_text("cat", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"cannot read image bad.png"):
-        scan_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match=r"image bad.png in .*: unreadable image"):
+        scan_dataset(str(tmp_path), on_bad_image="error")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -210,6 +219,8 @@ def test_corrupt_image_is_named(tmp_path):
     ({"caption_ext": "txt"}, "caption_ext must be a file extension starting with '.'"),
     ({"caption_ext": ".png"}, "is an image extension"),
     ({"default_repeats": 0}, "default_repeats must be an integer >= 1"),
+    ({"on_bad_image": "ignore"}, "on_bad_image must be 'skip' or 'error'"),
+    ({"max_pixels": 0}, "max_pixels must be an integer >= 1"),
 ])
 def test_bad_arguments_are_rejected(tmp_path, kwargs, message):
     _pair(tmp_path, "a.png")

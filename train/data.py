@@ -6,22 +6,35 @@ Dataset layouts (see :func:`scan_dataset`)::
     ROOT/10_mascot/b.png, ROOT/10_mascot/b.txt    kohya repeat folder: its images count 10 times per epoch
     ROOT/metadata.jsonl                           {"file_name": "a.png", "text": "tag1, tag2"} per line
 
-A caption is comma-separated tags, parsed later by :func:`conditioner.parse.parse_prompt`; an empty caption is an
-unconditional sample.
+A caption is comma-separated tags, parsed by :func:`conditioner.parse.parse_prompt`.
+
+Bad data never stops a run with a traceback: an image that cannot be used (unreadable, truncated, too large, no
+caption, an empty, non-UTF-8 or unparsable caption, a caption of only commas, a tag longer than
+:data:`MAX_TAG_CHARS`, more than :data:`MAX_TAGS` tags) is skipped with one warning line naming the file and the
+reason, and a count at the end (``on_bad_image="skip"``, the default), or is a one-line ``ValueError``
+(``on_bad_image="error"``). A dataset left without any usable image is always an error. Images are checked at scan
+time from their headers (PNG chunk checksums, JPEG decoded at 1/8 scale), so later stages never see a bad file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from conditioner.parse import parse_prompt
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -32,6 +45,21 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 _JSONL_EXAMPLE = '{"file_name": "a.png", "text": "tag1, tag2"}'
 _MAX_LISTED = 3
+
+#: What :func:`scan_dataset` does with an image it cannot use.
+ON_BAD_IMAGE = ("skip", "error")
+#: Largest image accepted, in pixels (8192 x 8192); a larger header is refused before any pixel is decoded, so a
+#: decompression bomb (a small file claiming a huge size) never allocates its pixels.
+MAX_IMAGE_PIXELS = 8192 * 8192
+#: Largest caption file read, in bytes.
+MAX_CAPTION_BYTES = 1 << 20
+#: Longest tag accepted, in characters; a longer "tag" is almost always a sentence caption without commas.
+MAX_TAG_CHARS = 1000
+#: Most tags accepted in one caption: every tag is one token of the cross-attention sequence.
+MAX_TAGS = 1000
+# Skip categories, in the order the end-of-scan count lists them.
+_UNREADABLE, _TOO_LARGE, _NO_CAPTION, _BAD_CAPTION = "unreadable", "too large", "without caption", "with a bad caption"
+_CATEGORIES = (_UNREADABLE, _TOO_LARGE, _NO_CAPTION, _BAD_CAPTION)
 
 
 @dataclass
@@ -77,6 +105,19 @@ def _find_images(root: Path) -> list[str]:
     return sorted(found)
 
 
+class _BadImage(Exception):
+    """An image that cannot be used: ``category`` (one of ``_CATEGORIES``) and a one-line ``reason``."""
+
+    def __init__(self, category: str, reason: str):
+        super().__init__(reason)
+        self.category, self.reason = category, reason
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")
@@ -88,15 +129,42 @@ def _read_text(path: Path, what: str) -> str:
         raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def _sidecar_captions(root: Path, images: list[str], caption_ext: str) -> tuple[dict[str, str], list[str]]:
-    captions, missing = {}, []
-    for rel in images:
-        sidecar = (root / rel).with_suffix(caption_ext)
-        if sidecar.is_file():
-            captions[rel] = _read_text(sidecar, "caption file").strip()
-        else:
-            missing.append(rel)
-    return captions, missing
+def _sidecar_caption(path: Path) -> str:
+    """The text of a sidecar caption file; raises :class:`_BadImage` when it is missing or unreadable."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = None
+    if size is None or not path.is_file():
+        raise _BadImage(_NO_CAPTION, f"no caption file {path.name}")
+    if size > MAX_CAPTION_BYTES:
+        raise _BadImage(_BAD_CAPTION, f"caption file {path.name} is {size} bytes, over the limit of "
+                                      f"{MAX_CAPTION_BYTES}")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _BadImage(_BAD_CAPTION, f"caption file {path.name} is not UTF-8 text (bad byte at offset {e.start}); "
+                                      "re-save it as UTF-8") from None
+    except OSError as e:
+        raise _BadImage(_BAD_CAPTION, f"cannot read caption file {path.name}: {e.strerror or e}") from None
+
+
+def _check_caption(caption: str) -> None:
+    """Raise :class:`_BadImage` for a caption that would train nothing or cannot be parsed."""
+    if not caption:
+        raise _BadImage(_BAD_CAPTION, "empty caption")
+    try:
+        tags = parse_prompt(caption)
+    except ValueError as e:
+        raise _BadImage(_BAD_CAPTION, f"caption does not parse: {_first_line(e)}") from None
+    if not tags:
+        raise _BadImage(_BAD_CAPTION, "caption has no tags (only commas and spaces)")
+    if len(tags) > MAX_TAGS:
+        raise _BadImage(_BAD_CAPTION, f"caption has {len(tags)} tags, over the limit of {MAX_TAGS}")
+    longest = max(tags, key=lambda tag: len(tag.name))
+    if len(longest.name) > MAX_TAG_CHARS:
+        raise _BadImage(_BAD_CAPTION, f"caption has a tag of {len(longest.name)} characters ({longest.name[:30]!r}…), "
+                                      f"over the limit of {MAX_TAG_CHARS}; separate tags with commas")
 
 
 def _normalize_rel(path: str) -> str:
@@ -104,7 +172,7 @@ def _normalize_rel(path: str) -> str:
     return PurePosixPath(path.strip().replace("\\", "/")).as_posix().strip("/") or "."
 
 
-def _jsonl_captions(root: Path, images: list[str]) -> tuple[dict[str, str], list[str]]:
+def _jsonl_captions(root: Path, images: list[str]) -> dict[str, str]:
     jsonl = root / METADATA_FILE
     if not jsonl.is_file():
         raise FileNotFoundError(
@@ -138,7 +206,7 @@ def _jsonl_captions(root: Path, images: list[str]) -> tuple[dict[str, str], list
                              f"{', '.join(IMAGE_EXTENSIONS)}")
         first_line[rel] = lineno
         captions[rel] = record["text"].strip()
-    return captions, [rel for rel in images if rel not in captions]
+    return captions
 
 
 def _folders(images: list[str]) -> list[str]:
@@ -174,18 +242,46 @@ def _repeats_of(rel: str, explicit: dict[str, int], default_repeats: int) -> int
     return default_repeats
 
 
-def _image_size(path: Path, rel: str) -> tuple[int, int]:
-    """Displayed (width, height) from the header only: no pixel data is decoded."""
+def _image_size(path: Path, max_pixels: int) -> tuple[int, int]:
+    """Displayed (width, height) of a usable image; raises :class:`_BadImage` otherwise.
+
+    The size is read from the header and checked against ``max_pixels`` before any pixel data is touched. Then the
+    file is checked cheaply: a PNG's chunk checksums (``verify``, no decompression), a JPEG decoded at 1/8 scale;
+    other formats are decoded.
+    """
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-            # getexif() on a PNG without an eXIf chunk in its header would decode the whole image.
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if "exif" in im.info else 1
-    except OSError as e:
-        raise ValueError(f"cannot read image {rel} in {path.parent}: {e}; replace or remove the file") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our own limit
+            with Image.open(path) as im:
+                width, height = im.size
+                if width < 1 or height < 1:
+                    raise _BadImage(_UNREADABLE, f"image header says {width}x{height} pixels")
+                if width * height > max_pixels:
+                    raise _BadImage(_TOO_LARGE, f"image is {width}x{height} pixels, over the limit of {max_pixels}; "
+                                                "downscale it")
+                # getexif() on a PNG without an eXIf chunk in its header would decode the whole image.
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if "exif" in im.info else 1
+            with Image.open(path) as im:
+                if im.format == "PNG":
+                    im.verify()
+                else:
+                    if im.format == "JPEG":
+                        im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                    im.load()
+    except _BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _BadImage(_TOO_LARGE, f"image is too large ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error, EOFError... on bad files
+        raise _BadImage(_UNREADABLE, f"unreadable image ({_first_line(e)})") from None
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return width, height
+
+
+def _skip_counts(counts: Counter) -> str:
+    """``"2 unreadable, 1 without caption"``."""
+    return ", ".join(f"{counts[c]} {c}" for c in _CATEGORIES if counts[c])
 
 
 def scan_dataset(
@@ -194,16 +290,25 @@ def scan_dataset(
     metadata: str = "auto",
     repeats: dict[str, int] | None = None,
     default_repeats: int = 1,
+    on_bad_image: str = "skip",
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[Item]:
     """Find the training images below a folder, with their captions and repeat counts.
 
-    Images are files ending in ``.png``, ``.jpg``, ``.jpeg``, ``.webp`` or ``.bmp`` (any case), searched recursively;
-    hidden files and folders (names starting with ``.``, e.g. a latent cache) are skipped. Only the image headers
-    are read.
+    Images are files ending in ``.png``, ``.jpg``, ``.jpeg``, ``.webp`` or ``.bmp`` (any case), searched recursively
+    (symlinks followed, symlink loops visited once); hidden files and folders (names starting with ``.``, e.g. a
+    latent cache) are skipped. Only the image headers are read, and each file is checked cheaply (see the module
+    docstring).
 
     Repeats: a folder named ``N_name`` (kohya's convention, e.g. ``10_mascot``) anywhere in an image's path gives
     it ``N`` repeats (the innermost such folder wins); an entry of ``repeats`` overrides that for every image below
     its folder (the deepest entry wins); all other images get ``default_repeats``.
+
+    Bad images: an unreadable, truncated or too large image, an image without a caption, and a caption that is
+    empty, not UTF-8, unparsable, only commas, has a tag over :data:`MAX_TAG_CHARS` characters or more than
+    :data:`MAX_TAGS` tags, are skipped with one warning line each on the ``train.data`` logger and a count at the end
+    (``"skipped 3 of 20 images in DATA: 2 unreadable, 1 without caption"``), or raise, depending on ``on_bad_image``.
+    Grayscale, alpha, palette and 16-bit images are valid (see :func:`load_image`).
 
     Args:
         root (`str`): the dataset folder.
@@ -216,14 +321,19 @@ def scan_dataset(
         repeats (`dict[str, int]`, *optional*): repeat counts by folder, relative to ``root``, e.g.
             ``{"characters/mascot": 5}``; ``"."`` is the root.
         default_repeats (`int`, defaults to 1): repeats of images outside any repeat folder or ``repeats`` entry.
+        on_bad_image (`str`, defaults to `"skip"`): ``"skip"`` leaves bad images out with a warning each;
+            ``"error"`` raises a ``ValueError`` naming the first bad image and the reason.
+        max_pixels (`int`, defaults to :data:`MAX_IMAGE_PIXELS`): largest accepted ``width * height``; larger
+            images are bad, refused from their header alone.
 
     Returns:
-        `list[Item]`: one item per image, sorted by path relative to ``root``; ``bucket`` is not set yet.
+        `list[Item]`: one item per usable image, sorted by path relative to ``root``; ``bucket`` is not set yet.
 
     Raises:
         `FileNotFoundError`: when ``root`` is not a folder, or ``metadata="jsonl"`` and there is no metadata.jsonl.
-        `ValueError`: when no image is found, an image has no caption, a caption or metadata file is not UTF-8, a
-            metadata.jsonl line is malformed, an image cannot be read, or an argument is invalid.
+        `ValueError`: when no image is found, no usable image is left, a bad image is found with
+            ``on_bad_image="error"``, the metadata file is not UTF-8 or a line of it is malformed, or an argument is
+            invalid.
     """
     base = Path(root).expanduser()
     if not base.is_dir():
@@ -231,10 +341,14 @@ def scan_dataset(
                                 "the images and their captions")
     if metadata not in ("auto", "jsonl", "sidecar"):
         raise ValueError(f"metadata must be 'auto', 'jsonl' or 'sidecar', got {metadata!r}")
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
     if not isinstance(caption_ext, str) or not caption_ext.startswith(".") or len(caption_ext) < 2:
         raise ValueError(f"caption_ext must be a file extension starting with '.', e.g. '.txt'; got {caption_ext!r}")
     if caption_ext.lower() in IMAGE_EXTENSIONS:
         raise ValueError(f"caption_ext {caption_ext!r} is an image extension; captions are text files, e.g. '.txt'")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be an integer >= 1, got {max_pixels!r}")
     _check_repeat_count(default_repeats, "default_repeats")
     base = base.resolve()
 
@@ -244,21 +358,7 @@ def scan_dataset(
                          "any case); check the path")
 
     use_jsonl = metadata == "jsonl" or (metadata == "auto" and (base / METADATA_FILE).is_file())
-    if use_jsonl:
-        captions, missing = _jsonl_captions(base, images)
-    else:
-        captions, missing = _sidecar_captions(base, images, caption_ext)
-    if missing:
-        listed = ", ".join(missing[:_MAX_LISTED]) + (f" and {len(missing) - _MAX_LISTED} more" if len(missing) >
-                                                     _MAX_LISTED else "")
-        if use_jsonl:
-            hint = f"add a line {_JSONL_EXAMPLE} for each to {base / METADATA_FILE}"
-        else:
-            hint = (f"write a NAME{caption_ext} file next to each image, pass caption_ext if the captions use "
-                    f"another extension, or list the captions in {base / METADATA_FILE}")
-        source = METADATA_FILE if use_jsonl else f"{caption_ext} file"
-        raise ValueError(f"{len(missing)} of {len(images)} images in {root} have no caption ({source}): {listed}; "
-                         f"{hint}")
+    jsonl_captions = _jsonl_captions(base, images) if use_jsonl else {}
 
     explicit: dict[str, int] = {}
     folders = _folders(images)
@@ -270,12 +370,41 @@ def scan_dataset(
                              f"{shown or '(none: every image is directly in the root)'}")
         explicit[folder] = _check_repeat_count(value, f"repeats[{key!r}]")
 
-    items = []
+    if use_jsonl:
+        caption_hint = f"add a line {_JSONL_EXAMPLE} for it to {base / METADATA_FILE}"
+    else:
+        caption_hint = (f"write a NAME{caption_ext} file next to each image, pass caption_ext if the captions use "
+                        f"another extension, or list the captions in {base / METADATA_FILE}")
+    items, skipped, first_bad = [], Counter(), ""
     for rel in images:
         path = base / rel
-        width, height = _image_size(path, rel)
-        items.append(Item(path=str(path), caption=captions[rel], repeats=_repeats_of(rel, explicit, default_repeats),
+        try:
+            if use_jsonl:
+                if rel not in jsonl_captions:
+                    raise _BadImage(_NO_CAPTION, f"not listed in {METADATA_FILE}")
+                caption = jsonl_captions[rel]
+            else:
+                caption = _sidecar_caption(path.with_suffix(caption_ext)).strip()
+            _check_caption(caption)
+            width, height = _image_size(path, max_pixels)
+        except _BadImage as bad:
+            if on_bad_image == "error":
+                hint = caption_hint if bad.category == _NO_CAPTION else "fix or remove the file"
+                raise ValueError(f"image {rel} in {base}: {bad.reason}; {hint}, or set on_bad_image='skip' "
+                                 "(data.on_bad_image) to skip bad images") from None
+            logger.warning("skipping image %s: %s", rel, bad.reason)
+            skipped[bad.category] += 1
+            first_bad = first_bad or f"{rel}: {bad.reason}"
+            continue
+        items.append(Item(path=str(path), caption=caption, repeats=_repeats_of(rel, explicit, default_repeats),
                           width=width, height=height))
+    if not items:
+        hint = caption_hint if set(skipped) == {_NO_CAPTION} else "fix the files named in the warnings"
+        raise ValueError(f"no usable images in {root}: all {len(images)} skipped ({_skip_counts(skipped)}; first "
+                         f"{first_bad}); {hint}")
+    if skipped:
+        logger.warning("skipped %d of %d images in %s: %s", sum(skipped.values()), len(images), base,
+                       _skip_counts(skipped))
     return items
 
 
@@ -349,6 +478,22 @@ def assign_buckets(
 # ---------------------------------------------------------------------------------------------------- images
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: transparency composited on white, 16/32-bit gray scaled (not clipped) to 8 bit."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # Pillow's own convert clips these to 255 instead of scaling; 16-bit PNGs open in these modes.
+        gray = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode in ("P", "L", "RGB") and
+                                                             "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image.alpha_composite(rgba)
+    return image.convert("RGB")
+
+
 def _load_uint8(item: Item) -> torch.Tensor:
     """The item's image at its bucket size, unflipped: a (3, h, w) uint8 tensor."""
     bucket_w, bucket_h = item.bucket
@@ -356,16 +501,11 @@ def _load_uint8(item: Item) -> torch.Tensor:
         raise ValueError(f"image {item.path} has no bucket; call assign_buckets(items, resolution) first")
     try:
         with Image.open(item.path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image.alpha_composite(rgba)
-            image = image.convert("RGB")
+            image = _to_rgb(ImageOps.exif_transpose(opened))
     except FileNotFoundError:
         raise FileNotFoundError(f"image {item.path} no longer exists; scan the dataset again") from None
-    except OSError as e:
-        raise ValueError(f"cannot decode image {item.path}: {e}; replace or remove the file") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error... on bad files
+        raise ValueError(f"cannot decode image {item.path}: {_first_line(e)}; replace or remove the file") from None
 
     # Resize so the image covers the bucket, keeping its aspect ratio, then crop the centre.
     width, height = image.size
@@ -389,7 +529,8 @@ def _to_float(pixels: torch.Tensor, flip: bool) -> torch.Tensor:
 def load_image(item: Item, flip: bool = False) -> torch.Tensor:
     """Load an item's image at its bucket resolution.
 
-    The image is converted to RGB (transparent pixels are composited on white, EXIF rotation applied), resized with
+    The image is converted to 8-bit RGB (grayscale replicated, palettes expanded, 16-bit values scaled to 8 bits,
+    transparent pixels composited on white, EXIF rotation applied), resized with
     Lanczos so that it covers the bucket with its aspect ratio kept, and centre-cropped to exactly the bucket.
 
     Args:
