@@ -115,15 +115,17 @@ def tokenize(
             raise ValueError(message + " (pass lenient=True / --lenient to skip unknown tags)")
         warnings.warn("skipping " + message, stacklevel=2)
     lead = [SINK_ID] if table.use_sink else []
-    lengths = [len(lead) + len(tags) for tags in parsed]
+    rows_of = table.expand if table.vectors else (lambda name: [index[name]])  # multi-vector tags: n positions
+    lengths = [len(lead) + sum(len(rows_of(tag.name)) for tag in tags) for tags in parsed]
     n = max(max(lengths), 1)
     if pad_to is not None:
         n = max(n, int(pad_to))
     # build plain lists, then one tensor each (no per-element tensor writes)
     id_lists, weight_lists, splits = [], [], table.values
     for tags, length in zip(parsed, lengths):
-        id_lists.append(lead + [index[tag.name] for tag in tags] + [PAD_ID] * (n - length))
-        weight_lists.append([1.0] * len(lead) + [tag.weight for tag in tags] + [1.0] * (n - length))
+        id_lists.append(lead + [row for tag in tags for row in rows_of(tag.name)] + [PAD_ID] * (n - length))
+        weight_lists.append([1.0] * len(lead) + [tag.weight for tag in tags for _ in rows_of(tag.name)]
+                            + [1.0] * (n - length))
     ids = torch.tensor(id_lists, dtype=torch.long)  # (B, N)
     weights = torch.tensor(weight_lists)  # (B, N)
     if pad_to is None:

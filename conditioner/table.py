@@ -11,6 +11,8 @@ Data layout (``R`` tags, ``A`` timestep anchors, ``W`` packed width):
   position ``i`` reads row ``min(i, S - 1)``. Tables trained from scratch have one padding row (``S = 2``); a table
   bootstrapped from a pretrained model's text encoder holds that model's whole null sequence (``S = 77``: the
   encoding of ``""`` position by position), so the null prompt is exactly what the base model saw.
+- multi-vector tags (textual inversion's "vectors per token"): a tag ``t`` owning ``n > 1`` vectors has ``n`` rows,
+  ``t`` and ``t#2`` … ``t#n``; ``vectors`` records ``{t: n}`` and a prompt's ``t`` expands to all ``n`` positions.
 - ``pooled``   ``(R, P)`` and ``null_pooled`` ``(P,)``, SDXL-family tables only: each tag's pooled vector (the
   second text encoder's projected output) and the null prompt's. A prompt's pooled vector is the weight-weighted
   mean of its tags' (see ``conditioner.encode.encode_pooled``).
@@ -146,9 +148,14 @@ class TagTable:
     pooled: torch.Tensor | None = None
     null_pooled: torch.Tensor | None = None
     negative_zeros: bool = False
+    vectors: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         self._index = {name: i for i, name in enumerate(self.tags)}
+        for name, count in self.vectors.items():
+            missing = [n for n in [name] + extra_rows(name, count) if n not in self._index]
+            if missing:
+                raise ValueError(f"multi-vector tag {name!r} lacks its row(s) {', '.join(map(repr, missing))}")
         if len(self._index) != len(self.tags):
             raise ValueError("duplicate tag names in table")
         if self.mode not in ("vector", "kv"):
@@ -297,18 +304,30 @@ class TagTable:
         """Whether a tag has a separate value source (the result of a key/value swap)."""
         return self.normalization.apply(name) in self.values
 
-    def add_tags(self, names: list[str], init: str = "zeros", std: float = 0.01, seed: int = 0) -> list[int]:
+    def expand(self, name: str) -> list[int]:
+        """Rows of a (normalised) tag name: one, or ``n`` for a multi-vector tag."""
+        count = self.vectors.get(name, 1)
+        return [self._index[name]] + [self._index[n] for n in extra_rows(name, count)]
+
+    def add_tags(self, names: list[str], init: str = "zeros", std: float = 0.01, seed: int = 0,
+                 vectors: int = 1) -> list[int]:
         """Append new tags and return their rows.
 
         Args:
             names (`list[str]`): tag names (normalised here); existing names raise ``ValueError``.
+            vectors (`int`, defaults to 1): vectors per tag; ``n > 1`` adds rows ``NAME#2`` … ``NAME#n`` too.
             init (`str`, defaults to `"zeros"`): ``"zeros"``, ``"normal"`` (std ``std``), ``"mean"`` (mean of the
                 existing rows plus noise of std ``std``), ``"mean:A,B,…"`` (mean of the named tags' rows, no noise),
                 or ``"tag:NAME"`` (a copy of tag NAME).
             std (`float`, defaults to 0.01): noise std for ``"normal"`` and ``"mean"``.
             seed (`int`, defaults to 0): noise seed.
         """
+        if vectors < 1:
+            raise ValueError(f"vectors per tag must be >= 1, got {vectors}")
         names = [self.normalization.apply(n) for n in names]
+        if vectors > 1:
+            owners = names
+            names = [row for n in owners for row in [n] + extra_rows(n, vectors)]
         dup = [n for n in names if n in self._index]
         if dup or len(set(names)) != len(names):
             raise ValueError(f"tags already in the table or repeated: {', '.join(repr(n) for n in dup or names)}")
@@ -343,6 +362,8 @@ class TagTable:
         for n in names:
             self._index[n] = len(self.tags)
             self.tags.append(n)
+        if vectors > 1:
+            self.vectors.update({n: vectors for n in owners})
         return list(range(start, start + len(names)))
 
     def _init_rows(self, init: str) -> list[int]:
@@ -352,8 +373,10 @@ class TagTable:
         return [self.row(n) for n in names]
 
     def remove_tags(self, names: list[str]) -> None:
-        """Remove tags and all their data (rows, split value sources, counts)."""
-        rows = {self.row(n) for n in names}
+        """Remove tags and all their data (rows of every vector, split value sources, counts)."""
+        rows = {r for n in names for r in self.expand(self.tags[self.row(n)])}
+        for n in names:
+            self.vectors.pop(self.tags[self.row(n)], None)
         keep = [i for i in range(len(self.tags)) if i not in rows]
         removed = [self.tags[i] for i in sorted(rows)]
         self.data = self.data[keep].clone()
@@ -373,9 +396,17 @@ class TagTable:
             raise ValueError("a tag name must not be empty")
         if new_name in self._index and new_name != old_name:
             raise ValueError(f"tag {new_name!r} already exists")
-        self.tags[row] = new_name
-        del self._index[old_name]
-        self._index[new_name] = row
+        count = self.vectors.get(old_name, 1)
+        pairs = list(zip([old_name] + extra_rows(old_name, count), [new_name] + extra_rows(new_name, count)))
+        taken = [new_row for old_row, new_row in pairs if new_row in self._index and new_row != old_row]
+        if taken:
+            raise ValueError(f"tag {taken[0]!r} already exists")
+        rows = [self._index.pop(old_row) for old_row, _ in pairs]
+        for row, (_, new_row) in zip(rows, pairs):
+            self.tags[row] = new_row
+            self._index[new_row] = row
+        if count > 1:
+            self.vectors[new_name] = self.vectors.pop(old_name)
         if old_name in self.values:
             self.values[new_name] = self.values.pop(old_name)
         if old_name in self.counts:
@@ -420,7 +451,7 @@ class TagTable:
             provenance=json.loads(json.dumps(self.provenance)), group_kind=self.group_kind,
             pooled=None if self.pooled is None else self.pooled.clone(),
             null_pooled=None if self.null_pooled is None else self.null_pooled.clone(),
-            negative_zeros=self.negative_zeros,
+            negative_zeros=self.negative_zeros, vectors=dict(self.vectors),
         )
 
     # ----------------------------------------------------------------- compatibility
@@ -467,6 +498,7 @@ class TagTable:
             "counts": self.counts,
             "provenance": self.provenance,
             "negative_zeros": self.negative_zeros,
+            "vectors": self.vectors,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -527,6 +559,7 @@ class TagTable:
                 provenance=meta.get("provenance", []), group_kind=meta.get("group_kind", "layers"),
                 pooled=tensors.get("pooled"), null_pooled=tensors.get("null_pooled"),
                 negative_zeros=bool(meta.get("negative_zeros", False)),
+                vectors={k: int(v) for k, v in meta.get("vectors", {}).items()},
             )
         except KeyError as err:
             raise ValueError(f"{path!r}: table is missing {err}: incomplete or not a condvec table") from None
@@ -535,6 +568,11 @@ class TagTable:
         return (f"TagTable({len(self.tags)} tags, mode={self.mode}, groups={len(self.group_names)} "
                 f"({self.group_kind}), anchors={self.num_anchors}, width={self.width}, split={len(self.values)}"
                 + (f", pooled={self.pooled.shape[1]}" if self.pooled is not None else "") + ")")
+
+
+def extra_rows(name: str, count: int) -> list[str]:
+    """Names of the rows a multi-vector tag owns besides its own: ``NAME#2`` … ``NAME#count``."""
+    return [f"{name}#{k}" for k in range(2, count + 1)]
 
 
 def _width(mode: str, layers: list[LayerSpec], num_groups: int) -> int:

@@ -95,3 +95,20 @@ def test_init_mean_of_named_tags_uses_exactly_those_rows(layers):
     assert not torch.allclose(expected, table.data[:4].double().mean(0).float())  # not the mean of all rows
     with pytest.raises(KeyError, match="unknown tag"):
         table.add_tags(["x"], init="mean:digit 0,dog")
+
+
+def test_multi_vector_tags_expand_to_all_their_positions(tmp_path, layers):
+    table = TagTable.create(layers, tags=["red"], pad_to=8, init_std=1.0)
+    rows = table.add_tags(["mascot"], init="normal", std=1.0, vectors=3)
+    assert [table.tags[r] for r in rows] == ["mascot", "mascot#2", "mascot#3"]
+    out = encode(table, ["red, (mascot:2)"])
+    assert torch.equal(out[0, 2:5, :table.width], table.data[rows, 0])
+    assert out.shape[1] == 8 and out.shape[2] == table.width + 1  # weight 2 → bias channel on all three
+    assert torch.allclose(out[0, 2:5, -1], torch.log(torch.tensor(2.0)).expand(3))
+    table.rename_tag("mascot", "hero")
+    assert table.vectors == {"hero": 3} and "hero#3" in table
+    table.save(tmp_path / "t.safetensors")
+    loaded = TagTable.load(tmp_path / "t.safetensors")
+    assert loaded.vectors == {"hero": 3} and loaded.expand("hero") == table.expand("hero")
+    loaded.remove_tags(["hero"])
+    assert loaded.tags == ["red"] and loaded.vectors == {}
