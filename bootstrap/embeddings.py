@@ -11,7 +11,8 @@ Two kinds of vectors live in these files, and they must not be confused:
 
 kohya's XTI files hold one set of input-space vectors per UNet cross-attention block (``IN01`` … ``OUT11``): kohya
 trains token embeddings per block and runs the text encoder once per block, so each block's vectors go through
-:func:`encode_input_embedding` on their own.
+:func:`encode_input_embedding` on their own; :data:`XTI_DIFFUSERS_BLOCKS` names the diffusers attention module
+of each block.
 
 Files are read without unpickling anything: ``.safetensors`` through safetensors; PyTorch files (``.pt``, ``.bin``,
 …) only through ``torch.load(weights_only=True)``, whose restricted unpickler admits tensors, containers, numbers and
@@ -39,6 +40,7 @@ from torch import Tensor
 
 __all__ = [
     "MAX_EMBEDDING_BYTES",
+    "XTI_DIFFUSERS_BLOCKS",
     "XTI_LAYERS",
     "Embedding",
     "EmbeddingFormatError",
@@ -49,6 +51,19 @@ __all__ = [
 # kohya sd-scripts' XTI block names, in the order its train_textual_inversion_XTI.py saves them.
 XTI_LAYERS = ("IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
               "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
+
+# Each XTI block → the diffusers module holding that block's cross-attention (SD1.x / SD2.x UNets; the attn2 layer is
+# ``<module>.transformer_blocks.0.attn2``). kohya numbers the LDM input / output blocks: IN01 is input block 1,
+# the first down block's first attention; OUT03 … OUT11 are the nine attentions of up blocks 1–3.
+XTI_DIFFUSERS_BLOCKS = {
+    "IN01": "down_blocks.0.attentions.0", "IN02": "down_blocks.0.attentions.1",
+    "IN04": "down_blocks.1.attentions.0", "IN05": "down_blocks.1.attentions.1",
+    "IN07": "down_blocks.2.attentions.0", "IN08": "down_blocks.2.attentions.1",
+    "MID": "mid_block.attentions.0",
+    "OUT03": "up_blocks.1.attentions.0", "OUT04": "up_blocks.1.attentions.1", "OUT05": "up_blocks.1.attentions.2",
+    "OUT06": "up_blocks.2.attentions.0", "OUT07": "up_blocks.2.attentions.1", "OUT08": "up_blocks.2.attentions.2",
+    "OUT09": "up_blocks.3.attentions.0", "OUT10": "up_blocks.3.attentions.1", "OUT11": "up_blocks.3.attentions.2",
+}
 
 # An embedding is a few KB (75 vectors of 2048 floats is 600 KB); anything near this size is something else.
 MAX_EMBEDDING_BYTES = 64 * 2**20

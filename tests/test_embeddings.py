@@ -297,3 +297,20 @@ def test_encoding_refuses_wrong_width_and_too_many_vectors(tmp_path):
     with pytest.raises(EmbeddingFormatError, match="76 vectors do not fit in a 77-token prompt"):
         encode_input_embedding(text_encoder, tokenizer, vectors(76, WIDTH_L, 0))
     assert encode_input_embedding(text_encoder, tokenizer, vectors(75, WIDTH_L, 0)).shape == (75, WIDTH_L)
+
+
+def test_xti_blocks_name_every_attn2_of_an_sd15_unet_in_order():
+    from diffusers import UNet2DConditionModel
+
+    from bootstrap.embeddings import XTI_DIFFUSERS_BLOCKS
+
+    unet = UNet2DConditionModel(  # SD1.5's block structure, tiny channels
+        sample_size=8, block_out_channels=(8, 16, 16, 16), layers_per_block=2, cross_attention_dim=WIDTH_L,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, norm_num_groups=4)
+    attn2 = [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+    assert list(XTI_DIFFUSERS_BLOCKS) == list(XTI_LAYERS)
+    # Forward order of the UNet (down, mid, up) — named_modules lists mid_block last, so sort it into place.
+    forward_order = [n for n in attn2 if n.startswith("down")] + [n for n in attn2 if n.startswith("mid")] + [
+        n for n in attn2 if n.startswith("up")]
+    assert [f"{block}.transformer_blocks.0.attn2" for block in XTI_DIFFUSERS_BLOCKS.values()] == forward_order
