@@ -231,16 +231,25 @@ def to_ldm_unet(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_single_file(tmp: str | os.PathLike, folder: str) -> tuple[str, str]:
+def make_single_file(tmp: str | os.PathLike, folder: str, with_text_encoder: bool = False) -> tuple[str, str]:
     """The UNet of an SD1.x/SD2.x stand-in ``folder`` as one LDM-layout ``.safetensors`` file, plus a config folder.
 
-    Returns ``(checkpoint_path, config_dir)``: the checkpoint holds only ``model.diffusion_model.*`` keys (a UNet
-    export as kohya/A1111 tools write it); ``config_dir`` is ``folder`` itself (a local diffusers folder of the same
-    architecture, which is what ``from_single_file(config=…)`` reads configs, tokenizers and missing components from).
+    Returns ``(checkpoint_path, config_dir)``: the checkpoint holds the ``model.diffusion_model.*`` keys (a UNet
+    export as kohya / A1111 tools write it) and, with ``with_text_encoder``, the CLIP text encoder under SD1.x's
+    ``cond_stage_model.transformer.text_model.*`` keys (as in a full A1111 checkpoint); ``config_dir`` is ``folder``
+    itself (a local diffusers folder of the same architecture, which is what ``from_single_file(config=…)`` reads
+    configs, tokenizers and missing components from).
     """
     from safetensors.torch import save_file
 
     unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), local_files_only=True)
-    path = os.path.join(tmp, os.path.basename(os.path.normpath(folder)) + "-unet.safetensors")
-    save_file(to_ldm_unet(unet.state_dict()), path)
+    state = to_ldm_unet(unet.state_dict())
+    suffix = "-unet"
+    if with_text_encoder:
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), local_files_only=True)
+        state.update({"cond_stage_model.transformer.text_model." + key.removeprefix("text_model."): value.contiguous()
+                      for key, value in text_encoder.state_dict().items()})
+        suffix = "-full"
+    path = os.path.join(tmp, os.path.basename(os.path.normpath(folder)) + suffix + ".safetensors")
+    save_file(state, path)
     return path, folder
