@@ -192,3 +192,85 @@ def test_sd15_layout_names():
         "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
         "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11",
     ]
+
+
+def _attn2(unet):
+    return {layer.name: unet.get_submodule(layer.name) for layer in discover(unet)}
+
+
+def test_remove_never_restores_stale_processors_after_set_attn_processor():
+    """Processors set after install survive remove(); the unpatched output is theirs, bit for bit."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = make_unet()
+    table = table_for_unet(unet)
+    original = dict(unet.attn_processors)
+    install(unet, table)
+    unet.set_attn_processor(AttnProcessor())  # someone swaps every processor after install
+    mine = dict(unet.attn_processors)
+    assert not is_installed(unet)
+    with pytest.warns(UserWarning, match="got another processor after install"):
+        remove(unet)
+    after = unet.attn_processors
+    assert all(after[k] is mine[k] for k in after) and not any(after[k] is original[k] for k in after)
+    assert all("_condvec_original_processor" not in attn.__dict__ for attn in _attn2(unet).values())
+
+
+def test_install_after_a_replacement_keeps_the_new_processor_as_original():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = make_unet()
+    table = table_for_unet(unet)
+    install(unet, table)
+    unet.set_attn_processor(AttnProcessor())
+    mine = dict(unet.attn_processors)
+    install(unet, table)
+    assert is_installed(unet)
+    remove(unet)
+    assert all(unet.attn_processors[k] is v for k, v in mine.items())
+
+
+def test_one_replaced_layer_keeps_its_processor_the_others_are_restored_exactly():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = make_unet()
+    seq = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(3))
+    reference = _run(unet, seq)
+    before = dict(unet.attn_processors)
+    table = table_for_unet(unet)
+    install(unet, table)
+    name = next(iter(_attn2(unet)))
+    replacement = AttnProcessor()
+    _attn2(unet)[name].set_processor(replacement)
+    assert not is_installed(unet), "is_installed is true only while every attn2 runs condvec"
+    with pytest.warns(UserWarning, match=name):
+        remove(unet)
+    after = unet.attn_processors
+    assert after[f"{name}.processor"] is replacement
+    assert all(after[k] is v for k, v in before.items() if k != f"{name}.processor")
+    # AttnProcessor computes what the default processor does (to rounding): the UNet is unpatched
+    torch.testing.assert_close(_run(unet, seq), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_originals_live_on_the_attention_modules_outside_the_state_dict():
+    unet = make_unet()
+    keys = list(unet.state_dict())
+    before = {name: attn.processor for name, attn in _attn2(unet).items()}
+    with patched(unet, table_for_unet(unet)):
+        assert list(unet.state_dict()) == keys
+        assert all(attn.__dict__["_condvec_original_processor"] is before[name]
+                   for name, attn in _attn2(unet).items())
+        assert "_condvec_original_processors" not in unet.__dict__
+
+
+def test_nested_patched_restores_the_outer_table_then_the_originals():
+    unet = make_unet()
+    before = dict(unet.attn_processors)
+    outer_table, inner_table = table_for_unet(unet, groups="single"), table_for_unet(unet, groups="layers")
+    with patched(unet, outer_table):
+        outer = dict(unet.attn_processors)
+        with patched(unet, inner_table):
+            assert all(unet.attn_processors[k] is not outer[k] for k in outer if "attn2" in k)
+        assert all(unet.attn_processors[k] is v for k, v in outer.items())
+        assert is_installed(unet)
+    assert all(unet.attn_processors[k] is v for k, v in before.items()) and not is_installed(unet)
