@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
 from conditioner.parse import TagNormalization
+from conditioner.safefile import TableFileError, check_loaded_table, check_safetensors
 
 FORMAT_VERSION = 1
 METADATA_KEY = "condvec"
@@ -521,26 +522,34 @@ class TagTable:
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the file is not a condvec table (not safetensors, truncated, missing or broken metadata).
+            TableFileError: (a ``ValueError``) the file is not a condvec table (not safetensors, truncated, missing or
+                broken metadata, shapes that contradict it), is from a newer condvec, or holds NaN/inf values.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"table file {path!r} does not exist")
+        check_safetensors(path)  # bounds-checked before safetensors allocates anything
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 raw = (f.metadata() or {}).get(METADATA_KEY)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{path!r} is not a readable .safetensors table ({str(err).splitlines()[0]})") from None
+            message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TableFileError(f"{path!r} is not a readable .safetensors table ({message})") from None
         if raw is None:
-            raise ValueError(f"{path!r} is a .safetensors file without condvec metadata — not a condvec table")
+            raise TableFileError(f"{path!r} is a .safetensors file without condvec metadata — not a condvec table")
         try:
             meta = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path!r}: condvec metadata is not valid JSON ({err})") from None
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise TableFileError(f"{path!r}: condvec metadata is not valid JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise TableFileError(f"{path!r}: condvec metadata is not a JSON object — not a condvec table")
         version = meta.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise TableFileError(f"{path!r}: table format version {version} is not supported: it is newer than "
+                                 f"this condvec reads (version {FORMAT_VERSION}); upgrade condvec")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{path!r}: table format version {version!r} is not supported (this condvec reads "
+            raise TableFileError(f"{path!r}: table format version {version!r} is not supported (this condvec reads "
                              f"version {FORMAT_VERSION})")
         try:
             layers = [LayerSpec.from_dict(d) for d in meta["layers"]]
@@ -549,7 +558,7 @@ class TagTable:
             if split:
                 stacked = tensors["values"]
                 values = {name: stacked[i].clone() for i, name in enumerate(split)}
-            return cls(
+            table = cls(
                 layers=layers, mode=meta["mode"], group_names=list(meta["group_names"]),
                 layer_group=[int(g) for g in meta["layer_group"]], anchors=[float(a) for a in meta["anchors"]],
                 tags=list(meta["tags"]), data=tensors["data"], special=tensors["special"], values=values,
@@ -562,7 +571,12 @@ class TagTable:
                 vectors={k: int(v) for k, v in meta.get("vectors", {}).items()},
             )
         except KeyError as err:
-            raise ValueError(f"{path!r}: table is missing {err}: incomplete or not a condvec table") from None
+            raise TableFileError(f"{path!r}: table is missing {err}: incomplete or not a condvec table") from None
+        except (TypeError, AttributeError, IndexError, ValueError, OverflowError) as err:
+            message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TableFileError(f"{path!r}: metadata contradicts the tensors or is malformed ({message})") from None
+        check_loaded_table(path, table)
+        return table
 
     def __repr__(self) -> str:
         return (f"TagTable({len(self.tags)} tags, mode={self.mode}, groups={len(self.group_names)} "
