@@ -212,7 +212,8 @@ def _load_scheduler(folder: str | None):
 
     config_path = os.path.join(folder, "scheduler", "scheduler_config.json") if folder else None
     if config_path is None or not os.path.isfile(config_path):
-        warnings.warn(f"no scheduler/scheduler_config.json in {folder!r}: using SD's default schedule (DDIM, "
+        where = f"in {folder!r}" if folder else "(the config is a UNet folder)"
+        warnings.warn(f"no scheduler/scheduler_config.json {where}: using SD's default schedule (DDIM, "
                       "scaled_linear 0.00085–0.012, epsilon)", stacklevel=3)
         return diffusers.DDIMScheduler(**SD_DEFAULT_SCHEDULE)
     class_name = _read_json(config_path).get("_class_name", "DDIMScheduler")
