@@ -40,6 +40,7 @@ _OTHER_ARCHITECTURES = {
 }
 _IN_CHANNELS = {9: "an inpainting UNet (in_channels=9)", 8: "an InstructPix2Pix-style UNet (in_channels=8)",
                 5: "a depth-to-image UNet (in_channels=5)", 7: "the x4 upscaler UNet (in_channels=7)"}
+_MISMATCH = "; pass config= a local folder of the checkpoint's architecture (SD1.x / SD2.x / SDXL)"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -129,7 +130,7 @@ def detect_family(unet_config: dict, scheduler_config: dict | None = None) -> st
     config, scheduler_config = _config_dict(unet_config), _config_dict(scheduler_config)
     class_name = config.get("_class_name", "UNet2DConditionModel")
     if class_name != "UNet2DConditionModel":
-        what = _OTHER_ARCHITECTURES.get(class_name, f"a {class_name}")
+        what = _OTHER_ARCHITECTURES.get(class_name, f"{class_name}, not a UNet2DConditionModel")
         raise UnsupportedModelError(f"the model is {what}; condvec supports SD1.x, SD2.x and SDXL UNets "
                                     "(UNet2DConditionModel with cross-attention)")
     down = list(config.get("down_block_types") or [])
@@ -177,7 +178,7 @@ def describe(model: BaseModel) -> str:
 
 
 @contextmanager
-def _one_line(what: str):
+def _one_line(what: str, hint: str = ""):
     """Turn a diffusers / transformers / hub error raised while loading ``what`` into a one-line ModelLoadError."""
     try:
         yield
@@ -188,7 +189,9 @@ def _one_line(what: str):
         detail = lines[0] if lines else type(err).__name__
         if len(detail) > 300:
             detail = detail[:300] + "…"
-        raise ModelLoadError(f"cannot load {what}: {detail}") from None
+        if isinstance(err, (KeyError, AttributeError, TypeError)):
+            detail = f"{type(err).__name__} {detail}"
+        raise ModelLoadError(f"cannot load {what}: {detail}{hint}") from None
 
 
 def _read_json(path: str) -> dict:
@@ -404,13 +407,13 @@ def _load_single_file(path: str, config: str | os.PathLike | None, with_text_enc
     if conv_in == "conv_in.weight":
         from safetensors.torch import load_file
 
-        with _one_line(f"{path} with {unet_dir}/config.json"):
+        with _one_line(f"{path} with {unet_dir}/config.json", _MISMATCH):
             unet = UNet2DConditionModel.from_config(unet_config)
             unet.load_state_dict(load_file(path), strict=True)
             if torch_dtype is not None:
                 unet.to(torch_dtype)
     else:
-        with _one_line(f"{path} with {unet_dir}/config.json"):
+        with _one_line(f"{path} with {unet_dir}/config.json", _MISMATCH):
             unet = UNet2DConditionModel.from_single_file(path, config=config, subfolder=unet_sub,
                                                          local_files_only=True, torch_dtype=torch_dtype)
     vae = None
