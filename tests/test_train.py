@@ -42,7 +42,7 @@ def test_step_changes_only_rows_of_tags_in_the_batch(demo_dir, tmp_path):
         trainer.train_step()
     before = trainer.table.data.clone()
     step = trainer.state.step
-    plans = trainer._plan(step)
+    plans = trainer.planner.plan(step)
     present = {trainer.table.row(t.name) for p in plans for t in p.tags}
     trainer.train_step()
     after = trainer.table.data

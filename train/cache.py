@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from train.data import Item, _load_uint8, _to_float, load_image
+from train.model import diffusers_config
 
 # Bump when the stored latents change meaning (image preprocessing, what is encoded): old entries are then unused.
 _CACHE_FORMAT = "condvec-latents-v1"
@@ -47,7 +48,7 @@ def vae_identity(vae) -> str:
     digest = hashlib.sha256()
     digest.update(_CACHE_FORMAT.encode())
     digest.update(type(vae).__name__.encode())
-    config = {key: value for key, value in dict(vae.config).items() if not key.startswith("_")}
+    config = diffusers_config(vae)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         if name.startswith(_DECODE_ONLY_PREFIXES):
@@ -67,11 +68,42 @@ def _file_key(item: Item) -> str:
     return f"{os.path.abspath(item.path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
 
 
-class LatentCache:
-    """VAE latents of the training images, stored on disk as safetensors and kept in memory once read.
+class LatentEncoder:
+    """VAE latents of the training images, encoded whenever asked and never stored (``data.cache_latents=false``).
 
     The VAE is moved to ``device`` and ``dtype``; it encodes without gradients, and the latent of an image is the
     mean of its latent distribution times ``vae.config.scaling_factor``.
+
+    Args:
+        vae (`diffusers.AutoencoderKL`): the VAE.
+        device (`str` or `torch.device`, defaults to `"cpu"`): where to encode.
+        dtype (`torch.dtype`, defaults to `torch.float32`): the VAE's dtype while encoding, and the latents' dtype.
+    """
+
+    def __init__(self, vae, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        if vae.dtype != dtype:
+            vae = vae.to(dtype=dtype)
+        self.vae = vae.to(device)
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def _encode(self, items: list[Item], flips: list[bool]) -> list[torch.Tensor]:
+        pixels = torch.stack([load_image(item, flip) for item, flip in zip(items, flips)])  # (B, 3, h, w)
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor  # (B, C, h/f, w/f)
+        # Clones, so that no entry keeps the whole batch's storage alive.
+        return [latent.to("cpu").clone() for latent in latents]
+
+    def get(self, item: Item, flip: bool = False) -> torch.Tensor:
+        """The latent of one image, encoded now: ``(C, bucket height / f, bucket width / f)`` on the CPU."""
+        return self._encode([item], [flip])[0]
+
+
+class LatentCache(LatentEncoder):
+    """VAE latents of the training images, stored on disk as safetensors and kept in memory once read.
+
+    Encoding as in :class:`LatentEncoder`.
 
     Args:
         vae (`diffusers.AutoencoderKL`): the VAE.
@@ -81,11 +113,7 @@ class LatentCache:
     """
 
     def __init__(self, vae, cache_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        if vae.dtype != dtype:
-            vae = vae.to(dtype=dtype)
-        self.vae = vae.to(device)
-        self.device = torch.device(device)
-        self.dtype = dtype
+        super().__init__(vae, device, dtype)
         self.identity = vae_identity(self.vae)
         self.folder = Path(cache_dir) / self.identity
         self._memory: dict[Path, torch.Tensor] = {}
@@ -94,14 +122,6 @@ class LatentCache:
         key = hashlib.sha256(f"{_CACHE_FORMAT}\0{_file_key(item)}\0flip={int(flip)}".encode()).hexdigest()[:32]
         width, height = item.bucket
         return self.folder / f"{width}x{height}" / f"{key}.safetensors"
-
-    def _encode(self, items: list[Item], flips: list[bool]) -> list[torch.Tensor]:
-        pixels = torch.stack([load_image(item, flip) for item, flip in zip(items, flips)])  # (B, 3, h, w)
-        pixels = pixels.to(device=self.device, dtype=self.dtype)
-        with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor  # (B, C, h/f, w/f)
-        # Clones, so that no entry keeps the whole batch's storage alive.
-        return [latent.to("cpu").clone() for latent in latents]
 
     def _write(self, path: Path, latent: torch.Tensor, item: Item, flip: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,15 @@ A checkpoint folder ``checkpoints/step-0000500/`` holds:
 - ``unet.safetensors`` — UNet weights, only when the run trains them;
 - ``state.json`` — step, UNet optimiser hyper-parameters, the resolved config and its fingerprint.
 
-It is written to ``step-0000500.tmp-…`` and renamed into place when complete, so a crash while saving leaves the
-previous checkpoint untouched; older checkpoints are deleted only after the new one exists.
+It is written to ``step-0000500.tmp-…``, every file and the folder flushed to disk, and renamed into place when
+complete, so a crash while saving leaves the previous checkpoint untouched; older checkpoints are deleted only after
+the new one exists. Saving a step that already exists first renames the old copy to ``step-0000500.prev``, which
+still counts as that step's checkpoint until the new copy is in place: no moment without one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,9 +24,15 @@ import shutil
 import tempfile
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-_NAME = re.compile(r"^step-(\d{7})$")
+from conditioner.table import TagTable
+from train.sampling import save_model
+
+_NAME = re.compile(r"^step-(\d{7})(\.prev)?$")
+# learning-rate schedules whose value at a step depends on training.steps
+_SCHEDULES_WITH_TOTAL = ("linear", "cosine")
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -31,13 +40,64 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first (one per step: ``step-N``, else ``step-N.prev``)."""
     root = checkpoint_dir(run_dir)
     if not os.path.isdir(root):
         return []
-    found = [(int(m.group(1)), n) for n in os.listdir(root) if (m := _NAME.match(n))]
-    return [os.path.join(root, n) for _, n in sorted(found)
-            if os.path.isfile(os.path.join(root, n, "state.json"))]
+    found: dict[int, str] = {}
+    for name in sorted(os.listdir(root), reverse=True):  # "step-N" sorts after "step-N.prev": seen first
+        match = _NAME.match(name)
+        if match and os.path.isfile(os.path.join(root, name, "state.json")):
+            found.setdefault(int(match.group(1)), os.path.join(root, name))
+    return [found[step] for step in sorted(found)]
+
+
+def fingerprint(cfg, world_size: int) -> dict:
+    """What must not change between a run and its resume, as ``{"section.key": value}``.
+
+    Everything but ``output.*``; ``training.steps`` too when the learning-rate schedule decays over it; and the
+    number of processes.
+    """
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config.pop("output")
+    if config["training"]["lr_schedule"] not in _SCHEDULES_WITH_TOTAL:
+        config["training"].pop("steps")
+    config["world_size"] = world_size
+    flat = {}
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(config)
+    return flat
+
+
+def fingerprint_info(cfg, world_size: int) -> dict:
+    """The fingerprint and its sha256, for ``state.json``."""
+    flat = fingerprint(cfg, world_size)
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+    return {"fingerprint": flat, "fingerprint_sha256": digest}
+
+
+def check_fingerprint(path: str, cfg, world_size: int) -> None:
+    """Refuse to resume checkpoint ``path`` with a config that changed where it must not.
+
+    Raises:
+        ValueError: one line naming the changed keys (old → new).
+    """
+    with open(os.path.join(path, "state.json")) as f:
+        saved = json.load(f).get("fingerprint", {})
+    now = fingerprint(cfg, world_size)
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if changed:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} → {now.get(k)!r})" for k in changed[:4])
+        raise ValueError(f"cannot resume {path}: the config changed: {shown}"
+                         + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+                         + "; only output.* and training.steps (with lr_schedule=constant) may change on resume")
 
 
 def resolve_resume(run_dir: str, resume: str) -> str:
@@ -71,10 +131,37 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: str, step: int, table, tensors: dict[str, torch.Tensor], info: dict,
+def _fsync(path: str) -> None:
+    """Flush a file or folder to disk (folders: so that a rename in them survives a power cut)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms that cannot open folders rely on the files' own fsync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str, step: int, table: TagTable, tensors: dict[str, torch.Tensor], info: dict,
                     unet: torch.nn.Module | None = None, unet_optimizer: torch.optim.Optimizer | None = None,
                     keep_last: int = 3) -> str:
-    """Write one checkpoint atomically and prune old ones; returns its folder."""
+    """Write one checkpoint atomically and durably, and prune old ones; returns its folder.
+
+    Args:
+        run_dir (`str`): the run folder; checkpoints go to ``run_dir/checkpoints/step-NNNNNNN``.
+        step (`int`): the optimiser step.
+        table (`TagTable`): the table.
+        tensors (`dict[str, torch.Tensor]`): optimiser and EMA state.
+        info (`dict`): JSON-able run information (config, fingerprint, …); ``step`` is added.
+        unet (`torch.nn.Module`, *optional*): UNet weights, when the run trains them.
+        unet_optimizer (`torch.optim.Optimizer`, *optional*): its optimiser.
+        keep_last (`int`, defaults to 3): checkpoints to keep, this one included.
+    """
+    # Hand-written rather than conditioner.fileio.atomic_dir: re-saving a step must keep a complete copy under a
+    # name list_checkpoints recognises (step-N.prev) until the new one is in place.
     root = checkpoint_dir(run_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:07d}")
@@ -96,17 +183,26 @@ def save_checkpoint(run_dir: str, step: int, table, tensors: dict[str, torch.Ten
             save_file(state, os.path.join(tmp, "unet.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:  # written last: marks the folder complete
             json.dump(info, f, indent=1)
-        if os.path.exists(final):  # the same step saved again: move the old copy aside, never delete it first
-            os.replace(final, tempfile.mkdtemp(prefix=f"step-{step:07d}.tmp-old-", dir=root))
+        for name in os.listdir(tmp):
+            _fsync(os.path.join(tmp, name))
+        _fsync(tmp)
+        previous = final + ".prev"
+        if os.path.exists(final):  # the same step saved again: its old copy stays a checkpoint until replaced
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
+            _fsync(root)
         os.replace(tmp, final)
+        _fsync(root)
+        shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     others = [c for c in list_checkpoints(run_dir) if c != final]  # the one just written is never pruned
     for old in others[: max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in os.listdir(root):  # temp folders of interrupted saves
-        if ".tmp-" in leftover:
+    for leftover in os.listdir(root):  # temp folders of interrupted saves, old copies already replaced
+        replaced = leftover.endswith(".prev") and os.path.isdir(os.path.join(root, leftover[: -len(".prev")]))
+        if ".tmp-" in leftover or replaced:
             shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
     return final
 
@@ -114,8 +210,6 @@ def save_checkpoint(run_dir: str, step: int, table, tensors: dict[str, torch.Ten
 def load_checkpoint(path: str, unet: torch.nn.Module | None = None,
                     unet_optimizer: torch.optim.Optimizer | None = None):
     """Read a checkpoint: returns ``(table, tensors, info)`` and loads UNet weights / optimiser in place."""
-    from conditioner.table import TagTable
-
     with open(os.path.join(path, "state.json")) as f:
         info = json.load(f)
     tensors = load_file(os.path.join(path, "state.safetensors"))
@@ -125,3 +219,86 @@ def load_checkpoint(path: str, unet: torch.nn.Module | None = None,
     if unet_optimizer is not None:
         unet_optimizer.load_state_dict(_optimizer_state(tensors, info["unet_optimizer"]))
     return table, tensors, info
+
+
+def save_trainer(trainer) -> str | None:
+    """Checkpoint a ``train.loop.Trainer``: table, optimiser and EMA state, UNet (when trained), config and step.
+
+    Returns:
+        `str | None`: the checkpoint folder on the main process, `None` elsewhere.
+    """
+    path = None
+    if trainer.acc.is_main_process:
+        cfg = trainer.cfg
+        tensors = trainer.row_opt.state_tensors("rows") | trainer.special_opt.state_tensors("special")
+        if trainer.ema is not None:
+            tensors |= trainer.ema.state_tensors("ema") | trainer.ema_special.state_tensors("ema_special")
+        info = {"existing_rows": trainer.existing_rows, "bad_steps": trainer.bad_steps,
+                "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                **fingerprint_info(cfg, trainer.world)}
+        trained = trainer.unet_optimizer is not None
+        path = save_checkpoint(cfg.output.dir, trainer.state.step, trainer.table, tensors, info,
+                               unet=trainer.acc.unwrap_model(trainer.model) if trained else None,
+                               unet_optimizer=trainer.unet_optimizer, keep_last=cfg.output.keep_last)
+    trainer.acc.wait_for_everyone()
+    return path
+
+
+def restore_trainer(trainer, path: str) -> None:
+    """Continue a ``train.loop.Trainer`` from checkpoint ``path``, exactly where it was saved.
+
+    Raises:
+        ValueError: the config changed where it must not, or the table's tags differ from this run's.
+    """
+    check_fingerprint(path, trainer.cfg, trainer.world)
+    trained = trainer.unet_optimizer is not None
+    table, tensors, info = load_checkpoint(path, unet=trainer.acc.unwrap_model(trainer.model) if trained else None,
+                                           unet_optimizer=trainer.unet_optimizer)
+    if table.tags != trainer.table.tags:
+        raise ValueError(f"checkpoint {path} has other tags than this run's data and table: "
+                         "resume with the same config and dataset")
+    device = trainer.device
+    trainer.table.data.copy_(table.data.to(device))
+    trainer.table.special.copy_(table.special.to(device))
+    trainer.table.counts = table.counts
+    trainer.existing_rows, trainer.bad_steps = info["existing_rows"], info.get("bad_steps", 0)
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    trainer.row_opt.load_state_tensors(tensors, "rows")
+    trainer.special_opt.load_state_tensors(tensors, "special")
+    if trainer.ema is not None:
+        trainer.ema.load_state_tensors(tensors, "ema")
+        trainer.ema_special.load_state_tensors(tensors, "ema_special")
+    trainer.state.step = info["step"]
+    metrics_path = os.path.join(trainer.cfg.output.dir, "metrics.jsonl")
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        trainer.state.metrics = [m for m in rows if m["step"] <= trainer.state.step]
+    if trainer.acc.is_main_process:
+        print(f"table: {trainer.table} (as saved at step {trainer.state.step})", flush=True)
+
+
+def ema_table(trainer) -> TagTable | None:
+    """A ``train.loop.Trainer``'s table with every row's EMA caught up to the current step; `None` without EMA."""
+    if trainer.ema is None:
+        return None
+    table = trainer.table.copy()
+    table.data = trainer.ema.read(trainer.table.data, trainer.state.step)
+    table.special = trainer.ema_special.read(trainer.table.special, trainer.state.step)
+    return table
+
+
+def export_trainer(trainer) -> dict:
+    """Write a run's final table, its EMA and the trained model (main process); returns their paths."""
+    out, folder = {}, trainer.cfg.output.dir
+    if trainer.acc.is_main_process:
+        out["table"] = os.path.join(folder, "table.safetensors")
+        trainer.table.save(out["table"])
+        if trainer.ema is not None:
+            out["table_ema"] = os.path.join(folder, "table-ema.safetensors")
+            ema_table(trainer).save(out["table_ema"])
+        if trainer.unet_optimizer is not None:
+            out["model"] = save_model(os.path.join(folder, "model"), trainer.acc.unwrap_model(trainer.model),
+                                      trainer.vae, trainer.table, trainer.noise_scheduler)
+    trainer.acc.wait_for_everyone()
+    return out

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import StrEnum
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -14,6 +16,22 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 class ConfigError(ValueError):
     """A run configuration is invalid; the message names the key and how to fix it."""
+
+
+def _choices(name: str, *values: str) -> type[StrEnum]:
+    """An enum of allowed strings; OmegaConf then refuses any other value (names may hold '+', e.g. table+kv)."""
+    return StrEnum(name, [(value, value) for value in values])
+
+
+Builtin = _choices("Builtin", "tiny", "micro")
+PredictionType = _choices("PredictionType", "epsilon", "v_prediction")
+Metadata = _choices("Metadata", "auto", "sidecar", "jsonl")
+Mode = _choices("Mode", "vector", "kv")
+Underscores = _choices("Underscores", "space", "keep")
+Train = _choices("Train", "table", "table+kv", "full")
+LrSchedule = _choices("LrSchedule", "constant", "linear", "cosine")
+MixedPrecision = _choices("MixedPrecision", "no", "bf16", "fp16")
+ReportTo = _choices("ReportTo", "none", "tensorboard", "wandb", "all")
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the schema
@@ -27,8 +45,8 @@ class ModelConfig:
     pretrained: str | None = _f(None, "diffusers-layout folder with unet/ (and optional vae/, scheduler/)")
     single_file: str | None = _f(None, "a single-file UNet checkpoint (.safetensors) — needs single_file_config")
     single_file_config: str | None = _f(None, "local folder or config.json describing the single-file UNet")
-    builtin: str | None = _f(None, "built-in UNet from scratch: tiny (pixel space, 32 px) | micro (16 px, tests)")
-    prediction_type: str | None = _f(None, "epsilon | v_prediction; default: the scheduler config's")
+    builtin: Builtin | None = _f(None, "built-in UNet from scratch: tiny (pixel space, 32 px) | micro (16 px, tests)")
+    prediction_type: PredictionType | None = _f(None, "epsilon | v_prediction; default: the scheduler config's")
     num_train_timesteps: int = _f(1000, "diffusion timesteps when the model folder has no scheduler config")
     name: str | None = _f(None, "a name for the base model, recorded in the table")
 
@@ -36,7 +54,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = _f(MISSING, "dataset folder: images with .txt sidecars (recursive), or a metadata.jsonl")
-    metadata: str = _f("auto", "auto | sidecar | jsonl — where captions come from")
+    metadata: Metadata = _f(Metadata.auto, "auto | sidecar | jsonl — where captions come from")
     caption_ext: str = _f(".txt", "sidecar caption extension")
     on_bad_image: str = _f("skip", "skip | error — an unreadable/too large image or a missing/bad caption is skipped "
                                    "with a warning (a count at the end), or stops the run")
@@ -59,28 +77,30 @@ class DataConfig:
 class TableConfig:
     start_from: str | None = _f(None, "continue training this table (.safetensors); layout options are ignored")
     use_base_table: bool = _f(True, "start from the base model's own table when it has one (its tags and sink)")
-    mode: str = _f("vector", "vector (vectors through to_k/to_v) | kv (direct K and V per layer)")
+    mode: Mode = _f(Mode.vector, "vector (vectors through the key/value projections) | kv (direct K and V per layer)")
     groups: Any = _f("layers", "single | blocks | layers | {group: [layer globs]}")
     anchors: int = _f(1, "timestep anchors (1 = off)")
     pad_to: int | None = _f(None, "fixed sequence length (77 for pretrained SD UNets); null = dynamic")
     use_sink: bool = _f(True, "start every sequence with the attention-sink row")
     lowercase: bool = _f(True, "tag normalisation: fold case")
-    underscores: str = _f("space", "tag normalisation: space (booru _ → space) | keep")
+    underscores: Underscores = _f(Underscores.space, "tag normalisation: space (booru _ → space) | keep")
     init: str = _f("normal", "new tags: zeros | normal | mean | tag:NAME")
     init_std: float = _f(0.02, "std of the normal init (and of the noise on 'mean')")
-    train_special: bool = _f(True, "also train the sink and padding rows")
-    freeze_existing: bool = _f(False, "with start_from: train only tags new to the table")
+    train_special: bool | None = _f(None, "also train the special rows (sink, padding); null = true for a new table, "
+                                    "false when freeze_existing keeps a table's tags as they are")
+    freeze_existing: bool = _f(False, "with start_from: train only tags new to the table (and, unless "
+                               "train_special=true, not the special rows)")
 
 
 @dataclass
 class TrainingConfig:
-    train: str = _f("table", "table | table+kv (also attn2 to_k/to_v) | full (whole UNet)")
+    train: Train = _f(Train.table, "table | table+kv (also the attn2 key/value projections) | full (whole UNet)")
     steps: int = _f(1000, "optimiser steps")
     batch_size: int = _f(8, "global batch per optimiser micro-step (split across processes)")
     grad_accum: int = _f(1, "micro-steps per optimiser step")
     lr: float = _f(1e-2, "learning rate of the table")
     lr_unet: float = _f(1e-4, "learning rate of UNet weights (table+kv, full)")
-    lr_schedule: str = _f("constant", "constant | linear | cosine (after warmup)")
+    lr_schedule: LrSchedule = _f(LrSchedule.constant, "constant | linear | cosine (after warmup)")
     warmup_steps: int = _f(0, "linear warmup steps")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2")
@@ -92,7 +112,10 @@ class TrainingConfig:
     noise_offset: float = _f(0.0, "noise offset (brighter/darker images)")
     ema_decay: float = _f(0.0, "EMA of the table rows (0 = off); saved as table-ema.safetensors")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
-    mixed_precision: str = _f("no", "no | bf16 (autocast; fp16 is refused: it needs loss scaling)")
+    mixed_precision: MixedPrecision = _f(MixedPrecision.no,
+                                         "no | bf16 (autocast; fp16 is refused: it needs loss scaling)")
+    max_bad_steps: int = _f(3, "steps in a row with a non-finite loss or gradient that are skipped before the run "
+                            "stops (0 = stop at the first)")
     seed: int = _f(0, "seed of everything: init, data order, noise, timesteps, dropout")
 
 
@@ -109,7 +132,8 @@ class OutputConfig:
     sample_guidance: float = _f(3.0, "guidance scale for samples")
     sample_upscale: int = _f(3, "nearest-neighbour upscale of sample images in grids")
     log_every: int = _f(10, "progress-bar loss average over N steps (metrics.jsonl gets every step)")
-    tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)")
+    report_to: ReportTo = _f(ReportTo.none, "none | tensorboard | wandb | all — also log metrics there through "
+                             "accelerate's trackers (needs the tensorboard / wandb package)")
     progress: bool = _f(True, "show a tqdm progress bar")
 
 
@@ -142,6 +166,9 @@ def _suggest(bad: str) -> str:
     return f" — did you mean '{matches[0]}'?" if matches else ""
 
 
+_ENUM_ERROR = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<allowed>[^\]]*)\]")
+
+
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0]
@@ -149,6 +176,9 @@ def _explain(err: OmegaConfBaseException) -> str:
         return f"unknown config key '{key}'{_suggest(key)}"
     if isinstance(err, MissingMandatoryValue):
         return f"missing required value '{key}': set it in the YAML or as {key}=... on the command line"
+    choices = _ENUM_ERROR.search(msg)
+    if isinstance(err, ValidationError) and choices:
+        return f"'{key}' must be one of {choices['allowed']}, got {choices['value']!r}"
     if isinstance(err, ValidationError):
         return f"bad value for '{key}': {msg}"
     return f"config error at '{key}': {msg}" if key else f"config error: {msg}"
@@ -190,11 +220,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return cfg
 
 
-def _choice(value, allowed, key):
-    if value not in allowed:
-        raise ConfigError(f"'{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
-
-
 def validate(cfg: DictConfig) -> None:
     """Check fields against each other; raise ConfigError naming the key."""
     m, d, t, tr, o = cfg.model, cfg.data, cfg.table, cfg.training, cfg.output
@@ -204,24 +229,16 @@ def validate(cfg: DictConfig) -> None:
                           f"(got {', '.join(sources) or 'none'})")
     if m.single_file and not m.single_file_config:
         raise ConfigError("model.single_file needs model.single_file_config (a local config folder or config.json)")
-    if m.builtin:
-        _choice(m.builtin, ["tiny", "micro"], "model.builtin")
-    if m.prediction_type is not None:
-        _choice(m.prediction_type, ["epsilon", "v_prediction"], "model.prediction_type")
-    _choice(d.metadata, ["auto", "sidecar", "jsonl"], "data.metadata")
-    _choice(t.mode, ["vector", "kv"], "table.mode")
-    if isinstance(t.groups, str):
-        _choice(t.groups, ["single", "blocks", "layers"], "table.groups")
-    _choice(t.underscores, ["space", "keep"], "table.underscores")
-    _choice(tr.train, ["table", "table+kv", "full"], "training.train")
-    _choice(tr.lr_schedule, ["constant", "linear", "cosine"], "training.lr_schedule")
+    if isinstance(t.groups, str) and t.groups not in ("single", "blocks", "layers"):
+        raise ConfigError(f"'table.groups' must be one of single, blocks, layers or a mapping, got {t.groups!r}")
     if tr.mixed_precision == "fp16":
         raise ConfigError("'training.mixed_precision' fp16 is not supported (the row-sparse optimiser does no loss "
                           "scaling): use bf16 or no")
-    _choice(tr.mixed_precision, ["no", "bf16"], "training.mixed_precision")
     if tr.train == "table+kv" and t.mode == "kv":
-        raise ConfigError("'training.train' table+kv trains attn2 to_k/to_v, which table.mode=kv bypasses: "
-                          "use train=table or mode=vector")
+        raise ConfigError("'training.train' table+kv trains the attn2 key/value projections, which table.mode=kv "
+                          "bypasses: use train=table or mode=vector")
+    if tr.max_bad_steps < 0:
+        raise ConfigError(f"'training.max_bad_steps' must be >= 0, got {tr.max_bad_steps}")
     if t.pad_to is not None and t.pad_to < 1:
         raise ConfigError(f"'table.pad_to' must be >= 1 or null, got {t.pad_to}")
     if o.sample_every < 0 or tr.max_grad_norm < 0:

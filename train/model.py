@@ -6,7 +6,13 @@ import json
 import os
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conditioner.table import TagTable
+from unet_patch.pipeline import TABLE_FILE, load_components
 
 # A small pixel-space UNet: 32 px images, cross-attention at 16 and 8 px only (attention at 32 px costs ~3×).
 TINY_UNET = dict(
@@ -46,6 +52,42 @@ PIXEL_SCHEDULE = dict(SD_SCHEDULE, rescale_betas_zero_snr=True, timestep_spacing
                       prediction_type="v_prediction")
 
 
+def diffusers_config(configured) -> dict:
+    """The config of a diffusers scheduler or model without bookkeeping keys (``_class_name`` …).
+
+    Ready for ``SchedulerClass.from_config`` and stable for hashing (no paths or versions).
+
+    Args:
+        configured: a diffusers scheduler or model (anything with a ``config`` mapping).
+    """
+    return {key: value for key, value in dict(configured.config).items() if not key.startswith("_")}
+
+
+def vae_scale_factor(vae) -> int:
+    """How many image pixels one latent pixel covers (8 for SD's VAE); 1 without a VAE (pixel-space models).
+
+    Args:
+        vae (`diffusers.AutoencoderKL`, *optional*): the VAE, or `None`.
+    """
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _load_folder(model_dir: str):
+    """``(unet, scheduler | None, vae | None, table | None)`` of a diffusers folder; ``scheduler/`` is optional."""
+    if os.path.isfile(os.path.join(model_dir, "scheduler", "scheduler_config.json")):
+        return load_components(model_dir)
+    unet_dir = os.path.join(model_dir, "unet")
+    if not os.path.isfile(os.path.join(unet_dir, "config.json")):
+        raise FileNotFoundError(f"{model_dir!r} has no unet/config.json: expected a diffusers-layout model folder")
+    print(f"model: {model_dir!r} has no scheduler/: using Stable Diffusion's noise schedule", flush=True)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True)
+    vae_dir = os.path.join(model_dir, "vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True) if os.path.isfile(
+        os.path.join(vae_dir, "config.json")) else None
+    table_path = os.path.join(model_dir, TABLE_FILE)
+    return unet, None, vae, TagTable.load(table_path) if os.path.isfile(table_path) else None
+
+
 def build_builtin(name: str, seed: int = 0) -> UNet2DConditionModel:
     """A built-in UNet, freshly initialised (seeded)."""
     if name not in BUILTIN:
@@ -60,16 +102,12 @@ def load_base(model_cfg, seed: int = 0):
     Raises:
         FileNotFoundError / ValueError: with a one-line message saying which path or field is wrong.
     """
-    vae, table = None, None
-    scheduler_config: dict | None = None
+    vae, table, scheduler = None, None, None
     if model_cfg.builtin:
         unet = build_builtin(model_cfg.builtin, seed)
         name = model_cfg.name or f"builtin:{model_cfg.builtin}"
     elif model_cfg.pretrained:
-        from unet_patch.pipeline import load_components
-
-        unet, scheduler, vae, table = load_components(model_cfg.pretrained)
-        scheduler_config = dict(scheduler.config)
+        unet, scheduler, vae, table = _load_folder(model_cfg.pretrained)
         name = model_cfg.name or os.path.basename(os.path.normpath(model_cfg.pretrained))
     else:
         path, config = model_cfg.single_file, model_cfg.single_file_config
@@ -80,12 +118,11 @@ def load_base(model_cfg, seed: int = 0):
             raise FileNotFoundError(f"model.single_file_config {config!r} has no config.json")
         unet = load_single_file(path, config_dir)
         name = model_cfg.name or os.path.basename(path)
-    if scheduler_config is None:
+    if scheduler is None:
         schedule = PIXEL_SCHEDULE if model_cfg.builtin else SD_SCHEDULE
         noise_scheduler = DDPMScheduler(num_train_timesteps=model_cfg.num_train_timesteps, **schedule)
     else:
-        keep = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-        noise_scheduler = DDPMScheduler.from_config(keep)
+        noise_scheduler = DDPMScheduler.from_config(diffusers_config(scheduler))
     if model_cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -100,15 +137,11 @@ def load_single_file(path: str, config_dir: str) -> UNet2DConditionModel:
     Files with diffusers key names (``conv_in.weight`` …) are loaded directly into a UNet built from the config;
     original LDM/kohya-format checkpoints (``model.diffusion_model.…``) go through diffusers' converter.
     """
-    from safetensors import safe_open
-
     if not path.endswith(".safetensors"):
         raise ValueError(f"model.single_file {path!r} must be a .safetensors file (pickled checkpoints are refused)")
     with safe_open(path, framework="pt") as f:
         keys = list(f.keys())
     if "conv_in.weight" in keys:
-        from safetensors.torch import load_file
-
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir))
         try:
             missing, unexpected = unet.load_state_dict(load_file(path), strict=False)
@@ -127,3 +160,25 @@ def describe(unet: torch.nn.Module) -> str:
     params = sum(p.numel() for p in unet.parameters())
     config = json.loads(json.dumps(dict(unet.config), default=str))
     return f"UNet {params / 1e6:.2f}M params, {config.get('sample_size')} px, in_channels={config.get('in_channels')}"
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023) per sample, finite for every schedule and prediction type.
+
+    Epsilon prediction: ``min(snr, γ) / snr``, written as ``min(1, γ / snr)`` so that a zero-terminal-SNR schedule
+    (``snr = 0`` at the last timestep) gives 1 instead of 0/0. v-prediction: ``min(snr, γ) / (snr + 1)``.
+
+    Args:
+        noise_scheduler: the training scheduler (``alphas_cumprod`` and ``config.prediction_type`` are used).
+        timesteps (`torch.LongTensor`): ``(B,)`` the samples' timesteps.
+        gamma (`float`): γ; `0` turns the weighting off (all ones).
+
+    Returns:
+        `torch.Tensor`: ``(B,)`` float32 weights.
+    """
+    if gamma <= 0:
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    snr = compute_snr(noise_scheduler, timesteps)  # (B,), in [0, inf]
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.clamp(gamma / snr, max=1.0)

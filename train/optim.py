@@ -7,6 +7,8 @@ step count (so bias correction is per row), and a step reads and writes only the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -80,8 +82,6 @@ class RowSparseAdamW:
 
 def lr_at(step: int, base_lr: float, schedule: str, warmup: int, total: int) -> float:
     """Learning rate at optimiser step ``step`` (0-based): linear warmup, then constant / linear / cosine decay."""
-    import math
-
     if warmup and step < warmup:
         return base_lr * (step + 1) / warmup
     if schedule == "constant":
@@ -90,3 +90,57 @@ def lr_at(step: int, base_lr: float, schedule: str, warmup: int, total: int) -> 
     if schedule == "linear":
         return base_lr * (1.0 - progress)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class SparseEMA:
+    """Exponential moving average of table rows that touches only the rows of each step, yet is exact.
+
+    A dense EMA would cost O(table) per step. Between two updates of a row its value is constant, so ``k`` missed
+    steps fold into one closed-form update, ``ema ← d^k · ema + (1 − d^k) · value``. Every row remembers the step it
+    was last brought up to date; :meth:`update` catches the stepped rows up (with their value before the step) and
+    then applies the step, and :meth:`read` catches every row up to a given step. The result equals a dense EMA over
+    all steps up to float rounding; the stored state (average and per-row step) makes resume exact.
+
+    Args:
+        data (`torch.Tensor`): ``(R, A, W)`` the rows at step 0; the average starts there.
+        decay (`float`): the decay ``d`` per step.
+    """
+
+    def __init__(self, data: torch.Tensor, decay: float):
+        self.decay = decay
+        self.average = data.detach().clone()  # (R, A, W)
+        self.last = torch.zeros(data.shape[0], dtype=torch.long, device=data.device)  # (R,) step it is current at
+
+    def _factor(self, missed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``d^k`` per row, shaped to broadcast over ``like``'s rows."""
+        power = torch.pow(torch.tensor(self.decay, dtype=torch.float64, device=missed.device), missed.double())
+        return power.to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+    @torch.no_grad()
+    def update(self, before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor, step: int) -> None:
+        """Apply optimiser step ``step`` (1-based), which changed ``rows`` from ``before[rows]`` to ``after[rows]``.
+
+        Args:
+            before (`torch.Tensor`): ``(K, A, W)`` the rows' values before the step.
+            after (`torch.Tensor`): ``(R, A, W)`` the table after the step.
+            rows (`torch.LongTensor`): ``(K,)`` the rows the step changed.
+            step (`int`): the step just taken.
+        """
+        factor = self._factor(step - 1 - self.last[rows], before)  # the missed steps, at the old value
+        caught = factor * self.average[rows] + (1 - factor) * before
+        self.average[rows] = self.decay * caught + (1 - self.decay) * after[rows]
+        self.last[rows] = step
+
+    def read(self, data: torch.Tensor, step: int) -> torch.Tensor:
+        """The EMA of every row at ``step`` (a new tensor; the state is left as it is)."""
+        factor = self._factor(step - self.last, data)  # (R, 1, 1)
+        return factor * self.average + (1 - factor) * data
+
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The state as named tensors, for a safetensors checkpoint."""
+        return {f"{prefix}.average": self.average, f"{prefix}.last": self.last}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        """Restore what :meth:`state_tensors` gave."""
+        self.average = tensors[f"{prefix}.average"].clone()
+        self.last = tensors[f"{prefix}.last"].clone()

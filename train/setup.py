@@ -1,0 +1,210 @@
+"""Everything a run needs before its first step: base model, data, table, what trains, and the input cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+
+from conditioner.encode import tokenize
+from conditioner.parse import Tag, TagNormalization, parse_prompt
+from conditioner.table import TagTable
+from demo import data as demo_data
+from train import checkpoint as ckpt
+from train.cache import LatentCache, LatentEncoder, PixelCache
+from train.data import Item, assign_buckets, scan_dataset
+from train.model import describe, load_base, vae_scale_factor
+from train.tracking import trackers
+from unet_patch.discover import discover, table_for_unet
+from unet_patch.patch import install
+from unet_patch.projections import bypassed_parameters, kv_projections, special_rows_from
+
+
+@dataclass
+class Setup:
+    """What :func:`build` prepared for a run."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    noise_scheduler: object
+    table: TagTable
+    existing_rows: int  # rows of the table before the data's new tags were added
+    train_special: bool  # whether the special rows (sink, padding) train
+    unet_params: list[torch.nn.Parameter]  # UNet weights that train (may be empty)
+    items: list[Item]
+    captions: list[list[Tag]]
+    cache: LatentCache | LatentEncoder | PixelCache
+    resume_path: str | None
+
+
+def make_accelerator(cfg) -> Accelerator:
+    """The run's accelerator: CPU when no GPU is present, the configured mixed precision and trackers."""
+    log_with = trackers(cfg.output.report_to)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=str(cfg.training.mixed_precision),
+                       log_with=log_with or None, project_dir=cfg.output.dir)
+
+
+def build(cfg, acc: Accelerator) -> Setup:
+    """Prepare a run from its resolved config (see ``train.config.RunConfig``); logs one line per decision.
+
+    Raises:
+        ValueError: bad data, table or config combinations, with a one-line message.
+    """
+    say = print if acc.is_main_process else _silent
+    log = say  # lines about the table and tags; a resumed run's table is the checkpoint's, so they are left out
+    resume_path = ckpt.resolve_resume(cfg.output.dir, cfg.output.resume) if cfg.output.resume else None
+    if resume_path is None and ckpt.list_checkpoints(cfg.output.dir):
+        raise ValueError(f"output.dir {cfg.output.dir!r} already holds checkpoints of a run: continue it with "
+                         "output.resume=latest, or choose a new output.dir")
+    if resume_path is not None:
+        with open(os.path.join(resume_path, "state.json")) as f:
+            say(f"resumed from {resume_path} at step {json.load(f)['step']}", flush=True)
+        log = _silent
+    _generate_demo(cfg, acc)
+    unet, vae, noise_scheduler, base_table, base_name = load_base(cfg.model, cfg.training.seed)
+    say(f"base model: {base_name} — {describe(unet)}", flush=True)
+    d = cfg.data
+    items = scan_dataset(d.path, caption_ext=d.caption_ext, metadata=d.metadata, repeats=dict(d.repeats),
+                         default_repeats=d.default_repeats)
+    buckets = assign_buckets(items, d.resolution, step=d.bucket_step * vae_scale_factor(vae), enabled=d.bucketing,
+                             max_aspect=d.max_aspect)
+    say(f"data: {len(items)} images ({sum(i.repeats for i in items)} with repeats) in {len(buckets)} bucket(s): "
+        f"{', '.join(f'{w}x{h}' for w, h in buckets)}", flush=True)
+    table = _make_table(cfg, unet, base_table, base_name, noise_scheduler, log)
+    existing_rows = len(table)
+    captions = [_parse_caption(item.caption, item.path, table) for item in items]
+    _add_data_tags(cfg, table, captions, log)
+    for prompt in cfg.output.sample_prompts:
+        try:
+            tokenize(table, [prompt])
+        except ValueError as err:
+            raise ValueError(f"output.sample_prompts {prompt!r}: {str(err).split(' (pass lenient')[0]}") from None
+    table.to(acc.device)
+    train_special = cfg.table.train_special
+    if train_special is None:
+        train_special = not cfg.table.freeze_existing
+        log(f"table: special rows (sink, padding) {'train' if train_special else 'stay frozen (freeze_existing)'};"
+            " set table.train_special to choose", flush=True)
+
+    unet.to(acc.device).requires_grad_(False)
+    unet_params: list[torch.nn.Parameter] = []
+    if cfg.training.train == "full":
+        unet.requires_grad_(True)
+        for param in bypassed_parameters(unet, table):  # a kv table gives K and V directly: no gradient there
+            param.requires_grad_(False)
+        unet_params = [p for p in unet.parameters() if p.requires_grad]
+    elif cfg.training.train == "table+kv":
+        unet_params = [p for module in kv_projections(unet, table) for p in module.parameters()]
+        for param in unet_params:
+            param.requires_grad_(True)
+    if cfg.training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    install(unet, table)
+    if vae is not None:
+        vae.to(acc.device).requires_grad_(False).eval()
+    cache = _make_cache(cfg, vae, items, acc)
+    return Setup(unet, vae, noise_scheduler, table, existing_rows, train_special, unet_params, items, captions,
+                 cache, resume_path)
+
+
+def _generate_demo(cfg, acc: Accelerator) -> None:
+    d = cfg.data
+    needed = d.generate_demo > 0 and not os.path.exists(d.path)
+    acc.wait_for_everyone()  # every rank decides before rank 0 starts writing
+    if not needed:
+        return
+    if acc.is_main_process:
+        size = 64 if d.resolution > 32 else 32  # the demo generator draws at 32 or 64 px; buckets resize
+        if d.demo_concepts:
+            for k, concept in enumerate(d.demo_concepts):
+                tag, spec = (part.strip() for part in concept.split("=", 1))
+                attributes = {}
+                for word in spec.split():
+                    for key, options in (("colour", demo_data.COLOURS), ("shape", demo_data.SHAPES),
+                                         ("size", demo_data.SIZES)):
+                        if word in options:
+                            attributes[key] = word
+                if len(attributes) != 3:
+                    raise ValueError(f"data.demo_concepts {concept!r}: name a size ({', '.join(demo_data.SIZES)}), "
+                                     f"a colour ({', '.join(demo_data.COLOURS)}) and a shape "
+                                     f"({', '.join(demo_data.SHAPES)})")
+                demo_data.generate_concept_dataset(os.path.join(d.path, tag.replace(" ", "_")), tag, attributes,
+                                                   d.generate_demo, size=size, seed=cfg.training.seed + k)
+        else:
+            demo_data.generate_demo_dataset(d.path, d.generate_demo, size=size, seed=cfg.training.seed)
+        print(f"wrote {d.generate_demo} demo images to {d.path}", flush=True)
+    acc.wait_for_everyone()
+
+
+def _make_table(cfg, unet, base_table: TagTable | None, base_name: str, noise_scheduler, log) -> TagTable:
+    t = cfg.table
+    if t.start_from:
+        table = TagTable.load(t.start_from)
+        log(f"table: continuing {t.start_from} ({len(table)} tags)", flush=True)
+    elif base_table is not None and t.use_base_table:
+        table = base_table
+        log(f"table: the base model's own table ({len(table)} tags)", flush=True)
+    else:
+        groups = t.groups if isinstance(t.groups, str) else OmegaConf.to_container(t.groups)
+        table = table_for_unet(
+            unet, base_name=base_name, mode=str(t.mode), groups=groups, anchors=t.anchors,
+            num_train_timesteps=noise_scheduler.config.num_train_timesteps, use_sink=t.use_sink, pad_to=t.pad_to,
+            normalization=TagNormalization(lowercase=t.lowercase, underscores=str(t.underscores)),
+            seed=cfg.training.seed,
+        )
+        special = special_rows_from(base_table, table, unet) if base_table is not None else None
+        if special is not None:
+            table.special = special
+            log("table: sink and padding rows derived from the base model's table", flush=True)
+        log(f"table: new, {table}", flush=True)
+    table.check_layers(discover(unet))
+    return table
+
+
+def _parse_caption(caption: str, path: str, table: TagTable) -> list[Tag]:
+    try:
+        return parse_prompt(caption, table.normalization)
+    except ValueError as err:
+        raise ValueError(f"caption of {path}: {err}") from None
+
+
+def _add_data_tags(cfg, table: TagTable, captions: list[list[Tag]], log) -> None:
+    seen: dict[str, None] = {}
+    for tags in captions:
+        for tag in tags:
+            seen.setdefault(tag.name)
+    new = [name for name in seen if name not in table]
+    if new:
+        table.add_tags(new, init=cfg.table.init, std=cfg.table.init_std, seed=cfg.training.seed + 7)
+    split = [name for name in seen if name in table.values]
+    if split:
+        warnings.warn(f"{len(split)} tag(s) in the data are swapped (split) concepts, e.g. {split[0]!r}: only "
+                      "their key source trains, their value source stays as it is", stacklevel=2)
+    shown = ", ".join(new[:12]) + (f", … (+{len(new) - 12})" if len(new) > 12 else "")
+    log(f"tags: {len(seen)} in the data, {len(new)} new to the table" + (f": {shown}" if new else ""), flush=True)
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _make_cache(cfg, vae, items: list[Item], acc: Accelerator) -> LatentCache | LatentEncoder | PixelCache:
+    """Pixels in memory (no VAE), or VAE latents: cached on disk (``data.cache_latents``) or encoded on the fly."""
+    d = cfg.data
+    if vae is None:
+        cache = PixelCache()
+    elif d.cache_latents:
+        cache = LatentCache(vae, d.cache_dir or os.path.join(d.path, ".condvec_cache"), device=acc.device)
+    else:
+        return LatentEncoder(vae, device=acc.device)
+    if acc.is_main_process:
+        cache.prepare(items, flips=d.flip, progress=cfg.output.progress)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        cache.prepare(items, flips=d.flip, progress=False)
+    return cache
