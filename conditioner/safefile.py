@@ -151,6 +151,9 @@ def check_loaded_table(path: str | os.PathLike, table) -> None:
         `TableFileError`: naming the file and the first problem found.
     """
     path = os.fspath(path)
+    for name in ("data", "special"):
+        if not getattr(table, name).is_floating_point():
+            raise _damaged(path, f"{name} is {getattr(table, name).dtype}, not floating point: the table is damaged")
     if len(table.layer_group) != len(table.layers):
         raise _damaged(path, f"metadata gives {len(table.layer_group)} layer groups for {len(table.layers)} layers")
     bad = [g for g in table.layer_group if not 0 <= g < len(table.group_names)]
