@@ -322,3 +322,20 @@ def test_load_image_of_a_file_broken_after_the_scan_is_one_line_error(tmp_path):
     with pytest.raises(ValueError, match=r"cannot decode image .*good.png: .*; replace or remove the file") as error:
         load_image(item)
     assert "\n" not in str(error.value)
+
+
+def test_condvec_train_on_only_bad_images_is_one_line_exit_2(tmp_path, capsys):
+    from train.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _bad_image(b"junk")(data)
+    (data / "nocap.png").write_bytes(_PNG)
+    empty = tmp_path / "run.yaml"
+    empty.write_text("{}\n", encoding="utf-8")
+    code = main([str(empty), f"data.path={data}", "model.builtin=micro", "data.resolution=16", "training.steps=1",
+                 f"output.dir={tmp_path / 'out'}", "output.progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"condvec-train: error: no usable images in {data}: all 2 skipped"), err
+    assert not any("Traceback" in line for line in err)
