@@ -1,6 +1,7 @@
 # The README's two commands, set-up included: `make quickstart` and `make test`.
 # On first use they create $(VENV), install the CPU build of torch only when $(VENV) has no importable torch (a
 # CUDA build already there is kept), then install the project; later runs reinstall only when pyproject.toml changes.
+# (--retries 1: where the CPU index cannot be reached, pip falls back to PyPI's wheel quickly.)
 # Variables: VENV=.venv  PYTHON=python3  TORCH_VERSION=2.13.0  TORCH_INDEX=<CPU wheel index>  ARGS=<extra arguments>
 
 PYTHON ?= python3
@@ -24,7 +25,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 		echo "$(VENV): keeping torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	else \
 		echo "$(VENV): installing torch==$(TORCH_VERSION) (CPU build)"; \
-		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX); \
+		$(BIN)/python -m pip install -q --retries 1 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX); \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)

@@ -1,0 +1,31 @@
+"""The README's config reference is the schema's: every key, default and help text, generated, never hand-kept."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+config_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(config_reference)
+
+
+def test_readme_config_reference_equals_the_schema():
+    table = config_reference.readme_table((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert table is not None, "README.md lost its config reference markers"
+    assert table == config_reference.reference_table(), (
+        "README config reference is out of date: regenerate with `python scripts/config_reference.py`")
+
+
+def test_reference_lists_every_key_with_its_real_default():
+    from omegaconf import OmegaConf
+
+    from train.config import RunConfig, schema_help
+
+    rows = config_reference.reference_table().splitlines()[2:]
+    keys = [key for key, _, _ in schema_help()]
+    assert [row.split(" | ")[0].strip("| `") for row in rows] == keys
+    defaults = OmegaConf.structured(RunConfig)
+    by_key = {row.split(" | ")[0].strip("| `"): row.split(" | ")[1] for row in rows}
+    assert by_key["training.steps"] == f"`{defaults.training.steps}`"
+    assert by_key["training.lr"] == f"`{defaults.training.lr!r}`"
+    assert by_key["table.pad_to"] == ("`null`" if defaults.table.pad_to is None else f"`{defaults.table.pad_to}`")
