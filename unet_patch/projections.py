@@ -61,8 +61,8 @@ def special_rows_from(base: TagTable, table: TagTable, unet: torch.nn.Module) ->
     are resampled at ``table``'s anchors. A vector-mode ``table`` gets, per group, the mean of the base's rows over
     the layers of that group; a key/value-mode ``table`` gets each layer's own K and V of the base's row for that
     layer (``norm_cross`` included), which is exact at the anchors (between anchors, K and V are interpolated where
-    the base interpolated its inputs: the same when the layer has no ``norm_cross``, close when it has). Special row ``i`` of ``table`` comes from row ``i`` of the base,
-    or from the base's last row when the base has fewer.
+    the base interpolated its inputs: the same when the layer has no ``norm_cross``, close when it has).
+    Special row ``i`` of ``table`` comes from row ``i`` of the base, or from the base's last row when it has fewer.
 
     Args:
         base (`TagTable`): the base model's table.
