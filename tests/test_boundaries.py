@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("conditioner", "unet_patch", "train", "merge", "demo", "benchmarks")
+PACKAGES = ("conditioner", "unet_patch", "train", "merge", "demo", "bootstrap", "benchmarks")
 # package → project packages it must never import
 FORBIDDEN = {
     "conditioner": set(PACKAGES) - {"conditioner"},
     "train": {"merge", "benchmarks"},
-    "merge": {"train", "unet_patch", "demo", "benchmarks"},
+    "merge": {"train", "unet_patch", "demo", "bootstrap", "benchmarks"},
     "unet_patch": {"train", "merge", "demo", "benchmarks"},
-    "demo": {"train", "merge", "unet_patch", "benchmarks"},
+    "demo": {"train", "merge", "unet_patch", "bootstrap", "benchmarks"},
 }
 # an identifier-like string naming a projection ("to_k", "attn2.to_v.weight", "*.to_k"), not prose that mentions one
 _PROJECTION_NAME = re.compile(r"[\w.*]*\bto_[kv]\b[\w.*]*")
