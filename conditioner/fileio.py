@@ -54,7 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 @contextmanager
@@ -86,7 +86,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
         for root, _, files in os.walk(tmp):
             for file in files:
                 _fsync_file(os.path.join(root, file))
-            _fsync_dir(root)
+            fsync_dir(root)
         if os.path.exists(path):  # never delete the old folder before the new one is in place
             old = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}old-{name}-", dir=parent)
             os.replace(path, old)
@@ -96,7 +96,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
         if old is not None and not os.path.exists(path):
             os.replace(old, path)
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -112,7 +112,12 @@ def _fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Flush a folder's entries to disk, so that a rename or a new file in it survives a power cut.
+
+    Args:
+        path (`str`): the folder. On platforms that cannot open folders (Windows) this does nothing.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # platforms that cannot open folders (Windows) rely on the file fsync alone
