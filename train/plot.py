@@ -7,7 +7,6 @@ import math
 from matplotlib.figure import Figure
 
 from conditioner.fileio import atomic_path
-from unet_patch.grid import labelled_grid  # noqa: F401  (kept importable from here while callers move)
 
 _DPI = 100
 
