@@ -49,7 +49,7 @@ def to_kv(table: TagTable, unet: torch.nn.Module) -> TagTable:
             data[row, :, cols_out] = torch.cat([key, value], -1).to(data.dtype)
     out.tags, out.data, out.special = list(table.tags), data, special
     out.counts, out.pooled, out.null_pooled = dict(table.counts), table.pooled, table.null_pooled
-    out.negative_zeros = table.negative_zeros
+    out.negative_zeros, out.vectors = table.negative_zeros, dict(table.vectors)
     out.provenance = table.provenance + [{"op": "to_kv", "from": table.group_kind}]
     out.__post_init__()
     return out

@@ -1,0 +1,141 @@
+"""``condvec-bootstrap``: a tag table from a Stable Diffusion model's own text encoder(s); embeddings as tags.
+
+    condvec-bootstrap MODEL -o TABLE.safetensors [--tags FILE] [--data DIR] [--groups single|blocks|layers]
+                      [--mode vector|kv] [--tokens-per-tag N] [--config DIR]
+    condvec-bootstrap import TABLE FILE [FILE …] --name TAG [--model MODEL] (-o OUT | --in-place)
+
+MODEL is a diffusers folder or a single-file ``.safetensors`` checkpoint with ``--config`` (a local diffusers folder
+of the same architecture). The text encoders run once, here; training and generation never need them again.
+"""
+
+from __future__ import annotations
+
+import os
+
+from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
+
+PROG = "condvec-bootstrap"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``condvec-bootstrap``; returns 0, or 2 after a one-line error on stderr (nothing is written then)."""
+    return run_cli(PROG, lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["import"]:
+        args = _import_parser().parse_args(argv[1:])
+        print(_import(args))
+    else:
+        args = _parser().parse_args(argv)
+        print(_bootstrap(args))
+    return 0
+
+
+def _parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                              epilog=f"To import embedding files into a table: {PROG} import --help")
+    p.add_argument("model", metavar="MODEL", help="diffusers folder, or a .safetensors checkpoint with --config")
+    p.add_argument("-o", "--output", required=True, metavar="TABLE", help="the table to write (.safetensors)")
+    p.add_argument("--tags", metavar="FILE", help="tags, one per line (# starts a comment)")
+    p.add_argument("--data", metavar="DIR", help="also every tag of this dataset's captions (as condvec-train reads)")
+    p.add_argument("--groups", default="single", choices=("single", "blocks", "layers"),
+                   help="layer groups; every group starts from the same vectors (default single)")
+    p.add_argument("--mode", default="vector", choices=("vector", "kv"),
+                   help="vector: vectors through to_k/to_v; kv: each layer's K and V of them (default vector)")
+    p.add_argument("--tokens-per-tag", type=int, default=1, metavar="N", help="vectors per tag (default 1)")
+    p.add_argument("--config", metavar="DIR", help="for a single-file MODEL: a local diffusers folder of its kind")
+    p.add_argument("--batch-size", type=int, default=256, help="tags per text-encoder forward (default 256)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing TABLE")
+    return p
+
+
+def _import_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog=f"{PROG} import", description="Add embedding files to a table as tags: kohya XTI, "
+                              "A1111 / kohya / OneTrainer / diffusers textual inversion (SD1.x, SD2.x, SDXL).")
+    p.add_argument("table", metavar="TABLE", help="the table to add to")
+    p.add_argument("files", nargs="+", metavar="FILE", help="embedding files (.safetensors; .pt/.bin weights-only)")
+    p.add_argument("--name", action="append", metavar="TAG",
+                   help="tag name for each FILE, in order (default: the name stored in the file, else its stem)")
+    p.add_argument("--model", metavar="MODEL", help="the model whose text encoder input-space embeddings go through")
+    p.add_argument("--config", metavar="DIR", help="for a single-file MODEL: a local diffusers folder of its kind")
+    p.add_argument("-o", "--output", metavar="OUT", help="write the result here")
+    p.add_argument("--in-place", action="store_true", help="rewrite TABLE")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    return p
+
+
+def _read_tags(args) -> list[str]:
+    tags: list[str] = []
+    if args.tags:
+        with open(args.tags, encoding="utf-8") as f:
+            tags += [line.split("#", 1)[0].strip() for line in f]
+    if args.data:
+        from conditioner.parse import parse_prompt
+        from train.data import scan_dataset
+
+        for item in scan_dataset(args.data):
+            tags += [tag.name for tag in parse_prompt(item.caption)]
+    tags = [t for t in dict.fromkeys(tags) if t]
+    if not tags:
+        raise UsageError("no tags to bootstrap: give --tags FILE (one tag per line) and/or --data DIR")
+    return tags
+
+
+def _bootstrap(args) -> str:
+    from bootstrap.load import describe, load_model
+    from bootstrap.table import bootstrap_table
+
+    if args.tokens_per_tag < 1 or args.batch_size < 1:
+        raise UsageError("--tokens-per-tag and --batch-size must be >= 1")
+    if not args.output.endswith(".safetensors"):
+        raise UsageError(f"-o must name a .safetensors file, got {args.output!r}")
+    if os.path.exists(args.output) and not args.force:
+        raise UsageError(f"{args.output!r} already exists; pass --force to overwrite it")
+    tags = _read_tags(args)
+    model = load_model(args.model, config=args.config)
+    print(describe(model), flush=True)
+    table = bootstrap_table(model, tags, groups=args.groups, mode=args.mode, tokens_per_tag=args.tokens_per_tag,
+                            batch_size=args.batch_size)
+    table.save(args.output)
+    return (f"wrote {args.output}: {len(table) // args.tokens_per_tag} tags × {args.tokens_per_tag} vector(s), "
+            f"{len(table.group_names)} group(s), {table.mode} mode, null sequence of {table.special.shape[0]} "
+            f"positions from {table.base_model['bootstrap']['encoder']}")
+
+
+def _import(args) -> str:
+    from bootstrap.embeddings import read_embedding
+    from bootstrap.table import import_embedding
+    from conditioner.table import TagTable
+
+    if args.in_place == bool(args.output):
+        raise UsageError("import: say where to write: -o OUT.safetensors, or --in-place to rewrite TABLE")
+    out = args.table if args.in_place else args.output
+    if not args.in_place and os.path.exists(out) and not args.force:
+        raise UsageError(f"import: output {out!r} already exists; pass --force to overwrite it")
+    if args.name and len(args.name) != len(args.files):
+        raise UsageError(f"import: {len(args.name)} --name for {len(args.files)} files; give one per file, in order")
+    table = TagTable.load(args.table)
+    embeddings = [read_embedding(path) for path in args.files]
+    model = None
+    if any(e.kind != "output" for e in embeddings):
+        if not args.model:
+            raise UsageError("import: these embeddings are input-space (textual inversion / XTI): they go through the "
+                             "model's text encoder; pass --model MODEL")
+        from bootstrap.load import load_model
+
+        model = load_model(args.model, config=args.config)
+    added = []
+    for k, (path, emb) in enumerate(zip(args.files, embeddings)):
+        name = args.name[k] if args.name else (emb.name or os.path.splitext(os.path.basename(path))[0])
+        rows = import_embedding(table, emb, name, model)
+        added.append(f"{table.tags[rows[0]]} ({emb.format}, {len(rows)} vector(s))")
+    table.save(out)
+    return f"wrote {out}: added {', '.join(added)} ({len(table)} rows)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
