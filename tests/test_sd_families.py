@@ -139,3 +139,31 @@ def test_condvec_pipeline_matches_the_stock_pipeline(family):
     img = ours("elephant", image=torch.rand(1, 3, 64, 64), strength=0.5, num_inference_steps=4,
                guidance_scale=3.0, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_timestep_anchors_in_the_stock_pipeline_through_the_callback(tmp_path):
+    """A table with anchors: the stock pipeline + AnchorCallback gives the same image as TagDiffusionPipeline."""
+    from unet_patch.pipeline import AnchorCallback
+
+    folder = make_sd15(tmp_path)
+    model = load_model(folder, with_text_encoders=True)
+    table = bootstrap_table(model, ["red", "elephant"], groups="blocks", anchors=3, progress=False)
+    gen = torch.Generator().manual_seed(5)
+    table.data += torch.randn(table.data.shape, generator=gen) * 0.3  # anchors now differ
+    stock = _stock_pipe("sd1", folder)
+    ours = TagDiffusionPipeline(unet=stock.unet, scheduler=stock.scheduler, vae=stock.vae, table=table)
+    ours.set_progress_bar_config(disable=True)
+    want = ours("red, elephant", negative_prompt="", num_inference_steps=3, guidance_scale=4.0,
+                output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    callback = AnchorCallback(table, "red, elephant")
+    stock.scheduler.set_timesteps(3)
+    with patched(stock.unet, table):
+        got = stock(**callback.embeds(stock.scheduler.timesteps[0]), num_inference_steps=3, guidance_scale=4.0,
+                    output_type="latent", height=64, width=64, generator=torch.Generator().manual_seed(0),
+                    callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs).images
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    static = AnchorCallback(table, "red, elephant").embeds(stock.scheduler.timesteps[0])
+    with patched(stock.unet, table):
+        other = stock(**static, num_inference_steps=3, guidance_scale=4.0, output_type="latent", height=64,
+                      width=64, generator=torch.Generator().manual_seed(0)).images
+    assert not torch.allclose(other, want)  # without the callback the anchors would not move

@@ -27,6 +27,55 @@ def vae_scale_factor(vae: AutoencoderKL | None) -> int:
     return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+class AnchorCallback:
+    """Timestep anchors in a stock diffusers pipeline: re-encodes the prompts for each step's timestep.
+
+    Stock pipelines encode once; a table with timestep anchors needs the conditioning of every step's timestep. Pass
+    this as ``callback_on_step_end`` (with ``callback_on_step_end_tensor_inputs=callback.tensor_inputs``): after each
+    step it hands the pipeline the conditioning for the next timestep, ``[negative, positive]`` when the pipeline
+    runs classifier-free guidance. The first step's conditioning comes from :meth:`embeds`.
+
+    Args:
+        table (`TagTable`): the table (installed on the pipeline's UNet).
+        prompt (`str | list[str]`): tag prompts.
+        negative_prompt (`str | list[str]`, defaults to `""`): negative prompts (one, or one per prompt).
+
+    Example:
+        ```py
+        >>> callback = AnchorCallback(table, "red circle, large circle")
+        >>> pipe.scheduler.set_timesteps(30)
+        >>> image = pipe(**callback.embeds(pipe.scheduler.timesteps[0]), num_inference_steps=30,
+        ...              callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs)
+        ```
+    """
+
+    tensor_inputs = ["prompt_embeds"]
+
+    def __init__(self, table: TagTable, prompt: str | list[str], negative_prompt: str | list[str] = ""):
+        self.table = table
+        self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        self.negatives = negatives * len(self.prompts) if len(negatives) == 1 else negatives
+        self.tokens = tokenize(table, self.negatives + self.prompts)
+        self.rows = Rows.from_table(table, self.tokens.rows)
+
+    def _both(self, timestep) -> torch.Tensor:
+        return pack(self.table, self.tokens, float(timestep), rows=self.rows)  # (2B, N, W): negatives, prompts
+
+    def embeds(self, timestep) -> dict[str, torch.Tensor]:
+        """``prompt_embeds`` and ``negative_prompt_embeds`` at one timestep (for the pipeline's first step)."""
+        negative, positive = self._both(timestep).chunk(2)
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        timesteps = pipe.scheduler.timesteps
+        if step + 1 >= len(timesteps):
+            return {}
+        current = callback_kwargs["prompt_embeds"]
+        both = self._both(timesteps[step + 1]).to(current)
+        return {"prompt_embeds": both if current.shape[0] == both.shape[0] else both.chunk(2)[1]}
+
+
 class TagDiffusionPipeline(DiffusionPipeline):
     """Generate images from tag prompts with a stock diffusers UNet and a condvec table.
 
