@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from conditioner.encode import Rows, encode_pooled, pack, tokenize
 from conditioner.table import TagTable
 from unet_patch.patch import patched
+from unet_patch.processor import cached_kv
 
 TABLE_FILE = os.path.join("table", "table.safetensors")
 
@@ -272,7 +273,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
                                                    num_inference_steps)
         step_kwargs = self._step_kwargs(generator, eta)
 
-        with patched(unet, table):
+        with patched(unet, table), cached_kv(unet):  # constant conditioning: K and V projected once per call
             for i, t in enumerate(self.progress_bar(timesteps)):
                 cond = static if static is not None else conditioning(float(t))
                 model_in = torch.cat([latents] * 2) if do_cfg else latents

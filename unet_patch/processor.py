@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +30,28 @@ class CondvecAttnProcessor:
 
     def __init__(self, layer_slice: LayerSlice):
         self.slice = layer_slice
+        self.cache: dict | None = None  # K and V of constant conditioning, while caching (see cached_kv)
+
+    def _key_value(self, attn, encoder_hidden_states: torch.Tensor, key_src: torch.Tensor,
+                   value_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, N, inner_dim)`` K and V; reused while the same conditioning tensor comes back unchanged."""
+        caching = self.cache is not None and not torch.is_grad_enabled()
+        if caching and self.cache:
+            source, version, key, value = self.cache["entry"]
+            if source() is encoder_hidden_states and version == encoder_hidden_states._version:
+                return key, value
+        if self.slice.mode == "kv":
+            key, value = key_src, value_src  # given directly
+        else:
+            tied = value_src is key_src
+            if attn.norm_cross:
+                key_src = attn.norm_encoder_hidden_states(key_src)
+                value_src = key_src if tied else attn.norm_encoder_hidden_states(value_src)
+            key = attn.to_k(key_src)
+            value = attn.to_v(value_src)
+        if caching:  # one entry: the conditioning tensor of the current call
+            self.cache["entry"] = (weakref.ref(encoder_hidden_states), encoder_hidden_states._version, key, value)
+        return key, value
 
     def _sources(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         s = self.slice
@@ -90,15 +115,7 @@ class CondvecAttnProcessor:
 
         query = attn.to_q(hidden_states)
 
-        if self.slice.mode == "kv":
-            key, value = key_src, value_src  # (B, N, inner_dim) each, given directly
-        else:
-            tied = value_src is key_src
-            if attn.norm_cross:
-                key_src = attn.norm_encoder_hidden_states(key_src)
-                value_src = key_src if tied else attn.norm_encoder_hidden_states(value_src)
-            key = attn.to_k(key_src)
-            value = attn.to_v(value_src)
+        key, value = self._key_value(attn, encoder_hidden_states, key_src, value_src)  # (B, N, inner_dim) each
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -127,3 +144,29 @@ class CondvecAttnProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+
+@contextmanager
+def cached_kv(unet: torch.nn.Module):
+    """Within the block, every condvec layer projects a conditioning tensor to K and V once and reuses them.
+
+    Constant conditioning — the sink, the padding, the null prompt, and any prompt of a table without timestep
+    anchors — gives the same K and V at every denoising step; the stock UNet re-projects them each step. A cache
+    entry is used only for the very tensor it was made from, unmodified (same object, same version counter), and
+    only without autograd; the cache is dropped when the block ends, so a table edited between calls is re-read.
+
+    Example:
+        ```py
+        >>> with patched(unet, table), cached_kv(unet):
+        ...     for t in timesteps:
+        ...         noise = unet(latents, t, encoder_hidden_states=cond).sample  # K, V projected once
+        ```
+    """
+    processors = [p for p in unet.attn_processors.values() if isinstance(p, CondvecAttnProcessor)]
+    for processor in processors:
+        processor.cache = {}
+    try:
+        yield unet
+    finally:
+        for processor in processors:
+            processor.cache = None
