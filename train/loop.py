@@ -11,37 +11,28 @@ rows' gradients are all-reduced. UNet weights, when trained, go through accelera
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from conditioner.encode import Rows, pack, tokenize
-from conditioner.fileio import atomic_path
 from train import checkpoint as ckpt
 from train.batches import Plan, Planner, sample_generator
-from train.config import to_yaml
 from train.model import min_snr_weights
 from train.optim import RowSparseAdamW, SparseEMA, lr_at
 from train.sampling import sample_grid
 from train.setup import build, make_accelerator
-from train.tracking import RunLog
+from train.tracking import RunLog, shown
 
 __all__ = ["NonFiniteError", "Plan", "Trainer", "sample_generator", "train"]
 
 
 class NonFiniteError(ValueError):
     """Too many steps in a row had a non-finite loss or gradient; the run stopped without saving."""
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    metrics: list[dict] = field(default_factory=list)
 
 
 class Trainer:
@@ -67,7 +58,7 @@ class Trainer:
         self.special_opt = RowSparseAdamW(self.table.special.shape[0], shape, betas, tr.eps, 0.0, device=self.device)
         self.ema = SparseEMA(self.table.data, tr.ema_decay) if tr.ema_decay > 0 else None
         self.ema_special = SparseEMA(self.table.special, tr.ema_decay) if tr.ema_decay > 0 else None
-        self.state, self.bad_steps = RunState(), 0
+        self.state, self.bad_steps = SimpleNamespace(step=0, metrics=[]), 0  # metrics: one dict per step taken
         if self.resume_path:
             ckpt.restore_trainer(self, self.resume_path)
 
@@ -161,9 +152,8 @@ class Trainer:
         if self.unet_optimizer is not None:
             self.unet_optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
-        names = sorted(counts)
-        tags = ", ".join(names[:12]) + (f", … (+{len(names) - 12})" if len(names) > 12 else "") or "none"
-        message = f"step {self.state.step}: non-finite loss ({loss}) or gradient; tags in the batch: {tags}"
+        message = f"step {self.state.step}: non-finite loss ({loss}) or gradient; tags in the batch: " \
+                  f"{shown(sorted(counts)) or 'none'}"
         if self.bad_steps > self.cfg.training.max_bad_steps:
             raise NonFiniteError(f"{message}; {self.bad_steps} such steps in a row (training.max_bad_steps="
                                  f"{self.cfg.training.max_bad_steps}): stopped, the last checkpoint is untouched")
@@ -179,9 +169,6 @@ class Trainer:
     def run(self) -> dict:
         """Train to ``training.steps``; returns paths of what the run wrote."""
         cfg, o = self.cfg, self.cfg.output
-        if self.acc.is_main_process:
-            with atomic_path(os.path.join(o.dir, "config.yaml")) as tmp, open(tmp, "w") as f:
-                f.write(to_yaml(cfg))
         log = RunLog(cfg, self.acc, self.state.metrics, self.state.step)
         samples = []
         while self.state.step < cfg.training.steps:

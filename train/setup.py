@@ -19,7 +19,7 @@ from train import checkpoint as ckpt
 from train.cache import LatentCache, LatentEncoder, PixelCache
 from train.data import Item, assign_buckets, scan_dataset
 from train.model import describe, load_base, vae_scale_factor
-from train.tracking import trackers
+from train.tracking import shown, trackers
 from unet_patch.discover import discover, table_for_unet
 from unet_patch.patch import install
 from unet_patch.projections import bypassed_parameters, kv_projections, special_rows_from
@@ -185,8 +185,7 @@ def _add_data_tags(cfg, table: TagTable, captions: list[list[Tag]], log) -> None
     if split:
         warnings.warn(f"{len(split)} tag(s) in the data are swapped (split) concepts, e.g. {split[0]!r}: only "
                       "their key source trains, their value source stays as it is", stacklevel=2)
-    shown = ", ".join(new[:12]) + (f", … (+{len(new) - 12})" if len(new) > 12 else "")
-    log(f"tags: {len(seen)} in the data, {len(new)} new to the table" + (f": {shown}" if new else ""), flush=True)
+    log(f"tags: {len(seen)} in the data, {len(new)} new to the table" + (f": {shown(new)}" if new else ""), flush=True)
 
 
 def _silent(*args, **kwargs) -> None:

@@ -15,11 +15,17 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from conditioner.fileio import atomic_path
+from train.config import to_yaml
 from train.plot import loss_plot
 
 _PACKAGES = {"tensorboard": ("tensorboard", is_tensorboard_available),
              "wandb": ("wandb", is_wandb_available)}
 TRACKED = ("loss", "lr", "grad_norm", "tags_in_batch")
+
+
+def shown(names: list[str], limit: int = 12) -> str:
+    """Names for a log line: the first ``limit``, then how many more."""
+    return ", ".join(names[:limit]) + (f", … (+{len(names) - limit})" if len(names) > limit else "")
 
 
 def trackers(report_to: str) -> list[str]:
@@ -56,7 +62,7 @@ def flat_config(cfg) -> dict:
 
 
 class RunLog:
-    """The run's reports: one JSON line per step, a tqdm bar, accelerate trackers, ``loss.png``.
+    """The run's reports: ``config.yaml``, one JSON line per step, a tqdm bar, accelerate trackers, ``loss.png``.
 
     Args:
         cfg (`DictConfig`): the run config.
@@ -72,7 +78,8 @@ class RunLog:
         self.path = os.path.join(self.out, "metrics.jsonl")
         self.window: list[float] = []
         if self.main:
-            os.makedirs(self.out, exist_ok=True)
+            with atomic_path(os.path.join(self.out, "config.yaml")) as tmp, open(tmp, "w") as f:
+                f.write(to_yaml(cfg))
             with atomic_path(self.path) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in metrics)
         if accelerator.log_with:
