@@ -5,6 +5,7 @@ The node-level tests (encode, pooled, imports) need no engine.
 """
 
 import ast
+import json
 import pathlib
 
 import pytest
@@ -256,3 +257,28 @@ def test_ksampler_samples_end_to_end_with_the_nodes(comfy):
     assert {width for _, width, _ in seen} == {table.dim}  # condvec handed the next patch one layer's key source
     assert len({float(s[0]) for _, _, s in seen}) == 3  # three steps, three sigmas
     assert not torch.allclose(sample("dog"), first)
+
+
+def test_example_workflow_wires_the_nodes_by_their_declared_types():
+    workflow = json.loads((ROOT / "comfyui_condvec" / "example_workflow.json").read_text())
+    ours = {k: v for k, v in workflow.items() if v["class_type"] in NODE_CLASS_MAPPINGS}
+    assert {v["class_type"] for v in ours.values()} == set(NODE_CLASS_MAPPINGS)
+    stock = {"CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"), "EmptyLatentImage": ("LATENT",),
+             "KSampler": ("LATENT",), "VAEDecode": ("IMAGE",), "SaveImage": ()}
+    outputs = {k: NODE_CLASS_MAPPINGS[v["class_type"]].RETURN_TYPES if k in ours else stock[v["class_type"]]
+               for k, v in workflow.items()}
+    links = {("CondvecApply", "model"): "MODEL", ("CondvecApply", "table"): "CONDVEC_TABLE",
+             ("CondvecEncode", "table"): "CONDVEC_TABLE", ("KSampler", "model"): "MODEL",
+             ("KSampler", "positive"): "CONDITIONING", ("KSampler", "negative"): "CONDITIONING"}
+    for node in workflow.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                source, index = value
+                expected = links.get((node["class_type"], name))
+                if expected:
+                    assert outputs[source][index] == expected, (node["class_type"], name)
+    for node in ours.values():  # every required input of our nodes is given
+        required = NODE_CLASS_MAPPINGS[node["class_type"]]
+        names = {"CondvecLoadTable": {"table_name"}}.get(node["class_type"]) or set(required.INPUT_TYPES()["required"])
+        assert names <= set(node["inputs"]), node["class_type"]
+    assert workflow["6"]["inputs"]["model"] == ["3", 0]  # the sampler runs the patched model
