@@ -12,12 +12,19 @@ import warnings
 from contextlib import contextmanager
 
 import torch
+from diffusers.models.attention_processor import (
+    FusedAttnProcessor2_0,
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+    SlicedAttnProcessor,
+)
 
 from conditioner.table import TagTable
 from unet_patch.discover import discover
 from unet_patch.processor import CondvecAttnProcessor
 
 _ORIGINAL = "_condvec_original_processor"
+_GUARD = "_condvec_guard"
 
 
 def _attn2_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -60,11 +67,58 @@ def install(unet: torch.nn.Module, table: TagTable) -> None:
     layers = discover(unet)
     table.check_layers(layers)
     slices = table.layer_slices()
+    processors = {}
     for layer in layers:
         attn = unet.get_submodule(layer.name)
         if not _is_condvec(attn):
             attn.__dict__[_ORIGINAL] = attn.processor
-    _set(unet, {layer.name: CondvecAttnProcessor(slices[layer.name]) for layer in layers})
+        processors[layer.name] = CondvecAttnProcessor(slices[layer.name], **_taken_over(attn.processor))
+    _set(unet, processors)
+    if _GUARD not in unet.__dict__:
+        unet.__dict__[_GUARD] = unet.register_forward_pre_hook(_guard)
+        # diffusers' own method refuses unknown processors with a message that names AttnProcessor2_0; say why
+        unet.__dict__["set_default_attn_processor"] = _refuse_default
+
+
+def _refuse_default(*args, **kwargs):
+    raise ValueError("condvec is installed on this UNet: call unet_patch.remove(unet) first (it restores the "
+                     "processors that were there before), then set_default_attn_processor()")
+
+
+def _taken_over(processor) -> dict:
+    """What condvec's processor takes over from the one it replaces: slice size, IP-Adapter; else refuse."""
+    if isinstance(processor, CondvecAttnProcessor):
+        return {"slice_size": processor.slice_size, "ip_adapter": processor.ip_adapter}
+    if isinstance(processor, SlicedAttnProcessor):
+        return {"slice_size": processor.slice_size}
+    if isinstance(processor, IPAdapterAttnProcessor | IPAdapterAttnProcessor2_0):
+        return {"ip_adapter": processor}
+    if isinstance(processor, FusedAttnProcessor2_0):
+        raise ValueError("fused QKV projections (fuse_qkv_projections) cannot carry condvec's key and value sources: "
+                         "call unet.unfuse_qkv_projections() first")
+    return {}
+
+
+_HINTS = {
+    SlicedAttnProcessor: "attention slicing: call unet_patch.install(unet, table) again after enabling it (condvec "
+                         "then slices its own attention)",
+    IPAdapterAttnProcessor2_0: "an IP-Adapter was loaded: call unet_patch.install(unet, table) again after "
+                               "load_ip_adapter (condvec then runs the image attention too)",
+    FusedAttnProcessor2_0: "fuse_qkv_projections: call unet.unfuse_qkv_projections() and install again",
+}
+
+
+def _guard(unet: torch.nn.Module, args, kwargs=None) -> None:
+    """Refuse to run a UNet on which condvec was installed and then silently replaced in some layers."""
+    replaced = [(name, attn.processor) for name, attn in _attn2_modules(unet).items() if not _is_condvec(attn)]
+    if not replaced:
+        return
+    name, processor = replaced[0]
+    hint = next((h for cls, h in _HINTS.items() if isinstance(processor, cls)),
+                "set_attn_processor / set_default_attn_processor replaced them: call unet_patch.remove(unet) to use "
+                "the UNet without condvec, or unet_patch.install(unet, table) again")
+    raise ValueError(f"condvec's processors were replaced on {len(replaced)} attn2 layer(s) (first: {name} → "
+                     f"{type(processor).__name__}) — {hint}")
 
 
 def remove(unet: torch.nn.Module) -> None:
@@ -73,6 +127,10 @@ def remove(unet: torch.nn.Module) -> None:
     A layer whose processor was replaced after :func:`install` (it no longer runs a condvec processor) keeps that
     processor, with a warning naming it: its saved original would be stale.
     """
+    guard = unet.__dict__.pop(_GUARD, None)
+    if guard is not None:
+        guard.remove()
+        unet.__dict__.pop("set_default_attn_processor", None)
     restore, replaced = {}, []
     for name, attn in _attn2_modules(unet).items():
         original = attn.__dict__.pop(_ORIGINAL, None)
