@@ -15,6 +15,7 @@ import sys
 import torch
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
+from conditioner.regroup import regroup
 from conditioner.table import TagTable
 from merge.concepts import blend, mix, swap
 from merge.tables import combine, drop, extract, rename
@@ -104,6 +105,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _output_options(p, in_place=False)
     p.set_defaults(run=_extract)
 
+    p = commands.add_parser("regroup", help="another layer grouping: single → blocks → layers copies, back averages")
+    p.add_argument("table", metavar="TABLE")
+    p.add_argument("--groups", required=True, choices=("single", "blocks", "layers"), help="the new grouping")
+    _output_options(p)
+    p.set_defaults(run=_regroup)
+
     p = commands.add_parser("combine", help="merge two tables of the same base")
     p.add_argument("left", metavar="LEFT")
     p.add_argument("right", metavar="RIGHT")
@@ -191,6 +198,16 @@ def _extract(args) -> str:
     out = _destination(args, None)
     result = extract(TagTable.load(args.table), args.tags)
     return _write(result, out, f"extracted {', '.join(map(repr, result.tags))}")
+
+
+def _regroup(args) -> str:
+    out = _destination(args, args.table)
+    table = TagTable.load(args.table)
+    if table.mode != "vector":
+        raise UsageError("regroup: a key/value-mode table holds each layer's own K and V and cannot be regrouped")
+    result = regroup(table, args.groups)
+    return _write(result, out, f"regrouped {table.group_kind} ({len(table.group_names)} groups) → {args.groups} "
+                  f"({len(result.group_names)} groups)")
 
 
 def _combine(args) -> str:

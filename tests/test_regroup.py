@@ -60,3 +60,20 @@ def test_to_kv_generates_the_same_output(unet):
 def test_kv_tables_cannot_be_regrouped(unet):
     with pytest.raises(ValueError, match="key/value-mode"):
         regroup(TagTable.create(discover(unet), mode="kv"), "single")
+
+
+def test_merge_cli_regroup(tmp_path, unet, capsys):
+    from merge.cli import main
+
+    table = _table(unet)
+    table.save(tmp_path / "t.safetensors")
+    assert main(["regroup", str(tmp_path / "t.safetensors"), "--groups", "layers", "-o",
+                 str(tmp_path / "l.safetensors")]) == 0
+    layers = TagTable.load(tmp_path / "l.safetensors")
+    assert len(layers.group_names) == len(table.layers)
+    assert torch.equal(regroup(layers, "single").data, table.data)
+    assert "regrouped single" in capsys.readouterr().out
+    to_kv(table, unet).save(tmp_path / "kv.safetensors")
+    assert main(["regroup", str(tmp_path / "kv.safetensors"), "--groups", "single", "-o",
+                 str(tmp_path / "x.safetensors")]) == 2
+    assert "key/value-mode" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
