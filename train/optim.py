@@ -1,8 +1,14 @@
-"""Row-sparse AdamW for the tag table: a step touches only the rows in the batch.
+"""Row-sparse AdamW and EMA for the tag table: a step touches only the rows in the batch, state exists only for them.
 
 A dense AdamW over the whole table would move rows that were not in the batch (momentum keeps pushing them, weight
 decay shrinks them) and cost O(table) per step. Here every row has its own first and second moments and its own
 step count (so bias correction is per row), and a step reads and writes only the rows given to it.
+
+State is allocated on a row's first touch: a row → slot map points into slot storage that grows by doubling, so
+memory follows the rows a run has touched, not the table's size (a 100k-tag table whose data holds 5k tags keeps
+moments for 5k rows). The state lives on the device of the
+table data it updates: a host-resident table keeps its moments in host memory too. torch.optim cannot do this (its
+state is dense per parameter), hence the hand-written optimiser.
 """
 
 from __future__ import annotations
@@ -12,8 +18,86 @@ import math
 import torch
 
 
+class _Slots:
+    """Row → slot map with growable slot storage: state tensors of shape ``(capacity, *row_shape)``.
+
+    Slots are handed out in first-touch order; ``rows[:used]`` lists the row of every slot.
+    """
+
+    def __init__(self, num_rows: int, row_shape: tuple[int, ...], names: tuple[str, ...], device, dtype):
+        self.row_shape, self.names = tuple(row_shape), names
+        self.slot = torch.full((num_rows,), -1, dtype=torch.long, device=device)  # (R,) slot of each row, -1 = none
+        self.rows = torch.zeros(0, dtype=torch.long, device=device)  # (capacity,) row of each slot
+        self.store = {name: torch.zeros(0, *self.row_shape, device=device, dtype=dtype) for name in names}
+        self.used = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot.device
+
+    def to(self, device) -> None:
+        self.slot, self.rows = self.slot.to(device), self.rows.to(device)
+        self.store = {k: v.to(device) for k, v in self.store.items()}
+
+    def grow_rows(self, num_rows: int) -> None:
+        extra = num_rows - self.slot.shape[0]
+        if extra > 0:
+            self.slot = torch.cat([self.slot, self.slot.new_full((extra,), -1)])
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self.rows.shape[0]
+        if needed <= capacity:
+            return
+        capacity = max(needed, 2 * capacity, 16)
+        rows = self.rows.new_zeros(capacity)
+        rows[: self.used] = self.rows[: self.used]
+        self.rows = rows
+        for name, old in self.store.items():
+            new = old.new_zeros(capacity, *self.row_shape)
+            new[: self.used] = old[: self.used]
+            self.store[name] = new
+
+    def lookup(self, rows: torch.Tensor, allocate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of ``rows`` (unique), allocating zero state for rows seen for the first time; and the new-row mask."""
+        slots = self.slot[rows]
+        new = slots < 0
+        if allocate and bool(new.any()):
+            fresh = rows[new]
+            count = fresh.numel()
+            self._reserve(self.used + count)
+            ids = torch.arange(self.used, self.used + count, device=self.device)
+            self.rows[ids] = fresh
+            for tensor in self.store.values():
+                tensor[ids] = 0
+            self.slot[fresh] = ids
+            self.used += count
+            slots = self.slot[rows]
+        return slots, new
+
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.{name}": tensor[: self.used] for name, tensor in self.store.items()}
+        out[f"{prefix}.rows"] = self.rows[: self.used]
+        return out
+
+    def load(self, rows: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore slots ``0 … len(rows) - 1`` for ``rows`` in this order, with the given state."""
+        device = self.device
+        self.slot.fill_(-1)
+        self.used = 0
+        self.rows = self.rows.new_zeros(0)
+        self.store = {name: tensor.new_zeros(0, *self.row_shape) for name, tensor in self.store.items()}
+        self._reserve(rows.numel())
+        count = rows.numel()
+        rows = rows.to(device)
+        self.rows[:count] = rows
+        for name, tensor in tensors.items():
+            self.store[name][:count] = tensor.to(device)
+        self.slot[rows] = torch.arange(count, device=device)
+        self.used = count
+
+
 class RowSparseAdamW:
-    """AdamW with decoupled weight decay, applied row by row.
+    """AdamW with decoupled weight decay, applied row by row, with state only for rows that have been stepped.
 
     Args:
         num_rows (`int`): rows of the table (grows with :meth:`grow`).
@@ -21,28 +105,49 @@ class RowSparseAdamW:
         betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): Adam betas.
         eps (`float`, defaults to 1e-8): Adam epsilon.
         weight_decay (`float`, defaults to 0.0): decoupled weight decay, applied only to the rows stepped.
-        device (`torch.device`, *optional*): where the state lives.
+        device (`torch.device`, *optional*): where the state lives; it follows the table data at each step.
     """
 
     def __init__(self, num_rows: int, row_shape: tuple[int, ...], betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, device: torch.device | str | None = None):
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
-        self.exp_avg = torch.zeros(num_rows, *row_shape, device=device)  # (R, A, W)
-        self.exp_avg_sq = torch.zeros(num_rows, *row_shape, device=device)  # (R, A, W)
-        self.steps = torch.zeros(num_rows, dtype=torch.long, device=device)  # (R,)
+        self._slots = _Slots(num_rows, row_shape, ("exp_avg", "exp_avg_sq"), device, torch.float32)
+        self.steps = torch.zeros(num_rows, dtype=torch.long, device=device)  # (R,) per-row step count
+
+    @property
+    def allocated_rows(self) -> int:
+        """How many rows hold optimiser state (rows stepped at least once)."""
+        return self._slots.used
+
+    @property
+    def exp_avg(self) -> torch.Tensor:
+        """First moments of every row as a dense ``(R, *row_shape)`` tensor (zeros where never stepped); O(table)."""
+        return self._dense("exp_avg")
+
+    @property
+    def exp_avg_sq(self) -> torch.Tensor:
+        """Second moments of every row as a dense ``(R, *row_shape)`` tensor (zeros where never stepped); O(table)."""
+        return self._dense("exp_avg_sq")
+
+    def _dense(self, name: str) -> torch.Tensor:
+        s = self._slots
+        out = s.store[name].new_zeros(s.slot.shape[0], *s.row_shape)
+        out[s.rows[: s.used]] = s.store[name][: s.used]
+        return out
 
     def grow(self, num_rows: int) -> None:
-        """Add zero state for rows appended to the table."""
+        """Make room for rows appended to the table (no memory is allocated until they are stepped)."""
+        self._slots.grow_rows(num_rows)
         extra = num_rows - self.steps.shape[0]
         if extra > 0:
-            pad = self.exp_avg.new_zeros(extra, *self.exp_avg.shape[1:])
-            self.exp_avg = torch.cat([self.exp_avg, pad])
-            self.exp_avg_sq = torch.cat([self.exp_avg_sq, pad.clone()])
             self.steps = torch.cat([self.steps, self.steps.new_zeros(extra)])
 
     @torch.no_grad()
     def step(self, data: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
         """Update ``data[rows]`` in place from ``grad`` (one gradient per listed row).
+
+        ``rows`` and ``grad`` may live on another device than ``data`` (a host-resident table trained on an
+        accelerator): they are moved to the data's device, where the state lives too.
 
         Args:
             data (`torch.Tensor`): ``(R, A, W)`` the table rows.
@@ -52,32 +157,47 @@ class RowSparseAdamW:
         """
         if rows.numel() == 0:
             return
+        device = data.device
+        if self.steps.device != device:
+            self.steps = self.steps.to(device)
+            self._slots.to(device)
+        rows, grad = rows.to(device), grad.to(device=device, dtype=torch.float32)
         beta1, beta2 = self.betas
+        slots, _ = self._slots.lookup(rows)  # (K,) state allocated on first touch (zeros)
         steps = self.steps[rows] + 1  # (K,)
         self.steps[rows] = steps
-        m = self.exp_avg[rows].mul_(beta1).add_(grad, alpha=1 - beta1)
-        v = self.exp_avg_sq[rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        self.exp_avg[rows] = m
-        self.exp_avg_sq[rows] = v
+        store = self._slots.store
+        m = store["exp_avg"][slots].mul_(beta1).add_(grad, alpha=1 - beta1)
+        v = store["exp_avg_sq"][slots].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        store["exp_avg"][slots] = m
+        store["exp_avg_sq"][slots] = v
         shape = (-1,) + (1,) * (grad.dim() - 1)
         bias1 = (1 - beta1 ** steps.to(torch.float64)).to(grad.dtype).view(shape)
         bias2 = (1 - beta2 ** steps.to(torch.float64)).to(grad.dtype).view(shape)
-        p = data[rows]
+        p = data[rows].float()
         if self.weight_decay:
             p.mul_(1 - lr * self.weight_decay)
         p.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(self.eps), value=-lr)
-        data[rows] = p
+        data[rows] = p.to(data.dtype)
 
     def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The state as named tensors, for a safetensors checkpoint."""
-        return {f"{prefix}.exp_avg": self.exp_avg, f"{prefix}.exp_avg_sq": self.exp_avg_sq,
-                f"{prefix}.steps": self.steps}
+        """The state as named tensors, for a safetensors checkpoint.
+
+        ``PREFIX.rows`` ``(U,)`` lists the rows holding state, in slot order; ``PREFIX.exp_avg`` and
+        ``PREFIX.exp_avg_sq`` ``(U, *row_shape)`` their moments; ``PREFIX.steps`` ``(R,)`` every row's step count.
+        """
+        return self._slots.state_tensors(prefix) | {f"{prefix}.steps": self.steps}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-        """Restore what :meth:`state_tensors` gave."""
-        self.exp_avg = tensors[f"{prefix}.exp_avg"].clone()
-        self.exp_avg_sq = tensors[f"{prefix}.exp_avg_sq"].clone()
-        self.steps = tensors[f"{prefix}.steps"].clone()
+        """Restore what :meth:`state_tensors` gave (or a dense state without ``PREFIX.rows``)."""
+        self.steps = tensors[f"{prefix}.steps"].clone().to(self.steps.device)
+        self._slots.grow_rows(self.steps.shape[0])
+        moments = {name: tensors[f"{prefix}.{name}"] for name in ("exp_avg", "exp_avg_sq")}
+        rows = tensors.get(f"{prefix}.rows")
+        if rows is None:  # dense: every row has moments; keep those of rows stepped at least once
+            rows = torch.nonzero(tensors[f"{prefix}.steps"] > 0).flatten()
+            moments = {name: tensor[rows.to(tensor.device)] for name, tensor in moments.items()}
+        self._slots.load(rows, moments)
 
 
 def lr_at(step: int, base_lr: float, schedule: str, warmup: int, total: int) -> float:
@@ -95,11 +215,14 @@ def lr_at(step: int, base_lr: float, schedule: str, warmup: int, total: int) -> 
 class SparseEMA:
     """Exponential moving average of table rows that touches only the rows of each step, yet is exact.
 
-    A dense EMA would cost O(table) per step. Between two updates of a row its value is constant, so ``k`` missed
-    steps fold into one closed-form update, ``ema ← d^k · ema + (1 − d^k) · value``. Every row remembers the step it
-    was last brought up to date; :meth:`update` catches the stepped rows up (with their value before the step) and
-    then applies the step, and :meth:`read` catches every row up to a given step. The result equals a dense EMA over
-    all steps up to float rounding; the stored state (average and per-row step) makes resume exact.
+    A dense EMA would cost O(table) per step and a copy of the whole table. Between two updates of a row its value is
+    constant, so ``k`` missed steps fold into one closed-form update, ``ema ← d^k · ema + (1 − d^k) · value``. Every
+    row remembers the step it was last brought up to date; :meth:`update` catches the stepped rows up (with their
+    value before the step) and then applies the step, and :meth:`read` catches every row up to a given step. A row
+    never stepped still holds its starting value, which is its average too, so averages are stored only for rows
+    stepped at least once (allocated on first touch, like :class:`RowSparseAdamW`'s moments). The result equals a
+    dense EMA over all steps up to float rounding; the stored state (averages, their rows and per-row steps) makes
+    resume exact.
 
     Args:
         data (`torch.Tensor`): ``(R, A, W)`` the rows at step 0; the average starts there.
@@ -108,8 +231,18 @@ class SparseEMA:
 
     def __init__(self, data: torch.Tensor, decay: float):
         self.decay = decay
-        self.average = data.detach().clone()  # (R, A, W)
+        self._slots = _Slots(data.shape[0], tuple(data.shape[1:]), ("average",), data.device, torch.float32)
         self.last = torch.zeros(data.shape[0], dtype=torch.long, device=data.device)  # (R,) step it is current at
+
+    @property
+    def allocated_rows(self) -> int:
+        """How many rows hold an average of their own (rows stepped at least once)."""
+        return self._slots.used
+
+    @property
+    def average(self) -> torch.Tensor:
+        """``(U, A, W)`` the stored averages, in slot order (rows in ``state_tensors(...)[PREFIX.rows]``)."""
+        return self._slots.store["average"][: self._slots.used]
 
     def _factor(self, missed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``d^k`` per row, shaped to broadcast over ``like``'s rows."""
@@ -126,21 +259,40 @@ class SparseEMA:
             rows (`torch.LongTensor`): ``(K,)`` the rows the step changed.
             step (`int`): the step just taken.
         """
+        device = after.device
+        if self.last.device != device:
+            self.last = self.last.to(device)
+            self._slots.to(device)
+        rows, before = rows.to(device), before.to(device=device, dtype=torch.float32)
+        slots, new = self._slots.lookup(rows)
+        store = self._slots.store["average"]
+        store[slots[new]] = before[new]  # first touch: the average so far is the starting value
         factor = self._factor(step - 1 - self.last[rows], before)  # the missed steps, at the old value
-        caught = factor * self.average[rows] + (1 - factor) * before
-        self.average[rows] = self.decay * caught + (1 - self.decay) * after[rows]
+        caught = factor * store[slots] + (1 - factor) * before
+        store[slots] = self.decay * caught + (1 - self.decay) * after[rows].float()
         self.last[rows] = step
 
     def read(self, data: torch.Tensor, step: int) -> torch.Tensor:
         """The EMA of every row at ``step`` (a new tensor; the state is left as it is)."""
-        factor = self._factor(step - self.last, data)  # (R, 1, 1)
-        return factor * self.average + (1 - factor) * data
+        s = self._slots
+        out = data.detach().clone()
+        if s.used:
+            rows = s.rows[: s.used].to(data.device)
+            average = s.store["average"][: s.used].to(data.device)
+            factor = self._factor(step - self.last.to(data.device)[rows], average)  # (U, 1, 1)
+            out[rows] = (factor * average + (1 - factor) * data[rows].float()).to(data.dtype)
+        return out
 
     def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The state as named tensors, for a safetensors checkpoint."""
-        return {f"{prefix}.average": self.average, f"{prefix}.last": self.last}
+        """The state as named tensors, for a safetensors checkpoint (``PREFIX.rows``, ``.average``, ``.last``)."""
+        return self._slots.state_tensors(prefix) | {f"{prefix}.last": self.last}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-        """Restore what :meth:`state_tensors` gave."""
-        self.average = tensors[f"{prefix}.average"].clone()
-        self.last = tensors[f"{prefix}.last"].clone()
+        """Restore what :meth:`state_tensors` gave (also a dense average without ``PREFIX.rows``)."""
+        self.last = tensors[f"{prefix}.last"].clone().to(self.last.device)
+        self._slots.grow_rows(self.last.shape[0])
+        average = tensors[f"{prefix}.average"]
+        rows = tensors.get(f"{prefix}.rows")
+        if rows is None:  # dense: one average per row
+            rows = torch.arange(average.shape[0])
+        self._slots.load(rows, {"average": average})
