@@ -502,23 +502,35 @@ class TagTable:
             "vectors": self.vectors,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the table to one self-contained ``.safetensors`` file, atomically (temp file + rename)."""
-        tensors = {"data": self.data.detach().float().contiguous().cpu(),
-                   "special": self.special.detach().float().contiguous().cpu()}
+    def save(self, path: str | os.PathLike, dtype: str | torch.dtype = "fp32") -> None:
+        """Write the table to one self-contained ``.safetensors`` file, atomically (temp file + rename).
+
+        Args:
+            path (`str` or `os.PathLike`): the file to write.
+            dtype (`str` or `torch.dtype`, defaults to `"fp32"`): storage precision of every tensor: ``"fp32"``,
+                ``"fp16"`` (half the size; values beyond ±65504 are refused) or ``"bf16"`` (half the size, fp32's
+                range, 8 bits of mantissa). :meth:`load` always returns fp32 tensors for computation.
+        """
+        storage = _storage_dtype(dtype)
+        parts = {"data": self.data, "special": self.special}
         split = sorted(self.values)
         if split:
-            tensors["values"] = torch.stack([self.values[n].detach().float().cpu() for n in split]).contiguous()
+            parts["values"] = torch.stack([self.values[n].detach() for n in split])
         if self.pooled is not None:
-            tensors["pooled"] = self.pooled.detach().float().contiguous().cpu()
-            tensors["null_pooled"] = self.null_pooled.detach().float().contiguous().cpu()
+            parts["pooled"], parts["null_pooled"] = self.pooled, self.null_pooled
+        if storage == torch.float16:
+            too_big = [name for name, t in parts.items() if t.numel() and float(t.detach().abs().max()) > 65504.0]
+            if too_big:
+                raise ValueError(f"table {too_big[0]} holds values beyond fp16's range (±65504): save with "
+                                 "dtype='bf16' or 'fp32'")
+        tensors = {name: t.detach().to("cpu", storage).contiguous() for name, t in parts.items()}
         meta = {METADATA_KEY: json.dumps(self.metadata())}
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> TagTable:
-        """Load a table written by :meth:`save`.
+        """Load a table written by :meth:`save`; tensors stored as fp16 or bf16 come back as fp32.
 
         Raises:
             FileNotFoundError: no such file.
@@ -536,6 +548,7 @@ class TagTable:
         except (SafetensorError, OSError, ValueError) as err:
             message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
             raise TableFileError(f"{path!r} is not a readable .safetensors table ({message})") from None
+        tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tensors.items()}
         if raw is None:
             raise TableFileError(f"{path!r} is a .safetensors file without condvec metadata — not a condvec table")
         try:
@@ -582,6 +595,17 @@ class TagTable:
         return (f"TagTable({len(self.tags)} tags, mode={self.mode}, groups={len(self.group_names)} "
                 f"({self.group_kind}), anchors={self.num_anchors}, width={self.width}, split={len(self.values)}"
                 + (f", pooled={self.pooled.shape[1]}" if self.pooled is not None else "") + ")")
+
+
+_STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _storage_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a storage choice (``"fp32"``, ``"fp16"``, ``"bf16"`` or the torch dtype itself)."""
+    found = _STORAGE.get(dtype) if isinstance(dtype, str) else dtype if dtype in _STORAGE.values() else None
+    if found is None:
+        raise ValueError(f"table storage dtype {dtype!r} is not supported: use one of {', '.join(_STORAGE)}")
+    return found
 
 
 def extra_rows(name: str, count: int) -> list[str]:
