@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -163,3 +164,73 @@ def test_table_storage_dtype_errors(tmp_path):
         table.save(str(tmp_path / "t.safetensors"), dtype="fp16")
     table.save(str(tmp_path / "t.safetensors"), dtype="bf16")
     assert TagTable.load(str(tmp_path / "t.safetensors")).data[0].max() > 9e5
+
+
+def test_latent_cache_encodes_in_batches(tmp_path):
+    """prepare() encodes the images of a bucket in few VAE calls, and the latents equal one-at-a-time encodes."""
+    from diffusers import AutoencoderKL
+
+    from demo.data import generate_demo_dataset
+    from train.cache import LatentCache, LatentEncoder
+    from train.data import assign_buckets, scan_dataset
+
+    generate_demo_dataset(tmp_path / "data", 6)
+    items = scan_dataset(str(tmp_path / "data"))
+    assign_buckets(items, 32, step=8)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16).eval()
+    cache = LatentCache(vae, str(tmp_path / "cache"))
+    calls = []
+    hook = vae.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    assert cache.prepare(items, flips=True, progress=False) == 12
+    hook.remove()
+    assert sum(calls) == 12 and len(calls) == 2, f"12 entries in batches of 8: {calls}"
+    single = LatentEncoder(vae)
+    for item in items:
+        for flip in (False, True):
+            torch.testing.assert_close(cache.get(item, flip), single.get(item, flip), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_grid_is_one_pipeline_call_per_prompt_with_every_seed(tmp_path, monkeypatch):
+    """All seeds of a prompt go through one pipeline call, and each image is the one its seed gives alone."""
+    from diffusers import DDPMScheduler
+    from omegaconf import OmegaConf
+
+    from train import sampling
+    from train.model import PIXEL_SCHEDULE, build_builtin
+    from unet_patch.discover import table_for_unet
+
+    unet = build_builtin("micro", seed=0).eval()
+    table = table_for_unet(unet, tags=["red", "blue"], init_std=0.5)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, **PIXEL_SCHEDULE)
+    output = OmegaConf.create({"sample_prompts": ["red", "blue"], "sample_seeds": [3, 4, 5], "sample_steps": 3,
+                               "sample_guidance": 2.0, "dir": str(tmp_path), "sample_upscale": 1})
+    seen, grids = [], []
+    real_pipeline = sampling._pipeline
+
+    def counting_pipeline(*args):
+        pipe = real_pipeline(*args)
+        original = pipe.__call__
+
+        class Counted:
+            def __call__(self, prompt, **kwargs):
+                seen.append((prompt, kwargs.get("num_images_per_prompt", 1)))
+                return original(prompt, **kwargs)
+
+        return Counted()
+
+    monkeypatch.setattr(sampling, "_pipeline", counting_pipeline)
+    monkeypatch.setattr(sampling, "labelled_grid", lambda rows, *a, **k: grids.append(rows) or _Saved())
+    assert sampling.sample_grid(OmegaConf.create({"output": output}), unet, None, table, scheduler, "t")
+    assert seen == [("red", 3), ("blue", 3)]
+    alone = real_pipeline(unet, None, table, scheduler)("blue", num_inference_steps=3, guidance_scale=2.0,
+                                                         generator=torch.Generator().manual_seed(4)).images[0]
+    batched = torch.from_numpy(np.asarray(grids[0][1][1])).float()  # prompt "blue", seed 4
+    assert torch.allclose(batched, torch.from_numpy(np.asarray(alone)).float(), atol=2.0)
+
+
+class _Saved:
+    def save(self, path):
+        pass

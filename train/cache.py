@@ -163,7 +163,7 @@ class LatentCache(LatentEncoder):
             self._memory[path] = latent
         return latent
 
-    def prepare(self, items: list[Item], flips: bool, progress: bool = True, batch_size: int = 1) -> int:
+    def prepare(self, items: list[Item], flips: bool, progress: bool = True, batch_size: int = 8) -> int:
         """Encode and store every entry that is not on disk yet.
 
         Entries are only written to disk here; they reach memory when :meth:`get` first reads them.
@@ -172,7 +172,7 @@ class LatentCache(LatentEncoder):
             items (`list[Item]`): the images, with buckets set.
             flips (`bool`): also encode each image mirrored left-right.
             progress (`bool`, defaults to `True`): show a progress bar.
-            batch_size (`int`, defaults to 1): images per VAE call (images of one bucket are batched together).
+            batch_size (`int`, defaults to 8): images per VAE call (images of one bucket are batched together).
 
         Returns:
             `int`: how many entries were encoded.

@@ -25,7 +25,9 @@ def _pipeline(unet, vae, table: TagTable, noise_scheduler) -> TagDiffusionPipeli
 def sample_grid(cfg, unet, vae, table: TagTable, noise_scheduler, tag: str) -> str | None:
     """Generate ``output.sample_prompts`` × ``output.sample_seeds`` with the current table; returns the PNG path.
 
-    The UNet is put in eval mode for sampling and back as it was after; its condvec processors stay installed.
+    Each prompt is one pipeline call with all seeds as a batch (a generator per seed, so a column's image is the one
+    that seed gives alone). The UNet is put in eval mode for sampling and back as it was after; its condvec processors
+    stay installed.
 
     Args:
         cfg (`DictConfig`): the run config (``output.*`` is used).
@@ -45,9 +47,10 @@ def sample_grid(cfg, unet, vae, table: TagTable, noise_scheduler, tag: str) -> s
     unet.eval()
     pipe = _pipeline(unet, vae, table, noise_scheduler)
     rows = []
-    for prompt in o.sample_prompts:
-        rows.append([pipe(prompt, num_inference_steps=o.sample_steps, guidance_scale=o.sample_guidance,
-                          generator=torch.Generator().manual_seed(int(seed))).images[0] for seed in o.sample_seeds])
+    for prompt in o.sample_prompts:  # one call per prompt: every seed in one batch, one generator per image
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in o.sample_seeds]
+        rows.append(pipe(prompt, num_inference_steps=o.sample_steps, guidance_scale=o.sample_guidance,
+                         num_images_per_prompt=len(generators), generator=generators).images)
     install(unet, table)  # the pipeline restored the processors it found; keep ours
     unet.train(was_training)
     path = os.path.join(o.dir, "samples", f"{tag}.png")
