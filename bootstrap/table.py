@@ -16,6 +16,7 @@ import torch
 from bootstrap.embeddings import Embedding, encode_input_embedding
 from bootstrap.load import BaseModel
 from bootstrap.text import null_sequence, tag_vectors
+from conditioner.parse import TagNormalization
 from conditioner.regroup import regroup
 from conditioner.table import TagTable
 from unet_patch.discover import discover
@@ -35,6 +36,7 @@ def bootstrap_table(
     pad_to: int | None = 77,
     batch_size: int = 256,
     progress: bool = True,
+    normalization: TagNormalization | None = None,
 ) -> TagTable:
     """A table for ``model`` with ``tags``, every vector taken from the model's own text encoder(s).
 
@@ -49,11 +51,13 @@ def bootstrap_table(
         pad_to (`int`, *optional*, defaults to 77): fixed sequence length; 77 is what SD UNets were trained with.
         batch_size (`int`, defaults to 256): tags per encoder forward.
         progress (`bool`, defaults to `True`): show progress bars.
+        normalization (`TagNormalization`, *optional*): tag-name normalisation (default: lower case, `_` → space).
     """
     null = null_sequence(model)
     layers = discover(model.unet)
     table = TagTable.create(layers, groups="single", anchors=anchors,
                             num_train_timesteps=model.scheduler.config.num_train_timesteps, pad_to=pad_to,
+                            normalization=normalization,
                             base_model={"name": model.name, "path": model.path, "family": model.family,
                                         "bootstrap": {"encoder": null.source, "tokens_per_tag": tokens_per_tag}})
     table.special = null.sequence[:, None, :].expand(-1, table.num_anchors, -1).clone()  # (77, A, D)
@@ -69,12 +73,23 @@ def bootstrap_table(
 
 def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], tokens_per_tag: int = 1,
                           batch_size: int = 256, progress: bool = True) -> list[str]:
-    """Add the tags not yet in a vector-mode ``table``, each from the encoder's encoding of the tag; returns them.
+    """Add the tags not yet in ``table``, each from the encoder's encoding of the tag; returns them.
 
-    Every group of the table gets the same vectors; SDXL tables also get each tag's pooled vector.
+    Every group of a vector table gets the same vectors; a key/value table gets each layer's K and V of them; SDXL
+    tables also get each tag's pooled vector.
     """
-    if table.mode != "vector":
-        raise ValueError("bootstrap tags into a vector-mode table, then convert it with unet_patch.to_kv")
+    if table.mode == "kv":
+        names = [n for n in dict.fromkeys(table.normalization.apply(t) for t in tags) if n and n not in table]
+        if not names:
+            return []
+        staging = to_kv(bootstrap_table(model, names, tokens_per_tag=tokens_per_tag, anchors=table.anchors,
+                                        pad_to=table.pad_to, batch_size=batch_size, progress=progress,
+                                        normalization=table.normalization), model.unet)
+        rows = table.add_tags(names, vectors=tokens_per_tag)
+        table.data[rows] = staging.data[[r for n in names for r in staging.expand(n)]].to(table.data)
+        if table.pooled is not None and staging.pooled is not None:
+            table.pooled[rows] = staging.pooled[[r for n in names for r in staging.expand(n)]].to(table.pooled)
+        return names
     names = list(dict.fromkeys(table.normalization.apply(t) for t in tags if table.normalization.apply(t)))
     names = [n for n in names if n not in table]
     if not names:
@@ -83,9 +98,8 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
     rows = table.add_tags(names, vectors=tokens_per_tag)
     vectors = encoded.vectors.reshape(-1, encoded.vectors.shape[-1])  # (T·n, D), rows in add order
     _set_rows(table, rows, vectors)
-    if table.pooled is not None and encoded.pooled is not None:
-        owners = [table.row(n) for n in names]
-        table.pooled[owners] = encoded.pooled.to(table.pooled)
+    if table.pooled is not None and encoded.pooled is not None:  # every vector of a tag carries the tag's pooled
+        table.pooled[rows] = encoded.pooled.repeat_interleave(tokens_per_tag, 0).to(table.pooled)
     return names
 
 

@@ -61,17 +61,23 @@ class Rows:
         data (`torch.Tensor`): ``(K, A, W)`` their data (the trainer passes a differentiable copy).
         special (`torch.Tensor`): ``(S, A, W)`` sink (row 0) and padding rows (row ``i`` pads position ``i``; the
             last one pads every later position).
+        pooled (`torch.Tensor`, *optional*): ``(K, P)`` the rows' pooled vectors (SDXL tables).
+        null_pooled (`torch.Tensor`, *optional*): ``(P,)`` the null prompt's pooled vector (SDXL tables).
     """
 
     ids: torch.Tensor
     data: torch.Tensor
     special: torch.Tensor
+    pooled: torch.Tensor | None = None
+    null_pooled: torch.Tensor | None = None
 
     @classmethod
     def from_table(cls, table: TagTable, ids: torch.Tensor) -> Rows:
         """The table's own data for rows ``ids`` (sorted, unique)."""
         ids = ids.to(table.data.device)
-        return cls(ids=ids, data=table.data.index_select(0, ids), special=table.special)
+        pooled = None if table.pooled is None else table.pooled.index_select(0, ids.to(table.pooled.device))
+        return cls(ids=ids, data=table.data.index_select(0, ids), special=table.special, pooled=pooled,
+                   null_pooled=table.null_pooled)
 
 
 def tokenize(
@@ -241,12 +247,22 @@ def encode_pooled(table: TagTable, prompts: list[str] | str, lenient: bool = Fal
     if table.pooled is None:
         raise ValueError("this table has no pooled vectors: only SDXL-family tables (bootstrapped from an SDXL "
                          "model or built for an SDXL UNet) carry them")
-    tokens = tokenize(table, prompts, lenient=lenient, pad_to=None)
-    weights = torch.where(tokens.ids >= 0, tokens.weights, 0.0).to(table.pooled)  # (B, N)
-    index = tokens.ids.clamp(min=0).to(table.pooled.device)
-    summed = torch.einsum("bn,bnp->bp", weights, table.pooled[index])  # (B, P)
+    return pack_pooled(tokenize(table, prompts, lenient=lenient, pad_to=None), table=table)
+
+
+def pack_pooled(tokens: TokenBatch, rows: Rows | None = None, table: TagTable | None = None) -> torch.Tensor:
+    """``(B, P)`` pooled vectors of tokenised prompts from ``rows`` (differentiable; see :func:`encode_pooled`)."""
+    if rows is None:
+        rows = Rows.from_table(table, tokens.rows)
+    device = rows.pooled.device
+    ids = tokens.ids.to(device)
+    is_tag = ids >= 0
+    weights = torch.where(is_tag, tokens.weights.to(device), 0.0).to(rows.pooled.dtype)  # (B, N)
+    local = torch.searchsorted(rows.ids.to(device), ids.clamp(min=0)).clamp(max=max(len(rows.ids) - 1, 0))
+    source = rows.pooled[local] if len(rows.ids) else rows.pooled.new_zeros(*ids.shape, rows.null_pooled.shape[0])
+    summed = torch.einsum("bn,bnp->bp", weights, source)  # (B, P)
     total = weights.sum(1, keepdim=True)  # (B, 1)
-    return torch.where(total > 0, summed / total.clamp(min=1e-12), table.null_pooled.expand_as(summed))
+    return torch.where(total > 0, summed / total.clamp(min=1e-12), rows.null_pooled.to(summed).expand_as(summed))
 
 
 def encode(

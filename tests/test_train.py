@@ -123,11 +123,12 @@ def test_checkpoints_are_not_pickles(demo_dir, tmp_path):
     folder = tmp_path / "run" / "checkpoints" / "step-0000002"
     assert sorted(os.listdir(folder)) == ["state.json", "state.safetensors", "table.safetensors", "unet.safetensors"]
     for name in os.listdir(folder):
-        head = (folder / name).read_bytes()[:8]
-        assert not head.startswith((b"PK", b"\x80")), f"{name} is a zip (torch.save) or a pickle"
+        raw = (folder / name).read_bytes()
         if name.endswith(".json"):
-            json.loads((folder / name).read_text())
-        else:  # safetensors: an 8-byte little-endian header length, then a JSON header
+            json.loads(raw.decode())
+        else:  # safetensors: an 8-byte little-endian header length, then a JSON header — never a zip or a pickle
+            size = int.from_bytes(raw[:8], "little")
+            assert json.loads(raw[8:8 + size].decode()), f"{name} has no safetensors header"
             load_file(folder / name)
 
 
@@ -192,9 +193,9 @@ def test_single_file_unet_with_local_config(tmp_path):
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp_path / "unet.safetensors")
     cfg = load_config(None, ["data.path=x", f"model.single_file={tmp_path / 'unet.safetensors'}",
                              f"model.single_file_config={tmp_path / 'cfg'}"])
-    loaded, vae, scheduler, table, name = load_base(cfg.model)
-    assert vae is None and table is None and name == "unet.safetensors"
-    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), loaded.state_dict().values()))
+    base = load_base(cfg.model)
+    assert base.vae is None and base.table is None and base.text is None and base.name == "unet.safetensors"
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), base.unet.state_dict().values()))
     save_file({"conv_in.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
     cfg = load_config(None, ["data.path=x", f"model.single_file={tmp_path / 'bad.safetensors'}",
                              f"model.single_file_config={tmp_path / 'cfg'}"])

@@ -231,6 +231,8 @@ def save_trainer(trainer) -> str | None:
     if trainer.acc.is_main_process:
         cfg = trainer.cfg
         tensors = trainer.row_opt.state_tensors("rows") | trainer.special_opt.state_tensors("special")
+        if trainer.pooled_opt is not None:
+            tensors |= trainer.pooled_opt.state_tensors("pooled")
         if trainer.ema is not None:
             tensors |= trainer.ema.state_tensors("ema") | trainer.ema_special.state_tensors("ema_special")
         info = {"existing_rows": trainer.existing_rows, "bad_steps": trainer.bad_steps,
@@ -260,11 +262,15 @@ def restore_trainer(trainer, path: str) -> None:
     device = trainer.device
     trainer.table.data.copy_(table.data.to(device))
     trainer.table.special.copy_(table.special.to(device))
+    if trainer.pooled_opt is not None:
+        trainer.table.pooled.copy_(table.pooled.to(device))
     trainer.table.counts = table.counts
     trainer.existing_rows, trainer.bad_steps = info["existing_rows"], info.get("bad_steps", 0)
     tensors = {k: v.to(device) for k, v in tensors.items()}
     trainer.row_opt.load_state_tensors(tensors, "rows")
     trainer.special_opt.load_state_tensors(tensors, "special")
+    if trainer.pooled_opt is not None:
+        trainer.pooled_opt.load_state_tensors(tensors, "pooled")
     if trainer.ema is not None:
         trainer.ema.load_state_tensors(tensors, "ema")
         trainer.ema_special.load_state_tensors(tensors, "ema_special")

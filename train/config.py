@@ -42,9 +42,12 @@ def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the schem
 
 @dataclass
 class ModelConfig:
-    pretrained: str | None = _f(None, "diffusers-layout folder with unet/ (and optional vae/, scheduler/)")
-    single_file: str | None = _f(None, "a single-file UNet checkpoint (.safetensors) — needs single_file_config")
-    single_file_config: str | None = _f(None, "local folder or config.json describing the single-file UNet")
+    pretrained: str | None = _f(None, "diffusers-layout folder with unet/ (and optional vae/, scheduler/, text "
+                                "encoders: SD1.x / SD2.x / SDXL tables then start from the model's own CLIP)")
+    single_file: str | None = _f(None, "a single-file checkpoint (.safetensors) — needs single_file_config")
+    single_file_config: str | None = _f(None, "local diffusers folder of the same architecture (or a UNet "
+                                        "config.json) for the single-file checkpoint")
+    unet_config: str | None = _f(None, "a UNet config (.json) to pretrain from scratch (pixel space, no VAE)")
     builtin: Builtin | None = _f(None, "built-in UNet from scratch: tiny (pixel space, 32 px) | micro (16 px, tests)")
     prediction_type: PredictionType | None = _f(None, "epsilon | v_prediction; default: the scheduler config's")
     num_train_timesteps: int = _f(1000, "diffusion timesteps when the model folder has no scheduler config")
@@ -75,19 +78,25 @@ class DataConfig:
 
 @dataclass
 class TableConfig:
-    start_from: str | None = _f(None, "continue training this table (.safetensors); layout options are ignored")
+    start_from: str | None = _f(None, "continue training this table (.safetensors); a table.groups / table.mode "
+                                "that differs converts it (and says so)")
     use_base_table: bool = _f(True, "start from the base model's own table when it has one (its tags and sink)")
-    mode: Mode = _f(Mode.vector, "vector (vectors through the key/value projections) | kv (direct K and V per layer)")
-    groups: Any = _f("layers", "single | blocks | layers | {group: [layer globs]}")
+    mode: Mode | None = _f(None, "vector (vectors through the key/value projections) | kv (direct K and V per layer); "
+                           "null = vector, or a start_from table's own")
+    groups: Any = _f(None, "single | blocks | layers | {group: [layer globs]}; null = layers, or a start_from "
+                     "table's own")
+    bootstrap: bool = _f(True, "a base with text encoders: new tables and new tags start from its own CLIP encoding")
+    tokens_per_tag: int = _f(1, "vectors per new tag (textual inversion's vectors per token)")
     anchors: int = _f(1, "timestep anchors (1 = off)")
     pad_to: int | None = _f(None, "fixed sequence length (77 for pretrained SD UNets); null = dynamic")
     use_sink: bool = _f(True, "start every sequence with the attention-sink row")
     lowercase: bool = _f(True, "tag normalisation: fold case")
     underscores: Underscores = _f(Underscores.space, "tag normalisation: space (booru _ → space) | keep")
-    init: str = _f("normal", "new tags: zeros | normal | mean | tag:NAME")
+    init: str = _f("normal", "new tags without bootstrap: zeros | normal | mean | mean:A,B,… | tag:NAME")
     init_std: float = _f(0.02, "std of the normal init (and of the noise on 'mean')")
     train_special: bool | None = _f(None, "also train the special rows (sink, padding); null = true for a new table, "
-                                    "false when freeze_existing keeps a table's tags as they are")
+                                    "false for a table bootstrapped from the base's CLIP (its null sequence is the "
+                                    "base's own) and when freeze_existing keeps a table's tags as they are")
     freeze_existing: bool = _f(False, "with start_from: train only tags new to the table (and, unless "
                                "train_special=true, not the special rows)")
 
@@ -223,9 +232,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 def validate(cfg: DictConfig) -> None:
     """Check fields against each other; raise ConfigError naming the key."""
     m, d, t, tr, o = cfg.model, cfg.data, cfg.table, cfg.training, cfg.output
-    sources = [k for k in ("pretrained", "single_file", "builtin") if m[k]]
+    sources = [k for k in ("pretrained", "single_file", "builtin", "unet_config") if m[k]]
     if len(sources) != 1:
-        raise ConfigError("set exactly one of model.pretrained, model.single_file, model.builtin "
+        raise ConfigError("set exactly one of model.pretrained, model.single_file, model.builtin, model.unet_config "
                           f"(got {', '.join(sources) or 'none'})")
     if m.single_file and not m.single_file_config:
         raise ConfigError("model.single_file needs model.single_file_config (a local config folder or config.json)")
@@ -243,8 +252,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'table.pad_to' must be >= 1 or null, got {t.pad_to}")
     if o.sample_every < 0 or tr.max_grad_norm < 0:
         raise ConfigError("'output.sample_every' and 'training.max_grad_norm' must be >= 0")
-    if t.init not in ("zeros", "normal", "mean") and not t.init.startswith("tag:"):
-        raise ConfigError(f"'table.init' must be zeros, normal, mean or tag:NAME, got {t.init!r}")
+    if t.init not in ("zeros", "normal", "mean") and not t.init.startswith(("tag:", "mean:")):
+        raise ConfigError(f"'table.init' must be zeros, normal, mean, mean:A,B,… or tag:NAME, got {t.init!r}")
+    if t.tokens_per_tag < 1:
+        raise ConfigError(f"'table.tokens_per_tag' must be >= 1, got {t.tokens_per_tag}")
     for key, value, low in [("training.steps", tr.steps, 1), ("training.batch_size", tr.batch_size, 1),
                             ("training.grad_accum", tr.grad_accum, 1), ("table.anchors", t.anchors, 1),
                             ("data.resolution", d.resolution, 8), ("output.save_every", o.save_every, 1),

@@ -508,15 +508,32 @@ def _load_uint8(item: Item) -> torch.Tensor:
         raise ValueError(f"cannot decode image {item.path}: {_first_line(e)}; replace or remove the file") from None
 
     # Resize so the image covers the bucket, keeping its aspect ratio, then crop the centre.
-    width, height = image.size
-    scale = max(bucket_w / width, bucket_h / height)
-    new_w, new_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
-    if (new_w, new_h) != (width, height):
+    (new_w, new_h), (left, top) = _cover_and_crop(image.size, item.bucket)
+    if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.LANCZOS)
-    left, top = (new_w - bucket_w) // 2, (new_h - bucket_h) // 2
     image = image.crop((left, top, left + bucket_w, top + bucket_h))
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (h, w, 3)
     return pixels.permute(2, 0, 1).contiguous()  # (3, h, w)
+
+
+def _cover_and_crop(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The size an image of ``size`` is resized to so it covers ``bucket`` (aspect kept), and the centre crop's
+    top-left corner in that resized image: ``((width, height), (left, top))``."""
+    (width, height), (bucket_w, bucket_h) = size, bucket
+    scale = max(bucket_w / width, bucket_h / height)
+    new_w, new_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+    return (new_w, new_h), ((new_w - bucket_w) // 2, (new_h - bucket_h) // 2)
+
+
+def micro_conditioning(item: Item) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size and crop conditioning (``add_time_ids``) of one training sample, as SDXL was trained with it.
+
+    ``(original height, original width, crop top, crop left, target height, target width)``: the image's own size,
+    where the bucket's centre crop starts in the resized image, and the bucket size (what is generated).
+    """
+    (_, _), (left, top) = _cover_and_crop((item.width, item.height), item.bucket)
+    bucket_w, bucket_h = item.bucket
+    return item.height, item.width, top, left, bucket_h, bucket_w
 
 
 def _to_float(pixels: torch.Tensor, flip: bool) -> torch.Tensor:

@@ -19,9 +19,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from conditioner.encode import Rows, pack, tokenize
+from conditioner.encode import Rows, pack, pack_pooled, tokenize
 from train import checkpoint as ckpt
 from train.batches import Plan, Planner, sample_generator
+from train.data import micro_conditioning
 from train.model import min_snr_weights
 from train.optim import RowSparseAdamW, SparseEMA, lr_at
 from train.sampling import sample_grid
@@ -56,6 +57,12 @@ class Trainer:
         shape, betas = (self.table.num_anchors, self.table.width), (tr.beta1, tr.beta2)
         self.row_opt = RowSparseAdamW(len(self.table), shape, betas, tr.eps, tr.weight_decay, device=self.device)
         self.special_opt = RowSparseAdamW(self.table.special.shape[0], shape, betas, tr.eps, 0.0, device=self.device)
+        # SDXL: each tag's pooled vector trains with its rows; each sample's size and crop give its time ids
+        self.sdxl = self.table.pooled is not None
+        self.pooled_opt = RowSparseAdamW(len(self.table), self.table.pooled.shape[1:], betas, tr.eps, tr.weight_decay,
+                                         device=self.device) if self.sdxl else None
+        self.time_ids = torch.tensor([micro_conditioning(item) for item in self.items],
+                                     dtype=torch.float32) if self.sdxl else None  # (items, 6)
         self.ema = SparseEMA(self.table.data, tr.ema_decay) if tr.ema_decay > 0 else None
         self.ema_special = SparseEMA(self.table.special, tr.ema_decay) if tr.ema_decay > 0 else None
         self.state, self.bad_steps = SimpleNamespace(step=0, metrics=[]), 0  # metrics: one dict per step taken
@@ -70,9 +77,14 @@ class Trainer:
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = self.noise_scheduler.get_velocity(latents, noise, t) if self.prediction_type == "v_prediction" \
             else noise
-        cond = pack(self.table, tokenize(self.table, [p.tags for p in plans]), t.float(), rows=rows)  # (b, N, W')
+        tokens = tokenize(self.table, [p.tags for p in plans])
+        cond = pack(self.table, tokens, t.float(), rows=rows)  # (b, N, W')
+        added = None
+        if self.sdxl:
+            added = {"text_embeds": pack_pooled(tokens, rows),  # (b, P)
+                     "time_ids": self.time_ids[[p.index for p in plans]].to(self.device)}  # (b, 6)
         with self.acc.autocast():
-            pred = self.model(noisy, t, encoder_hidden_states=cond).sample
+            pred = self.model(noisy, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
         return (per_sample * min_snr_weights(self.noise_scheduler, t, self.cfg.training.min_snr_gamma)).mean()
 
@@ -86,6 +98,7 @@ class Trainer:
         """One optimiser step (``grad_accum`` micro-steps); returns its metrics."""
         tr, table, started = self.cfg.training, self.table, time.perf_counter()
         touched, touched_grads, counts = [], [], Counter()  # per micro-step: rows (K,), gradients (K, A, W)
+        pooled_grads = []  # SDXL, per micro-step: (K, P)
         special_grad = torch.zeros_like(table.special)  # (S, A, W)
         loss = torch.zeros((), device=self.device)
         for micro in range(tr.grad_accum):
@@ -93,7 +106,9 @@ class Trainer:
             counts.update(tag.name for p in plans for tag in p.tags)
             ids = tokenize(table, [p.tags for p in plans]).rows.to(self.device)  # (K,) rows of the global batch
             rows = Rows(ids=ids, data=table.data[ids].clone().requires_grad_(True),
-                        special=table.special.clone().requires_grad_(self.train_special))
+                        special=table.special.clone().requires_grad_(self.train_special),
+                        pooled=table.pooled[ids].clone().requires_grad_(True) if self.sdxl else None,
+                        null_pooled=table.null_pooled)
             last = micro == tr.grad_accum - 1  # UNet gradients are all-reduced once, on the last micro-step
             with nullcontext() if last else self.acc.no_sync(self.model):
                 micro_loss = self._loss(plans[self.rank:: self.world], rows) / tr.grad_accum
@@ -104,6 +119,9 @@ class Trainer:
                 rows.data.grad if rows.data.grad is not None else torch.zeros_like(rows.data)))
             if rows.special.grad is not None:
                 special_grad += self._mean_over_ranks(rows.special.grad)
+            if self.sdxl:
+                pooled_grads.append(self._mean_over_ranks(
+                    rows.pooled.grad if rows.pooled.grad is not None else torch.zeros_like(rows.pooled)))
             loss += micro_loss.detach()
         loss = self._mean_over_ranks(loss)
 
@@ -111,11 +129,14 @@ class Trainer:
         row_ids, inverse = torch.unique(torch.cat(touched), return_inverse=True)
         row_grad = table.data.new_zeros(row_ids.numel(), *table.data.shape[1:])
         row_grad.index_add_(0, inverse, torch.cat(touched_grads))
+        pooled_grad = table.pooled.new_zeros(row_ids.numel(), table.pooled.shape[1]).index_add_(
+            0, inverse, torch.cat(pooled_grads)) if self.sdxl else torch.zeros(0, device=self.device)  # (U, P)
         if self.cfg.table.freeze_existing:
             keep = row_ids >= self.existing_rows
             row_ids, row_grad = row_ids[keep], row_grad[keep]
+            pooled_grad = pooled_grad[keep] if self.sdxl else pooled_grad
         unet_grads = [p.grad for p in self.unet_params if p.grad is not None]
-        grad_norm = float((row_grad.pow(2).sum() + special_grad.pow(2).sum()
+        grad_norm = float((row_grad.pow(2).sum() + special_grad.pow(2).sum() + pooled_grad.pow(2).sum()
                            + sum(g.pow(2).sum() for g in unet_grads)).sqrt())
         self.state.step += 1
         if not (math.isfinite(float(loss)) and math.isfinite(grad_norm)):  # before any row, moment or weight moves
@@ -123,12 +144,14 @@ class Trainer:
         self.bad_steps = 0
         if 0 < tr.max_grad_norm < grad_norm:
             scale = tr.max_grad_norm / (grad_norm + 1e-6)
-            row_grad, special_grad = row_grad * scale, special_grad * scale
+            row_grad, special_grad, pooled_grad = row_grad * scale, special_grad * scale, pooled_grad * scale
             for g in unet_grads:
                 g.mul_(scale)
         lr = lr_at(self.state.step - 1, tr.lr, tr.lr_schedule, tr.warmup_steps, tr.steps)
         rows_before, special_before = table.data[row_ids].clone(), table.special.clone()
         self.row_opt.step(table.data, row_ids, row_grad, lr)
+        if self.sdxl:
+            self.pooled_opt.step(table.pooled, row_ids, pooled_grad, lr)
         if self.train_special:
             every = torch.arange(table.special.shape[0], device=self.device)
             self.special_opt.step(table.special, every, special_grad, lr)

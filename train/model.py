@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -11,6 +12,7 @@ from diffusers.training_utils import compute_snr
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from bootstrap.load import BaseModel, load_model
 from conditioner.table import TagTable
 from unet_patch.pipeline import TABLE_FILE, load_components
 
@@ -96,19 +98,59 @@ def build_builtin(name: str, seed: int = 0) -> UNet2DConditionModel:
     return UNet2DConditionModel(**BUILTIN[name])
 
 
-def load_base(model_cfg, seed: int = 0):
-    """Load ``(unet, vae | None, noise_scheduler, table | None, base_name)`` for a run's ``model`` section.
+@dataclass
+class Base:
+    """The base model of a run.
+
+    Attributes:
+        unet: the denoiser. vae: its VAE, or `None` in pixel space. noise_scheduler: the training scheduler (DDPM).
+        table: the base's own condvec table, if it ships one. name: recorded in the table.
+        text: the model with its text encoders (``bootstrap.load.BaseModel``) when it has them: new tables and tags
+            start from its CLIP encoding; free it after.
+    """
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL | None
+    noise_scheduler: DDPMScheduler
+    table: TagTable | None
+    name: str
+    text: BaseModel | None = None
+
+
+def _has_text_encoder(folder: str | None) -> bool:
+    return bool(folder) and os.path.isfile(os.path.join(folder, "text_encoder", "config.json"))
+
+
+def load_base(model_cfg, seed: int = 0) -> Base:
+    """Load a run's base model from its ``model`` section.
+
+    A diffusers folder (or a single file whose config folder) has ``text_encoder/`` is loaded as an SD1.x / SD2.x /
+    SDXL model with its text encoders (``bootstrap.load.load_model``); other folders, single files, built-ins and
+    UNet configs load the UNet (and VAE) only.
 
     Raises:
         FileNotFoundError / ValueError: with a one-line message saying which path or field is wrong.
     """
-    vae, table, scheduler = None, None, None
+    vae, table, scheduler, text = None, None, None, None
     if model_cfg.builtin:
         unet = build_builtin(model_cfg.builtin, seed)
         name = model_cfg.name or f"builtin:{model_cfg.builtin}"
+    elif model_cfg.unet_config:
+        unet = build_from_config(model_cfg.unet_config, seed)
+        name = model_cfg.name or os.path.splitext(os.path.basename(model_cfg.unet_config))[0]
+    elif model_cfg.pretrained and _has_text_encoder(model_cfg.pretrained):
+        text = load_model(model_cfg.pretrained)
+        unet, vae, scheduler = text.unet, text.vae, text.scheduler
+        table_path = os.path.join(model_cfg.pretrained, TABLE_FILE)
+        table = TagTable.load(table_path) if os.path.isfile(table_path) else None
+        name = model_cfg.name or text.name
     elif model_cfg.pretrained:
         unet, scheduler, vae, table = _load_folder(model_cfg.pretrained)
         name = model_cfg.name or os.path.basename(os.path.normpath(model_cfg.pretrained))
+    elif _has_text_encoder(model_cfg.single_file_config):
+        text = load_model(model_cfg.single_file, config=model_cfg.single_file_config)
+        unet, vae, scheduler = text.unet, text.vae, text.scheduler
+        name = model_cfg.name or os.path.basename(model_cfg.single_file)
     else:
         path, config = model_cfg.single_file, model_cfg.single_file_config
         if not os.path.isfile(path):
@@ -119,16 +161,35 @@ def load_base(model_cfg, seed: int = 0):
         unet = load_single_file(path, config_dir)
         name = model_cfg.name or os.path.basename(path)
     if scheduler is None:
-        schedule = PIXEL_SCHEDULE if model_cfg.builtin else SD_SCHEDULE
+        from_scratch = model_cfg.builtin or model_cfg.unet_config
+        schedule = PIXEL_SCHEDULE if from_scratch else SD_SCHEDULE
         noise_scheduler = DDPMScheduler(num_train_timesteps=model_cfg.num_train_timesteps, **schedule)
     else:
         noise_scheduler = DDPMScheduler.from_config(diffusers_config(scheduler))
     if model_cfg.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
+        noise_scheduler.register_to_config(prediction_type=str(model_cfg.prediction_type))
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {noise_scheduler.config.prediction_type!r} of the scheduler config is not "
                          "supported: set model.prediction_type to epsilon or v_prediction")
-    return unet, vae, noise_scheduler, table, name
+    return Base(unet, vae, noise_scheduler, table, name, text)
+
+
+def build_from_config(path: str, seed: int = 0) -> UNet2DConditionModel:
+    """A freshly initialised (seeded) UNet from a ``UNet2DConditionModel`` config file (.json)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.unet_config {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.unet_config {path!r} is not a readable JSON file: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"model.unet_config {path!r} must hold a JSON object of UNet2DConditionModel arguments")
+    torch.manual_seed(seed)
+    try:
+        return UNet2DConditionModel.from_config(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.unet_config {path!r}: {str(err).splitlines()[0]}") from None
 
 
 def load_single_file(path: str, config_dir: str) -> UNet2DConditionModel:

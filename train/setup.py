@@ -11,16 +11,21 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
+from bootstrap.load import describe
+from bootstrap.table import add_bootstrapped_tags, bootstrap_table
 from conditioner.encode import tokenize
 from conditioner.parse import Tag, TagNormalization, parse_prompt
+from conditioner.regroup import regroup
 from conditioner.table import TagTable
 from demo import data as demo_data
 from train import checkpoint as ckpt
 from train.cache import LatentCache, LatentEncoder, PixelCache
 from train.data import Item, assign_buckets, scan_dataset
-from train.model import describe, load_base, vae_scale_factor
+from train.model import Base, load_base, vae_scale_factor
+from train.model import describe as describe_unet
 from train.tracking import shown, trackers
 from unet_patch.discover import discover, table_for_unet
+from unet_patch.kv import to_kv as key_value_table
 from unet_patch.patch import install
 from unet_patch.projections import bypassed_parameters, kv_projections, special_rows_from
 
@@ -66,8 +71,10 @@ def build(cfg, acc: Accelerator) -> Setup:
             say(f"resumed from {resume_path} at step {json.load(f)['step']}", flush=True)
         log = _silent
     _generate_demo(cfg, acc)
-    unet, vae, noise_scheduler, base_table, base_name = load_base(cfg.model, cfg.training.seed)
-    say(f"base model: {base_name} — {describe(unet)}", flush=True)
+    base = load_base(cfg.model, cfg.training.seed)
+    unet, vae, noise_scheduler = base.unet, base.vae, base.noise_scheduler
+    say(f"base model: {base.name} — {describe(base.text) if base.text is not None else describe_unet(unet)}",
+        flush=True)
     d = cfg.data
     items = scan_dataset(d.path, caption_ext=d.caption_ext, metadata=d.metadata, repeats=dict(d.repeats),
                          default_repeats=d.default_repeats)
@@ -75,10 +82,16 @@ def build(cfg, acc: Accelerator) -> Setup:
                              max_aspect=d.max_aspect)
     say(f"data: {len(items)} images ({sum(i.repeats for i in items)} with repeats) in {len(buckets)} bucket(s): "
         f"{', '.join(f'{w}x{h}' for w, h in buckets)}", flush=True)
-    table = _make_table(cfg, unet, base_table, base_name, noise_scheduler, log)
+    table = _make_table(cfg, base, log)
     existing_rows = len(table)
     captions = [_parse_caption(item.caption, item.path, table) for item in items]
-    _add_data_tags(cfg, table, captions, log)
+    _add_data_tags(cfg, table, captions, base, log)
+    table = _convert_mode(cfg, table, unet, log)
+    if base.text is not None:
+        base.text.free_text_encoders()  # bootstrap is over: CLIP is never run again
+    if unet.config.get("addition_embed_type") == "text_time" and table.pooled is None:
+        raise ValueError("an SDXL UNet needs pooled vectors, and this table has none: start from the model folder "
+                         "with its text encoders (table.bootstrap: true) or from a table bootstrapped from it")
     for prompt in cfg.output.sample_prompts:
         try:
             tokenize(table, [prompt])
@@ -87,8 +100,10 @@ def build(cfg, acc: Accelerator) -> Setup:
     table.to(acc.device)
     train_special = cfg.table.train_special
     if train_special is None:
-        train_special = not cfg.table.freeze_existing
-        log(f"table: special rows (sink, padding) {'train' if train_special else 'stay frozen (freeze_existing)'};"
+        bootstrapped = "bootstrap" in table.base_model  # its null sequence is exactly what the base model saw
+        train_special = not (cfg.table.freeze_existing or bootstrapped)
+        why = "the base model's own null sequence" if bootstrapped else "freeze_existing"
+        log(f"table: special rows (sink, padding) {'train' if train_special else f'stay frozen ({why})'};"
             " set table.train_special to choose", flush=True)
 
     unet.to(acc.device).requires_grad_(False)
@@ -141,29 +156,51 @@ def _generate_demo(cfg, acc: Accelerator) -> None:
     acc.wait_for_everyone()
 
 
-def _make_table(cfg, unet, base_table: TagTable | None, base_name: str, noise_scheduler, log) -> TagTable:
-    t = cfg.table
-    if t.start_from:
-        table = TagTable.load(t.start_from)
-        log(f"table: continuing {t.start_from} ({len(table)} tags)", flush=True)
-    elif base_table is not None and t.use_base_table:
-        table = base_table
-        log(f"table: the base model's own table ({len(table)} tags)", flush=True)
+def _make_table(cfg, base: Base, log) -> TagTable:
+    """The run's table before the data's new tags: continued, the base's own, bootstrapped, or new."""
+    t, unet = cfg.table, base.unet
+    groups = t.groups if t.groups is None or isinstance(t.groups, str) else OmegaConf.to_container(t.groups)
+    if t.start_from or (base.table is not None and t.use_base_table):
+        table = TagTable.load(t.start_from) if t.start_from else base.table
+        log(f"table: continuing {t.start_from} ({len(table)} tags)" if t.start_from
+            else f"table: the base model's own table ({len(table)} tags)", flush=True)
+        if groups is not None and groups != table.group_kind and table.mode == "vector":
+            log(f"table: converted from {table.group_kind} to {groups if isinstance(groups, str) else 'custom'} "
+                "groups (table.groups)", flush=True)
+            table = regroup(table, groups)
+    elif base.text is not None and t.bootstrap:
+        table = bootstrap_table(base.text, [], groups=groups or "layers", anchors=t.anchors,
+                                pad_to=77 if t.pad_to is None else t.pad_to, progress=False,
+                                normalization=TagNormalization(lowercase=t.lowercase, underscores=str(t.underscores)))
+        log(f"table: bootstrapped from {base.name}'s text encoder(s): null sequence of {table.special.shape[0]} "
+            f"positions from {table.base_model['bootstrap']['encoder']}", flush=True)
     else:
-        groups = t.groups if isinstance(t.groups, str) else OmegaConf.to_container(t.groups)
         table = table_for_unet(
-            unet, base_name=base_name, mode=str(t.mode), groups=groups, anchors=t.anchors,
-            num_train_timesteps=noise_scheduler.config.num_train_timesteps, use_sink=t.use_sink, pad_to=t.pad_to,
+            unet, base_name=base.name, mode="vector" if t.mode is None else str(t.mode), groups=groups or "layers",
+            anchors=t.anchors, num_train_timesteps=base.noise_scheduler.config.num_train_timesteps,
+            use_sink=t.use_sink, pad_to=t.pad_to,
             normalization=TagNormalization(lowercase=t.lowercase, underscores=str(t.underscores)),
             seed=cfg.training.seed,
         )
-        special = special_rows_from(base_table, table, unet) if base_table is not None else None
+        special = special_rows_from(base.table, table, unet) if base.table is not None else None
         if special is not None:
             table.special = special
             log("table: sink and padding rows derived from the base model's table", flush=True)
         log(f"table: new, {table}", flush=True)
     table.check_layers(discover(unet))
     return table
+
+
+def _convert_mode(cfg, table: TagTable, unet, log) -> TagTable:
+    """``table.mode: kv`` for a vector table (bootstrapped, continued or the base's): each layer's K and V."""
+    wanted = cfg.table.mode
+    if wanted is None or str(wanted) == table.mode:
+        return table
+    if str(wanted) == "vector":
+        raise ValueError("table.mode=vector, but the table is in key/value mode: its rows are each layer's K and V "
+                         "and cannot become vectors again; drop table.mode or start a new table")
+    log("table: converted to key/value mode through each layer's projections (table.mode=kv)", flush=True)
+    return key_value_table(table, unet)
 
 
 def _parse_caption(caption: str, path: str, table: TagTable) -> list[Tag]:
@@ -173,14 +210,19 @@ def _parse_caption(caption: str, path: str, table: TagTable) -> list[Tag]:
         raise ValueError(f"caption of {path}: {err}") from None
 
 
-def _add_data_tags(cfg, table: TagTable, captions: list[list[Tag]], log) -> None:
+def _add_data_tags(cfg, table: TagTable, captions: list[list[Tag]], base: Base, log) -> None:
     seen: dict[str, None] = {}
     for tags in captions:
         for tag in tags:
             seen.setdefault(tag.name)
     new = [name for name in seen if name not in table]
-    if new:
-        table.add_tags(new, init=cfg.table.init, std=cfg.table.init_std, seed=cfg.training.seed + 7)
+    if new and base.text is not None and cfg.table.bootstrap:
+        add_bootstrapped_tags(table, base.text, new, tokens_per_tag=cfg.table.tokens_per_tag,
+                              progress=cfg.output.progress)
+        log(f"tags: {len(new)} new tag(s) start from {base.name}'s text encoding", flush=True)
+    elif new:
+        table.add_tags(new, init=cfg.table.init, std=cfg.table.init_std, seed=cfg.training.seed + 7,
+                       vectors=cfg.table.tokens_per_tag)
     split = [name for name in seen if name in table.values]
     if split:
         warnings.warn(f"{len(split)} tag(s) in the data are swapped (split) concepts, e.g. {split[0]!r}: only "
