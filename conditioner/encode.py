@@ -50,6 +50,12 @@ class TokenBatch:
     def needs_bias(self) -> bool:
         return bool(self.masked.any()) or bool((self.weights != 1).any())
 
+    def select(self, index: slice | list[int]) -> TokenBatch:
+        """The prompts at ``index`` (e.g. one process's share of a global batch), same length and row set."""
+        picked = range(len(self.tags))[index] if isinstance(index, slice) else index
+        return TokenBatch(ids=self.ids[index], weights=self.weights[index], masked=self.masked[index], rows=self.rows,
+                          split=self.split, tags=[self.tags[i] for i in picked])
+
 
 @dataclass
 class Rows:

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from conditioner.encode import Rows, pack, pack_pooled, tokenize
+from conditioner.encode import Rows, TokenBatch, pack, pack_pooled, tokenize
 from train import checkpoint as ckpt
 from train.batches import Plan, Planner, sample_generator
 from train.data import micro_conditioning
@@ -69,7 +69,7 @@ class Trainer:
         if self.resume_path:
             ckpt.restore_trainer(self, self.resume_path)
 
-    def _loss(self, plans: list[Plan], rows: Rows) -> torch.Tensor:
+    def _loss(self, plans: list[Plan], tokens: TokenBatch, rows: Rows) -> torch.Tensor:
         """Min-SNR-weighted diffusion loss of this rank's samples, conditioned on ``rows``."""
         latents = torch.stack([self.cache.get(self.items[p.index], p.flip) for p in plans]).to(self.device)
         noise = torch.stack([p.noise(latents.shape[1:], self.cfg.training.noise_offset) for p in plans])
@@ -77,7 +77,6 @@ class Trainer:
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = self.noise_scheduler.get_velocity(latents, noise, t) if self.prediction_type == "v_prediction" \
             else noise
-        tokens = tokenize(self.table, [p.tags for p in plans])
         cond = pack(self.table, tokens, t.float(), rows=rows)  # (b, N, W')
         added = None
         if self.sdxl:
@@ -104,14 +103,16 @@ class Trainer:
         for micro in range(tr.grad_accum):
             plans = self.planner.plan(self.state.step * tr.grad_accum + micro)
             counts.update(tag.name for p in plans for tag in p.tags)
-            ids = tokenize(table, [p.tags for p in plans]).rows.to(self.device)  # (K,) rows of the global batch
+            tokens = tokenize(table, [p.tags for p in plans])  # the global batch, once
+            ids = tokens.rows.to(self.device)  # (K,) rows of the global batch
             rows = Rows(ids=ids, data=table.data[ids].clone().requires_grad_(True),
                         special=table.special.clone().requires_grad_(self.train_special),
                         pooled=table.pooled[ids].clone().requires_grad_(True) if self.sdxl else None,
                         null_pooled=table.null_pooled)
             last = micro == tr.grad_accum - 1  # UNet gradients are all-reduced once, on the last micro-step
             with nullcontext() if last else self.acc.no_sync(self.model):
-                micro_loss = self._loss(plans[self.rank:: self.world], rows) / tr.grad_accum
+                share = slice(self.rank, None, self.world)
+                micro_loss = self._loss(plans[share], tokens.select(share), rows) / tr.grad_accum
                 if micro_loss.requires_grad:  # dropped captions with frozen special rows: nothing to learn
                     self.acc.backward(micro_loss)
             touched.append(ids)

@@ -65,15 +65,6 @@ def diffusers_config(configured) -> dict:
     return {key: value for key, value in dict(configured.config).items() if not key.startswith("_")}
 
 
-def vae_scale_factor(vae) -> int:
-    """How many image pixels one latent pixel covers (8 for SD's VAE); 1 without a VAE (pixel-space models).
-
-    Args:
-        vae (`diffusers.AutoencoderKL`, *optional*): the VAE, or `None`.
-    """
-    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def _load_folder(model_dir: str):
     """``(unet, scheduler | None, vae | None, table | None)`` of a diffusers folder; ``scheduler/`` is optional."""
     if os.path.isfile(os.path.join(model_dir, "scheduler", "scheduler_config.json")):

@@ -21,12 +21,13 @@ from demo import data as demo_data
 from train import checkpoint as ckpt
 from train.cache import LatentCache, LatentEncoder, PixelCache
 from train.data import Item, assign_buckets, scan_dataset
-from train.model import Base, load_base, vae_scale_factor
+from train.model import Base, load_base
 from train.model import describe as describe_unet
 from train.tracking import shown, trackers
 from unet_patch.discover import discover, table_for_unet
 from unet_patch.kv import to_kv as key_value_table
 from unet_patch.patch import install
+from unet_patch.pipeline import vae_scale_factor
 from unet_patch.projections import bypassed_parameters, kv_projections, special_rows_from
 
 
