@@ -32,6 +32,7 @@ Train = _choices("Train", "table", "table+kv", "full")
 LrSchedule = _choices("LrSchedule", "constant", "linear", "cosine")
 MixedPrecision = _choices("MixedPrecision", "no", "bf16", "fp16")
 ReportTo = _choices("ReportTo", "none", "tensorboard", "wandb", "all")
+TableDevice = _choices("TableDevice", "accelerator", "host")
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the schema
@@ -121,6 +122,10 @@ class TrainingConfig:
     noise_offset: float = _f(0.0, "noise offset (brighter/darker images)")
     ema_decay: float = _f(0.0, "EMA of the table rows (0 = off); saved as table-ema.safetensors")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    table_device: TableDevice = _f(TableDevice.accelerator, "accelerator | host — host keeps the table (and its "
+                                   "optimiser state) in CPU memory and moves only each step's rows to the "
+                                   "accelerator: table size bounded by host memory")
+    num_threads: int = _f(0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default (one per core)")
     mixed_precision: MixedPrecision = _f(MixedPrecision.no,
                                          "no | bf16 (autocast; fp16 is refused: it needs loss scaling)")
     max_bad_steps: int = _f(3, "steps in a row with a non-finite loss or gradient that are skipped before the run "
@@ -246,6 +251,8 @@ def validate(cfg: DictConfig) -> None:
     if tr.train == "table+kv" and t.mode == "kv":
         raise ConfigError("'training.train' table+kv trains the attn2 key/value projections, which table.mode=kv "
                           "bypasses: use train=table or mode=vector")
+    if tr.num_threads < 0:
+        raise ConfigError(f"'training.num_threads' must be >= 0 (0 = torch's default), got {tr.num_threads}")
     if tr.max_bad_steps < 0:
         raise ConfigError(f"'training.max_bad_steps' must be >= 0, got {tr.max_bad_steps}")
     if t.pad_to is not None and t.pad_to < 1:

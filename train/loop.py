@@ -54,13 +54,13 @@ class Trainer:
             optimizer = torch.optim.AdamW(self.unet_params, lr=tr.lr_unet, betas=(tr.beta1, tr.beta2), eps=tr.eps,
                                           weight_decay=tr.weight_decay_unet)
             self.model, self.unet_optimizer = self.acc.prepare(self.unet.train(), optimizer)
-        shape, betas = (self.table.num_anchors, self.table.width), (tr.beta1, tr.beta2)
-        self.row_opt = RowSparseAdamW(len(self.table), shape, betas, tr.eps, tr.weight_decay, device=self.device)
-        self.special_opt = RowSparseAdamW(self.table.special.shape[0], shape, betas, tr.eps, 0.0, device=self.device)
+        shape, betas, home = (self.table.num_anchors, self.table.width), (tr.beta1, tr.beta2), self.table.data.device
+        self.row_opt = RowSparseAdamW(len(self.table), shape, betas, tr.eps, tr.weight_decay, device=home)
+        self.special_opt = RowSparseAdamW(self.table.special.shape[0], shape, betas, tr.eps, 0.0, device=home)
         # SDXL: each tag's pooled vector trains with its rows; each sample's size and crop give its time ids
         self.sdxl = self.table.pooled is not None
         self.pooled_opt = RowSparseAdamW(len(self.table), self.table.pooled.shape[1:], betas, tr.eps, tr.weight_decay,
-                                         device=self.device) if self.sdxl else None
+                                         device=home) if self.sdxl else None
         self.time_ids = torch.tensor([micro_conditioning(item) for item in self.items],
                                      dtype=torch.float32) if self.sdxl else None  # (items, 6)
         self.ema = SparseEMA(self.table.data, tr.ema_decay) if tr.ema_decay > 0 else None
@@ -87,6 +87,14 @@ class Trainer:
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
         return (per_sample * min_snr_weights(self.noise_scheduler, t, self.cfg.training.min_snr_gamma)).mean()
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A trainable copy on the accelerator (``training.table_device: host`` keeps the table in host memory)."""
+        if tensor.device == self.device:
+            return tensor.clone()
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def _mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:  # only the touched rows travel
             torch.distributed.all_reduce(tensor)
@@ -98,24 +106,24 @@ class Trainer:
         tr, table, started = self.cfg.training, self.table, time.perf_counter()
         touched, touched_grads, counts = [], [], Counter()  # per micro-step: rows (K,), gradients (K, A, W)
         pooled_grads = []  # SDXL, per micro-step: (K, P)
-        special_grad = torch.zeros_like(table.special)  # (S, A, W)
+        special_grad = torch.zeros(table.special.shape, device=self.device)  # (S, A, W)
         loss = torch.zeros((), device=self.device)
         for micro in range(tr.grad_accum):
             plans = self.planner.plan(self.state.step * tr.grad_accum + micro)
             counts.update(tag.name for p in plans for tag in p.tags)
             tokens = tokenize(table, [p.tags for p in plans])  # the global batch, once
-            ids = tokens.rows.to(self.device)  # (K,) rows of the global batch
-            rows = Rows(ids=ids, data=table.data[ids].clone().requires_grad_(True),
-                        special=table.special.clone().requires_grad_(self.train_special),
-                        pooled=table.pooled[ids].clone().requires_grad_(True) if self.sdxl else None,
-                        null_pooled=table.null_pooled)
+            ids = tokens.rows.to(table.data.device)  # (K,) rows of the global batch, where the table lives
+            rows = Rows(ids=ids.to(self.device), data=self._to_device(table.data[ids]).requires_grad_(True),
+                        special=self._to_device(table.special).requires_grad_(self.train_special),
+                        pooled=self._to_device(table.pooled[ids]).requires_grad_(True) if self.sdxl else None,
+                        null_pooled=None if table.null_pooled is None else self._to_device(table.null_pooled))
             last = micro == tr.grad_accum - 1  # UNet gradients are all-reduced once, on the last micro-step
             with nullcontext() if last else self.acc.no_sync(self.model):
                 share = slice(self.rank, None, self.world)
                 micro_loss = self._loss(plans[share], tokens.select(share), rows) / tr.grad_accum
                 if micro_loss.requires_grad:  # dropped captions with frozen special rows: nothing to learn
                     self.acc.backward(micro_loss)
-            touched.append(ids)
+            touched.append(rows.ids)
             touched_grads.append(self._mean_over_ranks(
                 rows.data.grad if rows.data.grad is not None else torch.zeros_like(rows.data)))
             if rows.special.grad is not None:
@@ -128,9 +136,9 @@ class Trainer:
 
         # sum the micro-steps' gradients per row: (U, A, W) over the sorted union of touched rows
         row_ids, inverse = torch.unique(torch.cat(touched), return_inverse=True)
-        row_grad = table.data.new_zeros(row_ids.numel(), *table.data.shape[1:])
+        row_grad = torch.zeros(row_ids.numel(), *table.data.shape[1:], device=self.device)
         row_grad.index_add_(0, inverse, torch.cat(touched_grads))
-        pooled_grad = table.pooled.new_zeros(row_ids.numel(), table.pooled.shape[1]).index_add_(
+        pooled_grad = torch.zeros(row_ids.numel(), table.pooled.shape[1], device=self.device).index_add_(
             0, inverse, torch.cat(pooled_grads)) if self.sdxl else torch.zeros(0, device=self.device)  # (U, P)
         if self.cfg.table.freeze_existing:
             keep = row_ids >= self.existing_rows
@@ -149,12 +157,15 @@ class Trainer:
             for g in unet_grads:
                 g.mul_(scale)
         lr = lr_at(self.state.step - 1, tr.lr, tr.lr_schedule, tr.warmup_steps, tr.steps)
+        home = table.data.device  # where the table and its optimiser state live (host or accelerator)
+        row_ids, row_grad, special_grad, pooled_grad = (x.to(home) for x in (row_ids, row_grad, special_grad,
+                                                                             pooled_grad))
         rows_before, special_before = table.data[row_ids].clone(), table.special.clone()
         self.row_opt.step(table.data, row_ids, row_grad, lr)
         if self.sdxl:
             self.pooled_opt.step(table.pooled, row_ids, pooled_grad, lr)
         if self.train_special:
-            every = torch.arange(table.special.shape[0], device=self.device)
+            every = torch.arange(table.special.shape[0], device=home)
             self.special_opt.step(table.special, every, special_grad, lr)
             if self.ema_special is not None:
                 self.ema_special.update(special_before, table.special, every, self.state.step)

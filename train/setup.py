@@ -50,6 +50,8 @@ class Setup:
 
 def make_accelerator(cfg) -> Accelerator:
     """The run's accelerator: CPU when no GPU is present, the configured mixed precision and trackers."""
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
     log_with = trackers(cfg.output.report_to)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=str(cfg.training.mixed_precision),
                        log_with=log_with or None, project_dir=cfg.output.dir)
@@ -98,7 +100,8 @@ def build(cfg, acc: Accelerator) -> Setup:
             tokenize(table, [prompt])
         except ValueError as err:
             raise ValueError(f"output.sample_prompts {prompt!r}: {str(err).split(' (pass lenient')[0]}") from None
-    table.to(acc.device)
+    if str(cfg.training.table_device) == "accelerator":
+        table.to(acc.device)
     train_special = cfg.table.train_special
     if train_special is None:
         bootstrapped = "bootstrap" in table.base_model  # its null sequence is exactly what the base model saw
