@@ -99,6 +99,27 @@ def test_full_unet_training_resumes_exactly(demo_dir, tmp_path):
     assert torch.equal(TagTable.load(full["table"]).data, TagTable.load(resumed["table"]).data)
 
 
+def test_unet_ema_resumes_exactly_and_is_what_the_model_exports(demo_dir, tmp_path):
+    extra = ["training.train=full", "training.steps=4", "training.ema_unet_decay=0.9", "training.lr_unet=0.01"]
+    full = Trainer(_cfg(demo_dir, tmp_path / "full", *extra))
+    result = full.run()
+    part = Trainer(_cfg(demo_dir, tmp_path / "part", *extra))
+    part.train_step()
+    part.train_step()
+    part.save()
+    resumed = Trainer(_cfg(demo_dir, tmp_path / "part", *extra, "output.resume=latest"))
+    assert resumed.unet_ema.optimization_step == 2
+    resumed.run()
+    for a, b in zip(full.unet_ema.shadow_params, resumed.unet_ema.shadow_params):
+        assert torch.equal(a, b)
+    exported = load_file(os.path.join(result["model"], "unet", "diffusion_pytorch_model.safetensors"))
+    names = [n for n, p in full.unet.named_parameters() if p.requires_grad]
+    averaged = dict(zip(names, full.unet_ema.shadow_params))
+    assert all(torch.equal(exported[n], averaged[n]) for n in names)  # the model/ folder holds the EMA weights
+    raw = dict(full.unet.named_parameters())
+    assert any(not torch.equal(averaged[n], raw[n].detach()) for n in names)  # which differ from the raw ones
+
+
 def test_crash_while_saving_keeps_last_good_checkpoint(demo_dir, tmp_path, monkeypatch):
     trainer = Trainer(_cfg(demo_dir, tmp_path / "run"))
     trainer.train_step()

@@ -233,9 +233,13 @@ def save_trainer(trainer) -> str | None:
         tensors = trainer.row_opt.state_tensors("rows") | trainer.special_opt.state_tensors("special")
         if trainer.pooled_opt is not None:
             tensors |= trainer.pooled_opt.state_tensors("pooled")
+        if trainer.unet_ema is not None:
+            tensors |= {f"unet_ema.{i}": p.detach().cpu().contiguous()
+                        for i, p in enumerate(trainer.unet_ema.shadow_params)}
         if trainer.ema is not None:
             tensors |= trainer.ema.state_tensors("ema") | trainer.ema_special.state_tensors("ema_special")
         info = {"existing_rows": trainer.existing_rows, "bad_steps": trainer.bad_steps,
+                "unet_ema_step": None if trainer.unet_ema is None else trainer.unet_ema.optimization_step,
                 "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
                 **fingerprint_info(cfg, trainer.world)}
         trained = trainer.unet_optimizer is not None
@@ -271,6 +275,10 @@ def restore_trainer(trainer, path: str) -> None:
     trainer.special_opt.load_state_tensors(tensors, "special")
     if trainer.pooled_opt is not None:
         trainer.pooled_opt.load_state_tensors(tensors, "pooled")
+    if trainer.unet_ema is not None:
+        for i, shadow in enumerate(trainer.unet_ema.shadow_params):
+            shadow.copy_(tensors[f"unet_ema.{i}"])
+        trainer.unet_ema.optimization_step = info["unet_ema_step"]
     if trainer.ema is not None:
         trainer.ema.load_state_tensors(tensors, "ema")
         trainer.ema_special.load_state_tensors(tensors, "ema_special")
@@ -304,7 +312,17 @@ def export_trainer(trainer) -> dict:
             out["table_ema"] = os.path.join(folder, "table-ema.safetensors")
             ema_table(trainer).save(out["table_ema"])
         if trainer.unet_optimizer is not None:
-            out["model"] = save_model(os.path.join(folder, "model"), trainer.acc.unwrap_model(trainer.model),
-                                      trainer.vae, trainer.table, trainer.noise_scheduler)
+            ema = trainer.unet_ema
+            if ema is not None:  # the exported model carries the averaged weights (and the EMA table, if any)
+                ema.store(trainer.unet_params)
+                ema.copy_to(trainer.unet_params)
+            try:
+                averaged = ema_table(trainer)
+                out["model"] = save_model(os.path.join(folder, "model"), trainer.acc.unwrap_model(trainer.model),
+                                          trainer.vae, trainer.table if averaged is None else averaged,
+                                          trainer.noise_scheduler)
+            finally:
+                if ema is not None:
+                    ema.restore(trainer.unet_params)
     trainer.acc.wait_for_everyone()
     return out

@@ -121,6 +121,9 @@ class TrainingConfig:
     min_snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = off)")
     noise_offset: float = _f(0.0, "noise offset (brighter/darker images)")
     ema_decay: float = _f(0.0, "EMA of the table rows (0 = off); saved as table-ema.safetensors")
+    ema_unet_decay: float = _f(0.0, "EMA of the trained UNet weights (train: full / table+kv; 0 = off, 0.999 is "
+                               "typical): the exported model/ carries the EMA weights (diffusers' EMAModel, with "
+                               "its (1 + n) / (10 + n) warm-up)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     table_device: TableDevice = _f(TableDevice.accelerator, "accelerator | host — host keeps the table (and its "
                                    "optimiser state) in CPU memory and moves only each step's rows to the "
@@ -276,6 +279,11 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"'{key}' must be in [0, 1), got {value}")
     if not 0.0 <= tr.ema_decay < 1.0:
         raise ConfigError(f"'training.ema_decay' must be in [0, 1), got {tr.ema_decay}")
+    if not 0.0 <= tr.ema_unet_decay < 1.0:
+        raise ConfigError(f"'training.ema_unet_decay' must be in [0, 1), got {tr.ema_unet_decay}")
+    if tr.ema_unet_decay > 0 and tr.train == "table":
+        raise ConfigError("'training.ema_unet_decay' averages trained UNet weights, but training.train=table trains "
+                          "none: set training.train=full or table+kv, or ema_unet_decay=0")
     if tr.lr <= 0 or tr.lr_unet <= 0:
         raise ConfigError("learning rates must be > 0")
     for concept in d.demo_concepts:

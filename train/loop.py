@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
 
 from conditioner.encode import Rows, TokenBatch, pack, pack_pooled, tokenize
 from train import checkpoint as ckpt
@@ -64,6 +65,7 @@ class Trainer:
         self.time_ids = torch.tensor([micro_conditioning(item) for item in self.items],
                                      dtype=torch.float32) if self.sdxl else None  # (items, 6)
         self.ema = SparseEMA(self.table.data, tr.ema_decay) if tr.ema_decay > 0 else None
+        self.unet_ema = EMAModel(self.unet_params, decay=tr.ema_unet_decay) if tr.ema_unet_decay > 0 else None
         self.ema_special = SparseEMA(self.table.special, tr.ema_decay) if tr.ema_decay > 0 else None
         self.state, self.bad_steps = SimpleNamespace(step=0, metrics=[]), 0  # metrics: one dict per step taken
         if self.resume_path:
@@ -176,6 +178,8 @@ class Trainer:
                 group["lr"] = lr_at(self.state.step - 1, tr.lr_unet, tr.lr_schedule, tr.warmup_steps, tr.steps)
             self.unet_optimizer.step()
             self.unet_optimizer.zero_grad(set_to_none=True)
+            if self.unet_ema is not None:
+                self.unet_ema.step(self.unet_params)
         for name, count in counts.items():
             table.counts[name] = table.counts.get(name, 0) + count
         return {"step": self.state.step, "loss": float(loss), "lr": lr, "grad_norm": grad_norm,
