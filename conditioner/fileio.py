@@ -113,7 +113,7 @@ def _fsync_file(path: str) -> None:
 
 
 def fsync_dir(path: str) -> None:
-    """Flush a folder's entries to disk, so that a rename or a new file in it survives a power cut.
+    """Flush a file, or a folder's entries (so that a rename or a new file in it survives a power cut), to disk.
 
     Args:
         path (`str`): the folder. On platforms that cannot open folders (Windows) this does nothing.

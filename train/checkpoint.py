@@ -27,7 +27,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from conditioner.fileio import fsync_dir
 from conditioner.table import TagTable
+from train.config import flatten
 from train.sampling import save_model
 
 _NAME = re.compile(r"^step-(\d{7})(\.prev)?$")
@@ -63,17 +65,7 @@ def fingerprint(cfg, world_size: int) -> dict:
     if config["training"]["lr_schedule"] not in _SCHEDULES_WITH_TOTAL:
         config["training"].pop("steps")
     config["world_size"] = world_size
-    flat = {}
-
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk(config)
-    return flat
+    return flatten(config)
 
 
 def fingerprint_info(cfg, world_size: int) -> dict:
@@ -131,20 +123,6 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _fsync(path: str) -> None:
-    """Flush a file or folder to disk (folders: so that a rename in them survives a power cut)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms that cannot open folders rely on the files' own fsync
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: str, step: int, table: TagTable, tensors: dict[str, torch.Tensor], info: dict,
                     unet: torch.nn.Module | None = None, unet_optimizer: torch.optim.Optimizer | None = None,
                     keep_last: int = 3) -> str:
@@ -184,15 +162,15 @@ def save_checkpoint(run_dir: str, step: int, table: TagTable, tensors: dict[str,
         with open(os.path.join(tmp, "state.json"), "w") as f:  # written last: marks the folder complete
             json.dump(info, f, indent=1)
         for name in os.listdir(tmp):
-            _fsync(os.path.join(tmp, name))
-        _fsync(tmp)
+            fsync_dir(os.path.join(tmp, name))
+        fsync_dir(tmp)
         previous = final + ".prev"
         if os.path.exists(final):  # the same step saved again: its old copy stays a checkpoint until replaced
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(final, previous)
-            _fsync(root)
+            fsync_dir(root)
         os.replace(tmp, final)
-        _fsync(root)
+        fsync_dir(root)
         shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

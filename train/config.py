@@ -291,6 +291,17 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data.demo_concepts item {concept!r} must look like 'mascot=large yellow triangle'")
 
 
+def flatten(node: dict, prefix: str = "") -> dict:
+    """A nested mapping as ``{"section.key": value}``."""
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def to_yaml(cfg: DictConfig) -> str:
     """The resolved config as YAML (what ``--print-config`` shows and the run folder keeps)."""
     return OmegaConf.to_yaml(cfg, resolve=True)

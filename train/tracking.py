@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from conditioner.fileio import atomic_path
-from train.config import to_yaml
+from train.config import flatten, to_yaml
 from train.plot import loss_plot
 
 _PACKAGES = {"tensorboard": ("tensorboard", is_tensorboard_available),
@@ -48,17 +48,8 @@ def trackers(report_to: str) -> list[str]:
 
 def flat_config(cfg) -> dict:
     """The resolved config as ``{"section.key": value}`` with plain values (lists and None as strings)."""
-    flat = {}
-
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    return flat
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in flat.items()}
 
 
 class RunLog:
