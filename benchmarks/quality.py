@@ -36,6 +36,7 @@ from PIL import Image
 from demo.detector import ATTRIBUTES, check_one, detect, match_two, validate
 from train.config import load_config
 from train.loop import Trainer
+from train.model import diffusers_config
 from train.plot import curves_plot
 from unet_patch.grid import labelled_grid
 
@@ -89,7 +90,7 @@ def _generate(trainer: Trainer, prompt: str, n: int, seed: int = 1000) -> list[I
 
     from unet_patch.pipeline import TagDiffusionPipeline
 
-    config = {k: v for k, v in trainer.noise_scheduler.config.items() if not k.startswith("_")}
+    config = diffusers_config(trainer.noise_scheduler)
     pipe = TagDiffusionPipeline(unet=trainer.unet, scheduler=DDIMScheduler.from_config(config), vae=None,
                                 table=trainer.table)
     pipe.set_progress_bar_config(disable=True)
