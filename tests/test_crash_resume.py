@@ -59,7 +59,8 @@ def _kill_when(proc: subprocess.Popen, out: Path, trigger: tuple, rng: random.Ra
 
     Triggers: ``("delay", s)`` s seconds after the start (imports and set-up included); ``("step", n)`` once
     ``metrics.jsonl`` holds n steps, plus a random 0–0.2 s; ``("save",)`` the moment a checkpoint's temporary folder
-    appears; ``("export",)`` the moment the final table's temporary file appears in the run folder.
+    appears beside a complete checkpoint; ``("export",)`` the moment the final table's temporary file appears in the
+    run folder.
     """
     kind, deadline = trigger[0], time.monotonic() + TIMEOUT
     checkpoints = out / "checkpoints"
@@ -73,7 +74,8 @@ def _kill_when(proc: subprocess.Popen, out: Path, trigger: tuple, rng: random.Ra
         if kind == "step" and _lines(out / "metrics.jsonl") >= trigger[1]:
             time.sleep(rng.uniform(0.0, 0.2))
             break
-        if kind == "save" and checkpoints.is_dir() and any(".tmp-" in n for n in os.listdir(checkpoints)):
+        names = os.listdir(checkpoints) if kind == "save" and checkpoints.is_dir() else []
+        if any(".tmp-" in n for n in names) and any(".tmp-" not in n for n in names):  # a save, and a checkpoint
             break
         if kind == "export" and out.is_dir() and any(n.startswith(".tmp-table") for n in os.listdir(out)):
             break
@@ -126,6 +128,8 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         half_written = bool(out.joinpath("checkpoints").is_dir()
                             and any(".tmp-" in n for n in os.listdir(out / "checkpoints")))
         during_save += trigger[0] == "save" and half_written
+        if trigger[0] == "save":  # the checkpoint that existed when the save began (or a newer one) survived
+            assert ckpt.list_checkpoints(str(out)), f"a kill during a save left no checkpoint: {os.listdir(out)}"
         kills.append((trigger, half_written))
         if trigger[0] == "save" and not half_written and len(kills) < 10:  # the save ended before the kill: again
             plan.insert(0, ("save",))
