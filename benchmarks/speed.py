@@ -342,6 +342,16 @@ class Bench:
             self.row("memory", how, value, "fits 24 GiB", gib <= 24 and (tags == 100_000 or full <= 20), **result)
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB. ``VmHWM`` of the process's own address space: ``ru_maxrss`` would
+    carry over the parent's peak across fork + exec on Linux."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB → GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def memory_case(family: str, tags: int, latent: int, unet_kind: str) -> None:
     """Train a big table for a few steps in this (fresh) process; print peak RSS as JSON."""
     if family == "sd15":
@@ -377,7 +387,7 @@ def memory_case(family: str, tags: int, latent: int, unet_kind: str) -> None:
             loss = cond.square().mean()
         loss.backward()
         opt.step(table.data, token_batch.rows, rows.data.grad, 1e-3)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB (Linux)
+    peak = peak_rss_gib()
     state = sum(v.numel() * v.element_size() for v in opt.state_tensors("r").values()) / 2**30
     row_bytes = table.width * 4
     print(json.dumps({"peak_rss_gib": peak, "table_gib": tags * row_bytes / 2**30, "state_gib": state,
