@@ -20,7 +20,7 @@ from conditioner.parse import TagNormalization
 from conditioner.regroup import regroup
 from conditioner.table import TagTable
 from unet_patch.discover import discover
-from unet_patch.kv import to_kv
+from unet_patch.kv import kv_table
 
 #: kohya XTI block names that differ from condvec's kohya layer names.
 _XTI_ALIASES = {"MID": "M00"}
@@ -68,7 +68,7 @@ def bootstrap_table(
                           progress=progress)
     if groups != "single":
         table = regroup(table, groups)
-    return to_kv(table, model.unet) if mode == "kv" else table
+    return kv_table(table, model.unet) if mode == "kv" else table
 
 
 def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], tokens_per_tag: int = 1,
@@ -82,7 +82,7 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
         names = [n for n in dict.fromkeys(table.normalization.apply(t) for t in tags) if n and n not in table]
         if not names:
             return []
-        staging = to_kv(bootstrap_table(model, names, tokens_per_tag=tokens_per_tag, anchors=table.anchors,
+        staging = kv_table(bootstrap_table(model, names, tokens_per_tag=tokens_per_tag, anchors=table.anchors,
                                         pad_to=table.pad_to, batch_size=batch_size, progress=progress,
                                         normalization=table.normalization), model.unet)
         rows = table.add_tags(names, vectors=tokens_per_tag)
@@ -129,7 +129,7 @@ def import_embedding(table: TagTable, embedding: Embedding, name: str, model: Ba
         `list[int]`: the rows of the new tag.
     """
     if table.mode != "vector":
-        raise ValueError("import embeddings into a vector-mode table, then convert it with unet_patch.to_kv")
+        raise ValueError("import embeddings into a vector-mode table, then convert it with unet_patch.kv_table")
     name = table.normalization.apply(name)
     if name in table:
         raise ValueError(f"tag {name!r} is already in the table: choose another --name or drop it first")

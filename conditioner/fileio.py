@@ -101,6 +101,31 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def clear_leftovers(folder: str | os.PathLike) -> list[str]:
+    """Remove what killed writers left in ``folder``: temporary files and folders (names starting with
+    :data:`TEMP_PREFIX`). A folder moved aside by :func:`atomic_dir` whose replacement never arrived is put back
+    first, since it is then the only complete copy. Returns the names removed.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if not name.startswith(TEMP_PREFIX):
+            continue
+        path = os.path.join(folder, name)
+        if name.startswith(f"{TEMP_PREFIX}old-") and os.path.isdir(path):
+            original = os.path.join(folder, name[len(f"{TEMP_PREFIX}old-"):].rsplit("-", 1)[0])
+            if not os.path.exists(original):
+                os.replace(path, original)
+                continue
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+        removed.append(name)
+    if removed:
+        fsync_dir(folder)
+    return removed
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)

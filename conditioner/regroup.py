@@ -4,7 +4,7 @@ Every layer reads the vector of its group. A new group whose layers all read one
 vector; a new group spanning several old groups takes the mean over its layers of what each layer read. So
 single → blocks → layers copies (every layer keeps reading exactly what it read), layers → single averages, and
 single → layers → single gives back the same vectors. Key/value-mode tables need the UNet's projections:
-``unet_patch.to_kv``.
+``unet_patch.kv_table``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from comfyui_condvec.nodes import ApplyCondvec, CondvecEncode, LoadCondvecTable
 from comfyui_condvec.patch import comfy_layers
 from conditioner import TableMismatchError, encode, encode_pooled
 from conditioner.encode import Rows, pack, tokenize
-from unet_patch import patched, table_for_unet, to_kv
+from unet_patch import kv_table, patched, table_for_unet
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TAGS = ["cat", "dog", "red", "glass"]
@@ -178,7 +178,7 @@ def test_table_trained_on_diffusers_predicts_the_same_noise_in_comfyui(comfy, mo
     table = _train(unet, _table(unet, groups="blocks", anchors=3))
     table.set_value_source("glass", table.data[table.row("dog")])  # a swap: key of glass, value of dog
     if mode == "kv":
-        table = to_kv(table, unet)
+        table = kv_table(table, unet)
     prompts = ["cat, (dog:1.5)", "red, glass, cat"]
     t = torch.tensor([120, 777])
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -206,7 +206,7 @@ def test_kv_table_chains_an_existing_attention_replacement(comfy):
         return optimized_attention(q, k, v, extra_options["n_heads"])
 
     model.set_model_attn2_replace(other_pack, "input", 1)
-    table = to_kv(_table(unet, groups="layers"), unet)
+    table = kv_table(_table(unet, groups="layers"), unet)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
     context = _cond(table, ["cat, dog"])
     with patched(unet, table), torch.no_grad():

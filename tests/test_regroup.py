@@ -1,11 +1,11 @@
-"""Tables move between layouts: regroup (vector groupings) and to_kv (through each layer's projections)."""
+"""Tables move between layouts: regroup (vector groupings) and kv_table (through each layer's projections)."""
 
 import pytest
 import torch
 from conftest import make_unet
 
 from conditioner import TagTable, encode, regroup
-from unet_patch import discover, patched, to_kv
+from unet_patch import discover, kv_table, patched
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_regrouped_table_generates_the_same_output(unet):
 
 def test_to_kv_generates_the_same_output(unet):
     table = _table(unet, "blocks")
-    kv = to_kv(table, unet)
+    kv = kv_table(table, unet)
     assert kv.mode == "kv" and kv.tags == table.tags
     torch.testing.assert_close(_run(unet, kv), _run(unet, table), rtol=1e-5, atol=1e-6)
 
@@ -73,7 +73,7 @@ def test_merge_cli_regroup(tmp_path, unet, capsys):
     assert len(layers.group_names) == len(table.layers)
     assert torch.equal(regroup(layers, "single").data, table.data)
     assert "regrouped single" in capsys.readouterr().out
-    to_kv(table, unet).save(tmp_path / "kv.safetensors")
+    kv_table(table, unet).save(tmp_path / "kv.safetensors")
     assert main(["regroup", str(tmp_path / "kv.safetensors"), "--groups", "single", "-o",
                  str(tmp_path / "x.safetensors")]) == 2
     assert "key/value-mode" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()

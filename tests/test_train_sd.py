@@ -18,7 +18,7 @@ TEMPLATES = {"sd15": ("configs/sd15.yaml", make_sd15), "sdxl": ("configs/sdxl.ya
 def _dataset(folder):
     folder.mkdir()
     colours = ["red", "blue", "green"]
-    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 96), (80, 64), (64, 64), (96, 64)]):
+    for i, (w, h) in enumerate([(64, 64), (180, 60), (60, 180), (128, 128), (64, 64), (180, 60)]):
         Image.new("RGB", (w, h), colours[i % 3]).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"{colours[i % 3]}, cat" + (", zqxv" if i % 2 else ""))
     return folder
@@ -30,9 +30,9 @@ def test_template_trains_from_the_models_own_clip_and_generates(family, tmp_path
     model_dir = make(tmp_path)
     data = _dataset(tmp_path / "data")
     out = tmp_path / "run"
-    code = main([config, f"model.pretrained={model_dir}", f"data.path={data}", "data.resolution=64",
-                 "data.bucket_step=4", "training.steps=3", "training.batch_size=2", "training.lr=0.05",
-                 "data.caption_dropout=0",
+    code = main([config, f"model.pretrained={model_dir}", f"data.path={data}", "data.resolution=128",
+                 "data.bucket_step=8", "data.max_aspect=3", "training.steps=3", "training.batch_size=2",
+                 "training.lr=0.05", "data.caption_dropout=0",
                  "training.gradient_checkpointing=false", f"output.dir={out}", "output.progress=false",
                  "output.sample_every=0", "output.sample_prompts=[]", "output.save_every=2"])
     printed = capsys.readouterr().out

@@ -7,6 +7,7 @@ import os
 import torch
 from diffusers import DDIMScheduler
 
+from conditioner.fileio import atomic_dir
 from conditioner.table import TagTable
 from train.model import diffusers_config
 from unet_patch.grid import labelled_grid
@@ -71,6 +72,9 @@ def save_model(path: str, unet, vae, table: TagTable, noise_scheduler) -> str:
         noise_scheduler: the training scheduler.
     """
     remove(unet)
-    _pipeline(unet, vae, table, noise_scheduler).save_pretrained(path)
-    install(unet, table)
+    try:
+        with atomic_dir(path) as tmp:  # a kill while saving leaves the previous model/ folder complete
+            _pipeline(unet, vae, table, noise_scheduler).save_pretrained(tmp)
+    finally:
+        install(unet, table)
     return path

@@ -25,7 +25,7 @@ from train.model import Base, load_base
 from train.model import describe as describe_unet
 from train.tracking import shown, trackers
 from unet_patch.discover import discover, table_for_unet
-from unet_patch.kv import to_kv as key_value_table
+from unet_patch.kv import kv_table
 from unet_patch.patch import install
 from unet_patch.pipeline import vae_scale_factor
 from unet_patch.projections import bypassed_parameters, kv_projections, special_rows_from
@@ -204,7 +204,7 @@ def _convert_mode(cfg, table: TagTable, unet, log) -> TagTable:
         raise ValueError("table.mode=vector, but the table is in key/value mode: its rows are each layer's K and V "
                          "and cannot become vectors again; drop table.mode or start a new table")
     log("table: converted to key/value mode through each layer's projections (table.mode=kv)", flush=True)
-    return key_value_table(table, unet)
+    return kv_table(table, unet)
 
 
 def _parse_caption(caption: str, path: str, table: TagTable) -> list[Tag]:

@@ -14,7 +14,7 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from conditioner.fileio import atomic_path
+from conditioner.fileio import atomic_path, clear_leftovers
 from train.config import flatten, to_yaml
 from train.plot import loss_plot
 
@@ -68,7 +68,9 @@ class RunLog:
         self.metrics = metrics
         self.path = os.path.join(self.out, "metrics.jsonl")
         self.window: list[float] = []
-        if self.main:
+        if self.main:  # a killed run may have left temporary files behind: they go before anything is written
+            for folder in (self.out, os.path.join(self.out, "samples")):
+                clear_leftovers(folder)
             with atomic_path(os.path.join(self.out, "config.yaml")) as tmp, open(tmp, "w") as f:
                 f.write(to_yaml(cfg))
             with atomic_path(self.path) as tmp, open(tmp, "w") as f:

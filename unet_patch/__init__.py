@@ -1,7 +1,7 @@
 """attn2 processors that read their layer's slice of the packed conditioning; install/remove; generation."""
 
 from unet_patch.discover import base_model_identity, discover, table_for_unet
-from unet_patch.kv import to_kv
+from unet_patch.kv import kv_table
 from unet_patch.patch import install, is_installed, patched, remove
 from unet_patch.pipeline import TagDiffusionPipeline, load_components
 from unet_patch.processor import CondvecAttnProcessor
@@ -17,5 +17,5 @@ __all__ = [
     "patched",
     "remove",
     "table_for_unet",
-    "to_kv",
+    "kv_table",
 ]

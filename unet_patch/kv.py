@@ -18,7 +18,7 @@ def layer_key_value(attn, source: torch.Tensor, value_source: torch.Tensor | Non
 
 
 @torch.no_grad()
-def to_kv(table: TagTable, unet: torch.nn.Module) -> TagTable:
+def kv_table(table: TagTable, unet: torch.nn.Module) -> TagTable:
     """A key/value-mode copy of a vector-mode table: each layer's K and V of the vector that layer read.
 
     Exact: the UNet patched with the result gives the same outputs as with ``table`` (to float rounding). Split tags
@@ -50,6 +50,6 @@ def to_kv(table: TagTable, unet: torch.nn.Module) -> TagTable:
     out.tags, out.data, out.special = list(table.tags), data, special
     out.counts, out.pooled, out.null_pooled = dict(table.counts), table.pooled, table.null_pooled
     out.negative_zeros, out.vectors = table.negative_zeros, dict(table.vectors)
-    out.provenance = table.provenance + [{"op": "to_kv", "from": table.group_kind}]
+    out.provenance = table.provenance + [{"op": "kv_table", "from": table.group_kind}]
     out.__post_init__()
     return out
