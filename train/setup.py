@@ -152,7 +152,11 @@ def _generate_demo(cfg, acc: Accelerator) -> None:
                     raise ValueError(f"data.demo_concepts {concept!r}: name a size ({', '.join(demo_data.SIZES)}), "
                                      f"a colour ({', '.join(demo_data.COLOURS)}) and a shape "
                                      f"({', '.join(demo_data.SHAPES)})")
-                demo_data.generate_concept_dataset(os.path.join(d.path, tag.replace(" ", "_")), tag, attributes,
+                folder = tag.replace(" ", "_")
+                if not folder or folder in (".", "..") or any(c in folder for c in "/\\") or ":" in folder:
+                    raise ValueError(f"data.demo_concepts tag {tag!r} names its folder below data.path: use a plain "
+                                     "name (no '/', '\\', ':' or '..')")
+                demo_data.generate_concept_dataset(os.path.join(d.path, folder), tag, attributes,
                                                    d.generate_demo, size=size, seed=cfg.training.seed + k)
         else:
             demo_data.generate_demo_dataset(d.path, d.generate_demo, size=size, seed=cfg.training.seed)
