@@ -32,7 +32,7 @@ def test_template_trains_from_the_models_own_clip_and_generates(family, tmp_path
     out = tmp_path / "run"
     code = main([config, f"model.pretrained={model_dir}", f"data.path={data}", "data.resolution=128",
                  "data.bucket_step=8", "data.max_aspect=3", "training.steps=3", "training.batch_size=2",
-                 "training.lr=0.05", "data.caption_dropout=0",
+                 "training.lr=0.05", "data.caption_dropout=0", "training.ema_decay=0.5",
                  "training.gradient_checkpointing=false", f"output.dir={out}", "output.progress=false",
                  "output.sample_every=0", "output.sample_prompts=[]", "output.save_every=2"])
     printed = capsys.readouterr().out
@@ -52,6 +52,9 @@ def test_template_trains_from_the_models_own_clip_and_generates(family, tmp_path
         moved = [not torch.equal(table.pooled[i], start.pooled[i]) for i in range(len(table))]
         assert all(moved), "each tag's pooled vector received gradient"
         assert torch.equal(table.null_pooled, null.pooled) and table.negative_zeros
+        ema = TagTable.load(out / "table-ema.safetensors")  # pooled vectors are averaged with their rows
+        assert all(not torch.equal(ema.pooled[i], table.pooled[i]) and not torch.equal(ema.pooled[i], start.pooled[i])
+                   for i in range(len(table)))
     pipe = TagDiffusionPipeline(unet=model.unet, scheduler=model.scheduler, vae=model.vae, table=table)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("red, cat", num_inference_steps=2, output_type="np", height=64, width=96).images

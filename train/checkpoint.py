@@ -216,6 +216,8 @@ def save_trainer(trainer) -> str | None:
                         for i, p in enumerate(trainer.unet_ema.shadow_params)}
         if trainer.ema is not None:
             tensors |= trainer.ema.state_tensors("ema") | trainer.ema_special.state_tensors("ema_special")
+        if trainer.ema_pooled is not None:
+            tensors |= trainer.ema_pooled.state_tensors("ema_pooled")
         info = {"existing_rows": trainer.existing_rows, "bad_steps": trainer.bad_steps,
                 "unet_ema_step": None if trainer.unet_ema is None else trainer.unet_ema.optimization_step,
                 "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
@@ -260,6 +262,8 @@ def restore_trainer(trainer, path: str) -> None:
     if trainer.ema is not None:
         trainer.ema.load_state_tensors(tensors, "ema")
         trainer.ema_special.load_state_tensors(tensors, "ema_special")
+    if trainer.ema_pooled is not None:
+        trainer.ema_pooled.load_state_tensors(tensors, "ema_pooled")
     trainer.state.step = info["step"]
     metrics_path = os.path.join(trainer.cfg.output.dir, "metrics.jsonl")
     if os.path.isfile(metrics_path):
@@ -277,6 +281,8 @@ def ema_table(trainer) -> TagTable | None:
     table = trainer.table.copy()
     table.data = trainer.ema.read(trainer.table.data, trainer.state.step)
     table.special = trainer.ema_special.read(trainer.table.special, trainer.state.step)
+    if trainer.ema_pooled is not None:
+        table.pooled = trainer.ema_pooled.read(trainer.table.pooled, trainer.state.step)
     return table
 
 

@@ -67,6 +67,7 @@ class Trainer:
         self.ema = SparseEMA(self.table.data, tr.ema_decay) if tr.ema_decay > 0 else None
         self.unet_ema = EMAModel(self.unet_params, decay=tr.ema_unet_decay) if tr.ema_unet_decay > 0 else None
         self.ema_special = SparseEMA(self.table.special, tr.ema_decay) if tr.ema_decay > 0 else None
+        self.ema_pooled = SparseEMA(self.table.pooled, tr.ema_decay) if tr.ema_decay > 0 and self.sdxl else None
         self.state, self.bad_steps = SimpleNamespace(step=0, metrics=[]), 0  # metrics: one dict per step taken
         if self.resume_path:
             ckpt.restore_trainer(self, self.resume_path)
@@ -165,7 +166,10 @@ class Trainer:
         rows_before, special_before = table.data[row_ids].clone(), table.special.clone()
         self.row_opt.step(table.data, row_ids, row_grad, lr)
         if self.sdxl:
+            pooled_before = table.pooled[row_ids].clone()
             self.pooled_opt.step(table.pooled, row_ids, pooled_grad, lr)
+            if self.ema_pooled is not None:
+                self.ema_pooled.update(pooled_before, table.pooled, row_ids, self.state.step)
         if self.train_special:
             every = torch.arange(table.special.shape[0], device=home)
             self.special_opt.step(table.special, every, special_grad, lr)
