@@ -27,5 +27,5 @@ def test_reference_lists_every_key_with_its_real_default():
     defaults = OmegaConf.structured(RunConfig)
     by_key = {row.split(" | ")[0].strip("| `"): row.split(" | ")[1] for row in rows}
     assert by_key["training.steps"] == f"`{defaults.training.steps}`"
-    assert by_key["training.lr"] == f"`{defaults.training.lr!r}`"
+    assert by_key["training.lr"] == ("`null`" if defaults.training.lr is None else f"`{defaults.training.lr!r}`")
     assert by_key["table.pad_to"] == ("`null`" if defaults.table.pad_to is None else f"`{defaults.table.pad_to}`")

@@ -93,3 +93,16 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "train.cli", str(path), "training.steps=5", "--print-config"],
                            capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0 and "steps: 5" in shown.stdout and "builtin: micro" in shown.stdout
+
+
+def test_default_table_lr_follows_the_layout():
+    from conditioner import TagTable
+    from train.model import build_builtin
+    from train.optim import default_lr
+    from unet_patch import discover
+
+    layers = discover(build_builtin("micro"))
+    assert default_lr(TagTable.create(layers, groups="layers")) == 1e-2
+    assert default_lr(TagTable.create(layers, groups="blocks")) == 1e-2
+    assert default_lr(TagTable.create(layers, groups="single")) == 5e-2
+    assert default_lr(TagTable.create(layers, mode="kv")) == 5e-2

@@ -108,7 +108,8 @@ class TrainingConfig:
     steps: int = _f(1000, "optimiser steps")
     batch_size: int = _f(8, "global batch per optimiser micro-step (split across processes)")
     grad_accum: int = _f(1, "micro-steps per optimiser step")
-    lr: float = _f(1e-2, "learning rate of the table")
+    lr: float | None = _f(None, "learning rate of the table; null = 1e-2 for per-block / per-layer vector tables, "
+                          "5e-2 for single-group and key/value tables (measured: BENCHMARKS.md lr sweep)")
     lr_unet: float = _f(1e-4, "learning rate of UNet weights (table+kv, full)")
     lr_schedule: LrSchedule = _f(LrSchedule.constant, "constant | linear | cosine (after warmup)")
     warmup_steps: int = _f(0, "linear warmup steps")
@@ -284,7 +285,7 @@ def validate(cfg: DictConfig) -> None:
     if tr.ema_unet_decay > 0 and tr.train == "table":
         raise ConfigError("'training.ema_unet_decay' averages trained UNet weights, but training.train=table trains "
                           "none: set training.train=full or table+kv, or ema_unet_decay=0")
-    if tr.lr <= 0 or tr.lr_unet <= 0:
+    if (tr.lr is not None and tr.lr <= 0) or tr.lr_unet <= 0:
         raise ConfigError("learning rates must be > 0")
     for concept in d.demo_concepts:
         if "=" not in concept:

@@ -25,7 +25,7 @@ from train import checkpoint as ckpt
 from train.batches import Plan, Planner, sample_generator
 from train.data import micro_conditioning
 from train.model import min_snr_weights
-from train.optim import RowSparseAdamW, SparseEMA, lr_at
+from train.optim import RowSparseAdamW, SparseEMA, default_lr, lr_at
 from train.sampling import sample_grid
 from train.setup import build, make_accelerator
 from train.tracking import RunLog, shown
@@ -60,6 +60,9 @@ class Trainer:
         self.special_opt = RowSparseAdamW(self.table.special.shape[0], shape, betas, tr.eps, 0.0, device=home)
         # SDXL: each tag's pooled vector trains with its rows; each sample's size and crop give its time ids
         self.sdxl = self.table.pooled is not None
+        self.lr = default_lr(self.table) if tr.lr is None else tr.lr
+        if tr.lr is None and self.acc.is_main_process:
+            print(f"training: table lr {self.lr:g}, the default for this layout (set training.lr)", flush=True)
         self.pooled_opt = RowSparseAdamW(len(self.table), self.table.pooled.shape[1:], betas, tr.eps, tr.weight_decay,
                                          device=home) if self.sdxl else None
         self.time_ids = torch.tensor([micro_conditioning(item) for item in self.items],
@@ -159,7 +162,7 @@ class Trainer:
             row_grad, special_grad, pooled_grad = row_grad * scale, special_grad * scale, pooled_grad * scale
             for g in unet_grads:
                 g.mul_(scale)
-        lr = lr_at(self.state.step - 1, tr.lr, tr.lr_schedule, tr.warmup_steps, tr.steps)
+        lr = lr_at(self.state.step - 1, self.lr, tr.lr_schedule, tr.warmup_steps, tr.steps)
         home = table.data.device  # where the table and its optimiser state live (host or accelerator)
         row_ids, row_grad, special_grad, pooled_grad = (x.to(home) for x in (row_ids, row_grad, special_grad,
                                                                              pooled_grad))

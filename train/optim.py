@@ -200,6 +200,17 @@ class RowSparseAdamW:
         self._slots.load(rows, moments)
 
 
+def default_lr(table) -> float:
+    """The table learning rate when ``training.lr`` is unset, by layout.
+
+    Per-block and per-layer vector rows each serve few layers and move towards their target at once; one vector
+    shared by every layer, or direct key/value rows, need larger steps to get as far: on the tiny base a new concept
+    reached at lr 5e-2 in 20 steps what per-layer rows reach at 1e-2 to 2e-2 (BENCHMARKS.md, "Concept fidelity per
+    table mode").
+    """
+    return 5e-2 if table.mode == "kv" or len(table.group_names) == 1 else 1e-2
+
+
 def lr_at(step: int, base_lr: float, schedule: str, warmup: int, total: int) -> float:
     """Learning rate at optimiser step ``step`` (0-based): linear warmup, then constant / linear / cosine decay."""
     if warmup and step < warmup:
