@@ -10,11 +10,10 @@ from unet_patch.discover import discover
 
 def layer_key_value(attn, source: torch.Tensor, value_source: torch.Tensor | None = None):
     """K and V of ``source`` vectors exactly as ``CondvecAttnProcessor`` makes them (``norm_cross`` included)."""
-    value_source = source if value_source is None else value_source
     if attn.norm_cross:
         source = attn.norm_encoder_hidden_states(source)
-        value_source = attn.norm_encoder_hidden_states(value_source)
-    return attn.to_k(source), attn.to_v(value_source)
+        value_source = None if value_source is None else attn.norm_encoder_hidden_states(value_source)
+    return attn.to_k(source), attn.to_v(source if value_source is None else value_source)
 
 
 @torch.no_grad()

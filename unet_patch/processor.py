@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conditioner.layout import LayerSlice
+from unet_patch.kv import layer_key_value
 
 
 class CondvecAttnProcessor:
@@ -54,12 +55,7 @@ class CondvecAttnProcessor:
         if self.slice.mode == "kv":
             key, value = key_src, value_src  # given directly
         else:
-            tied = value_src is key_src
-            if attn.norm_cross:
-                key_src = attn.norm_encoder_hidden_states(key_src)
-                value_src = key_src if tied else attn.norm_encoder_hidden_states(value_src)
-            key = attn.to_k(key_src)
-            value = attn.to_v(value_src)
+            key, value = layer_key_value(attn, key_src, None if value_src is key_src else value_src)
         if caching:  # one entry: the conditioning tensor of the current call
             self.cache["entry"] = (weakref.ref(encoder_hidden_states), encoder_hidden_states._version, key, value)
         return key, value

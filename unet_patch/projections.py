@@ -11,6 +11,7 @@ import torch
 
 from conditioner.encode import anchor_weights
 from conditioner.table import TagTable
+from unet_patch.kv import layer_key_value
 
 
 def kv_projections(unet: torch.nn.Module, table: TagTable) -> list[torch.nn.Module]:
@@ -45,13 +46,6 @@ def bypassed_parameters(unet: torch.nn.Module, table: TagTable) -> list[torch.nn
     return [p for module in kv_projections(unet, table) for p in module.parameters()]
 
 
-def _key_value(attn, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of ``source`` (``cross_attention_dim`` vectors) exactly as :class:`CondvecAttnProcessor` makes them."""
-    if attn.norm_cross:
-        source = attn.norm_encoder_hidden_states(source)
-    return attn.to_k(source), attn.to_v(source)
-
-
 @torch.no_grad()
 def special_rows_from(base: TagTable, table: TagTable, unet: torch.nn.Module) -> torch.Tensor | None:
     """The base table's special rows (sink, padding), converted to ``table``'s layout.
@@ -84,7 +78,7 @@ def special_rows_from(base: TagTable, table: TagTable, unet: torch.nn.Module) ->
         src = src[:, :1].expand(-1, table.num_anchors, -1) if weights is None else torch.einsum(
             "na,sad->snd", weights.to(src.dtype), src)  # (S, A_new, D)
         if table.mode == "kv":
-            key, value = _key_value(unet.get_submodule(layer.name), src.to(table.special.dtype))  # (S, A, inner)
+            key, value = layer_key_value(unet.get_submodule(layer.name), src.to(table.special.dtype))  # (S, A, inner)
             special[:, :, table.group_columns(li)] = torch.cat([key, value], -1)
         else:
             group = table.layer_group[li]
