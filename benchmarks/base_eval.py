@@ -49,15 +49,51 @@ def two_object_prompt(objects, background: str) -> str:
     return ", ".join(tags) + f", two objects, {background} background"
 
 
-def evaluate(model: str, guidance: float, steps: int, num: int) -> dict:
-    """Fraction of samples with each attribute right (one-object prompts) and both objects right (two-object)."""
-    pipe = TagDiffusionPipeline.from_pretrained(model)
+def stock_sampler(model: str, guidance: float, steps: int, num: int):
+    """``prompt -> images`` through diffusers' own ``StableDiffusionPipeline`` and the model's text encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
 
     def sample(prompt):
         return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=num,
                     generator=torch.Generator().manual_seed(0)).images
 
+    return sample
+
+
+def table_sampler(model: str, guidance: float, steps: int, num: int, table: str | None = None):
+    """``prompt -> images`` through condvec's ``TagDiffusionPipeline`` (the folder's table, or ``table``)."""
+    pipe = TagDiffusionPipeline.from_pretrained(model, table=table)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(prompt):
+        return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=num,
+                    generator=torch.Generator().manual_seed(0)).images
+
+    return sample
+
+
+def evaluate(model: str, guidance: float, steps: int, num: int, table: str | None = None,
+             text_encoder: bool | None = None) -> dict:
+    """Fraction of samples with each attribute right (one-object prompts) and both objects right (two-object).
+
+    Samples come from the model's own text encoder (stock ``StableDiffusionPipeline``) when the folder has one and
+    no ``table`` is given (or ``text_encoder=True``), otherwise from a condvec table.
+    """
+    if text_encoder is None:
+        text_encoder = table is None and (Path(model) / "text_encoder").is_dir()
+    if text_encoder:
+        sample = stock_sampler(model, guidance, steps, num)
+    else:
+        sample = table_sampler(model, guidance, steps, num, table)
+    return score(sample)
+
+
+def score(sample) -> dict:
+    """Score a ``prompt -> images`` sampler on the one- and two-object prompts (see :func:`evaluate`)."""
     checks = []
     for colour, shape, size, position, background in CASES:
         want = {"colour": colour, "shape": shape, "size": size, "position": position}
@@ -121,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--num", type=int, default=8)
+    parser.add_argument("--table", help="score this condvec table on the model instead of its text encoder")
     parser.add_argument("--recovery", type=float, nargs="*", metavar="START",
                         help="also measure attribute recovery from these noise fractions (e.g. 0.3 0.5 0.7 0.9)")
     args = parser.parse_args(argv)
-    result = evaluate(args.model, args.guidance, args.steps, args.num)
+    result = evaluate(args.model, args.guidance, args.steps, args.num, table=args.table)
     if args.recovery:
         result["recovery"] = recovery(args.model, args.recovery, 48, args.guidance, args.steps)
     print(json.dumps(result))

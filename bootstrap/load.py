@@ -17,6 +17,16 @@ from typing import Any
 
 import torch
 
+#: Scheduler classes a model folder's ``scheduler_config.json`` may name (``_class_name``); nothing else is looked
+#: up on the ``diffusers`` module.
+SCHEDULER_CLASSES = (
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
+    "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler", "DPMSolverSDEScheduler",
+)
+
+
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x epsilon", "sd2-v": "SD2.x v-prediction", "sdxl": "SDXL"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -220,9 +230,10 @@ def _load_scheduler(folder: str | None):
                       "scaled_linear 0.00085–0.012, epsilon)", stacklevel=3)
         return diffusers.DDIMScheduler(**SD_DEFAULT_SCHEDULE)
     class_name = _read_json(config_path).get("_class_name", "DDIMScheduler")
-    scheduler_cls = getattr(diffusers, class_name, None)
-    if scheduler_cls is None:
-        raise ModelLoadError(f"unknown scheduler class {class_name!r} in {config_path}")
+    if class_name not in SCHEDULER_CLASSES:
+        raise ModelLoadError(f"scheduler class {class_name!r} in {config_path} is not one condvec runs; use one of "
+                             f"{', '.join(SCHEDULER_CLASSES)}")
+    scheduler_cls = getattr(diffusers, class_name)
     with _one_line(config_path):
         return scheduler_cls.from_pretrained(os.path.join(folder, "scheduler"), local_files_only=True)
 
@@ -255,11 +266,21 @@ def _load_text_encoders(folder: str, family: str, torch_dtype: torch.dtype | Non
         if not os.path.isdir(tokenizer_dir):
             raise MissingConfigError(f"{folder!r} has {name}/ but no {os.path.basename(tokenizer_dir)}/: the "
                                      "text encoder cannot be used without its tokenizer")
+        files = set(os.listdir(tokenizer_dir))
+        if not ({"vocab.json", "merges.txt"} <= files or "tokenizer.json" in files):
+            missing = sorted({"vocab.json", "merges.txt"} - files)
+            raise MissingConfigError(f"{tokenizer_dir!r} lacks {' and '.join(missing)} (or a tokenizer.json): the "
+                                     "tokenizer cannot be built without its vocabulary; copy the model's tokenizer "
+                                     "files there")
         with _one_line(f"{folder}/{name}"):
             encoder = getattr(transformers, class_name).from_pretrained(
                 os.path.join(folder, name), local_files_only=True, dtype=torch_dtype)
         with _one_line(tokenizer_dir):
             tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        if len(tokenizer) < 1000 and len(tokenizer) < config.get("vocab_size", 0) // 2:
+            raise MissingConfigError(f"{tokenizer_dir!r} gives a vocabulary of {len(tokenizer)} tokens for a text "
+                                     f"encoder of {config.get('vocab_size')}: its vocab.json / merges.txt are not "
+                                     "the model's; copy the model's tokenizer files there")
         encoders.append(encoder.eval().requires_grad_(False))
         tokenizers.append(tokenizer)
     return encoders, tokenizers

@@ -94,6 +94,7 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
     names = [n for n in names if n not in table]
     if not names:
         return []
+    _check_distinct_ids(model, names)
     encoded = tag_vectors(model, names, tokens_per_tag=tokens_per_tag, batch_size=batch_size, progress=progress)
     rows = table.add_tags(names, vectors=tokens_per_tag)
     vectors = encoded.vectors.reshape(-1, encoded.vectors.shape[-1])  # (T·n, D), rows in add order
@@ -101,6 +102,19 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
     if table.pooled is not None and encoded.pooled is not None:  # every vector of a tag carries the tag's pooled
         table.pooled[rows] = encoded.pooled.repeat_interleave(tokens_per_tag, 0).to(table.pooled)
     return names
+
+
+def _check_distinct_ids(model: BaseModel, names: list[str]) -> None:
+    """Refuse tags the model's tokenizer cannot tell apart: they would all get the same vector."""
+    tokenizer = model.tokenizers[0]
+    seen: dict[tuple[int, ...], str] = {}
+    for name in names:
+        ids = tuple(tokenizer(name, truncation=True, max_length=tokenizer.model_max_length).input_ids)
+        if ids in seen:
+            raise ValueError(f"the model's tokenizer gives {seen[ids]!r} and {name!r} the same token ids {list(ids)}: "
+                             "they would get the same vector; is the tokenizer (vocab.json, merges.txt) the model's "
+                             "own?")
+        seen[ids] = name
 
 
 def _set_rows(table: TagTable, rows: list[int], vectors: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +22,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary file path beside ``path``; on success it replaces ``path`` atomically and durably.
 
     The temporary path keeps ``path``'s extension, so writers that pick a format by extension (Pillow, matplotlib)
-    work unchanged. Missing parent folders are created. The new file gets the permissions a plain ``open`` would
-    give it (``0o666`` minus the umask), not ``mkstemp``'s private ``0o600``.
+    work unchanged. Missing parent folders are created. Rewriting an existing file keeps its permission bits (a
+    0600 table stays 0600); a new file gets the permissions a plain ``open`` would give it (``0o666`` minus the
+    umask), not ``mkstemp``'s private ``0o600``. A symbolic link is followed: its target is rewritten and the link
+    stays a link.
 
     Args:
         path (`str` or `os.PathLike`): the destination file.
@@ -40,14 +43,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         ```
     """
     path = os.fspath(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     name = os.path.basename(path)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}-", suffix=os.path.splitext(name)[1], dir=directory)
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -119,11 +119,13 @@ def check_safetensors(path: str | os.PathLike, max_header: int = MAX_HEADER_BYTE
     return header
 
 
-def check_finite(path: str | os.PathLike, name: str, tensor: torch.Tensor, row_names: list[str] | None = None) -> None:
+def check_finite(path: str | os.PathLike | None, name: str, tensor: torch.Tensor,
+                 row_names: list[str] | None = None) -> None:
     """Raise :class:`TableFileError` if a tensor holds NaN or infinity, naming the first bad row.
 
     Args:
-        path (`str` or `os.PathLike`): the file the tensor came from (for the message).
+        path (`str` or `os.PathLike`, *optional*): the file the tensor came from (for the message); `None` for a
+            table in memory (about to be written).
         name (`str`): what the tensor is (``"data"``, ``"special"``...).
         tensor (`torch.Tensor`): rows along the first dimension.
         row_names (`list[str]`, *optional*): a name per row (tag names); rows are numbered otherwise.
@@ -136,39 +138,64 @@ def check_finite(path: str | os.PathLike, name: str, tensor: torch.Tensor, row_n
         if len(bad):
             row = start + int(bad[0])
             label = repr(row_names[row]) if row_names is not None and row < len(row_names) else f"row {row}"
+            if path is None:
+                raise TableFileError(f"{name} of {label} holds NaN or infinite values: refusing to write a table "
+                                     "that could not be loaded again")
             raise _damaged(os.fspath(path), f"{name} of {label} holds NaN or infinite values: the table is damaged; "
                                          "use an earlier copy or checkpoint")
 
 
-def check_loaded_table(path: str | os.PathLike, table) -> None:
-    """Checks of a freshly loaded table that its constructor does not make: group indices, anchors, finite values.
+def check_table(table, path: str | os.PathLike | None = None) -> None:
+    """Every check of a table that its constructor does not make: groups, anchors, sizes, finite values.
+
+    :meth:`TagTable.save` runs it before writing (``path=None``) and :meth:`TagTable.load` after reading, so a
+    file ``save`` writes always loads again.
 
     Args:
-        path (`str` or `os.PathLike`): the file the table came from (for the message).
-        table (`TagTable`): the loaded table.
+        table (`TagTable`): the table.
+        path (`str` or `os.PathLike`, *optional*): the file it came from, named in the message.
 
     Raises:
-        `TableFileError`: naming the file and the first problem found.
+        `TableFileError`: the first problem found.
     """
-    path = os.fspath(path)
+    from conditioner.schema import MAX_PAD_TO, MAX_VECTORS
+
+    where = None if path is None else os.fspath(path)
+
+    def fail(message: str) -> TableFileError:
+        return TableFileError(message) if where is None else _damaged(where, message)
+
+    table.__post_init__()  # shapes, duplicate names, multi-vector rows: the constructor's own checks
     for name in ("data", "special"):
-        if not getattr(table, name).is_floating_point():
-            raise _damaged(path, f"{name} is {getattr(table, name).dtype}, not floating point: the table is damaged")
+        if getattr(table, name).dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise fail(f"{name} is {getattr(table, name).dtype}, not float32/float16/bfloat16")
     if len(table.layer_group) != len(table.layers):
-        raise _damaged(path, f"metadata gives {len(table.layer_group)} layer groups for {len(table.layers)} layers")
+        raise fail(f"{len(table.layer_group)} layer groups for {len(table.layers)} layers")
     bad = [g for g in table.layer_group if not 0 <= g < len(table.group_names)]
     if bad:
-        raise _damaged(path, f"layer group {bad[0]} does not exist (the table has {len(table.group_names)} groups)")
-    if not all(math.isfinite(a) for a in table.anchors):
-        raise _damaged(path, f"timestep anchors {table.anchors} are not all finite")
-    if table.pad_to is not None and (type(table.pad_to) is not int or table.pad_to < 1):
-        raise _damaged(path, f"pad_to must be null or an integer >= 1, got {table.pad_to!r}")
-    check_finite(path, "data", table.data, table.tags)
-    check_finite(path, "special", table.special, ["sink", "padding"])
+        raise fail(f"layer group {bad[0]} does not exist (the table has {len(table.group_names)} groups)")
+    if not table.anchors or not all(math.isfinite(a) for a in table.anchors):
+        raise fail(f"timestep anchors {table.anchors} must be one or more finite timesteps")
+    if any(b <= a for a, b in zip(table.anchors, table.anchors[1:])):
+        raise fail(f"timestep anchors {table.anchors} must be strictly ascending")
+    if table.pad_to is not None and (type(table.pad_to) is not int or not 1 <= table.pad_to <= MAX_PAD_TO):
+        raise fail(f"pad_to must be null or an integer in [1, {MAX_PAD_TO}], got {table.pad_to!r}")
+    for owner, count in table.vectors.items():
+        if type(count) is not int or not 2 <= count <= MAX_VECTORS:
+            raise fail(f"multi-vector tag {owner!r} has {count!r} vectors; must be in [2, {MAX_VECTORS}]")
+    unknown = [t for t in table.values if t not in table._index]
+    if unknown:
+        raise fail(f"split value source for {unknown[0]!r}, which is not a tag of the table")
     for tag, value in table.values.items():
-        check_finite(path, "value source", value.unsqueeze(0), [tag])
+        if tuple(value.shape) != (table.num_anchors, table.width):
+            raise fail(f"value source of {tag!r} has shape {tuple(value.shape)}, expected "
+                       f"{(table.num_anchors, table.width)}")
+    check_finite(where, "data", table.data, table.tags)
+    check_finite(where, "special", table.special, ["sink", "padding"])
+    for tag, value in table.values.items():
+        check_finite(where, "value source", value.unsqueeze(0), [tag])
     for name in ("pooled", "null_pooled"):
         tensor = getattr(table, name, None)
         if tensor is not None:
-            check_finite(path, name, tensor.reshape(1, -1) if tensor.dim() < 2 else tensor,
+            check_finite(where, name, tensor.reshape(1, -1) if tensor.dim() < 2 else tensor,
                          table.tags if name == "pooled" else None)

@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
 from conditioner.parse import TagNormalization
-from conditioner.safefile import TableFileError, check_loaded_table, check_safetensors
+from conditioner.safefile import TableFileError, check_safetensors, check_table
+from conditioner.schema import TABLE_DTYPES, check_metadata
 
 FORMAT_VERSION = 1
 METADATA_KEY = "condvec"
@@ -373,8 +374,34 @@ class TagTable:
             raise ValueError(f"init {init!r} names no tags: write mean:TAG_A,TAG_B,…")
         return [self.row(n) for n in names]
 
+    def vector_owner(self, name: str) -> str | None:
+        """The multi-vector tag that row ``name`` (``OWNER#k``, k >= 2) belongs to, or `None`."""
+        base, sep, k = name.rpartition("#")
+        if sep and k.isdigit() and 2 <= int(k) <= self.vectors.get(base, 1):
+            return base
+        return None
+
+    def check_whole_tags(self, names: list[str], verb: str) -> None:
+        """Raise ``ValueError`` if a name is one row (``OWNER#k``) of a multi-vector tag: edits move whole tags.
+
+        Args:
+            names (`list[str]`): tag names about to be edited.
+            verb (`str`): the edit, for the message (``"drop"``, ``"rename"``, ``"extract"``).
+        """
+        for n in names:
+            owner = self.vector_owner(self.normalization.apply(n))
+            if owner is not None:
+                raise ValueError(f"{n!r} is one vector of the multi-vector tag {owner!r} "
+                                 f"({self.vectors[owner]} vectors): {verb} {owner!r} instead, its vectors move "
+                                 "together")
+
     def remove_tags(self, names: list[str]) -> None:
-        """Remove tags and all their data (rows of every vector, split value sources, counts)."""
+        """Remove tags and all their data (rows of every vector, split value sources, counts).
+
+        Raises:
+            ValueError: a name is one row (``OWNER#k``) of a multi-vector tag; drop its owner instead.
+        """
+        self.check_whole_tags(names, "drop")
         rows = {r for n in names for r in self.expand(self.tags[self.row(n)])}
         for n in names:
             self.vectors.pop(self.tags[self.row(n)], None)
@@ -390,7 +417,8 @@ class TagTable:
             self.counts.pop(n, None)
 
     def rename_tag(self, old: str, new: str) -> None:
-        """Rename a tag, keeping its row, value source and counts."""
+        """Rename a tag (with every row of a multi-vector tag), keeping its rows, value source and counts."""
+        self.check_whole_tags([old, new], "rename")
         row = self.row(old)
         old_name, new_name = self.tags[row], self.normalization.apply(new)
         if not new_name:
@@ -502,6 +530,14 @@ class TagTable:
             "vectors": self.vectors,
         }
 
+    def validate(self) -> None:
+        """Check everything :meth:`load` checks (shapes, groups, anchors, sizes, finite values).
+
+        Raises:
+            TableFileError: (a ``ValueError``) naming the first problem.
+        """
+        check_table(self)
+
     def save(self, path: str | os.PathLike, dtype: str | torch.dtype = "fp32") -> None:
         """Write the table to one self-contained ``.safetensors`` file, atomically (temp file + rename).
 
@@ -510,7 +546,12 @@ class TagTable:
             dtype (`str` or `torch.dtype`, defaults to `"fp32"`): storage precision of every tensor: ``"fp32"``,
                 ``"fp16"`` (half the size; values beyond ±65504 are refused) or ``"bf16"`` (half the size, fp32's
                 range, 8 bits of mantissa). :meth:`load` always returns fp32 tensors for computation.
+
+        Raises:
+            TableFileError: (a ``ValueError``) the table would not load again (NaN or infinite values, a broken
+                multi-vector tag, bad sizes); nothing is written and an existing file is left as it was.
         """
+        self.validate()
         storage = _storage_dtype(dtype)
         parts = {"data": self.data, "special": self.special}
         split = sorted(self.values)
@@ -540,7 +581,7 @@ class TagTable:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"table file {path!r} does not exist")
-        check_safetensors(path)  # bounds-checked before safetensors allocates anything
+        header = check_safetensors(path)  # bounds-checked before safetensors allocates anything
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 raw = (f.metadata() or {}).get(METADATA_KEY)
@@ -557,6 +598,10 @@ class TagTable:
             raise TableFileError(f"{path!r}: condvec metadata is not valid JSON ({err})") from None
         if not isinstance(meta, dict):
             raise TableFileError(f"{path!r}: condvec metadata is not a JSON object — not a condvec table")
+        odd = [(k, v["dtype"]) for k, v in header.items() if k != "__metadata__" and v["dtype"] not in TABLE_DTYPES]
+        if odd:
+            raise TableFileError(f"{path!r}: tensor {odd[0][0]!r} is stored as {odd[0][1]}; a table stores "
+                                 f"{', '.join(TABLE_DTYPES)}")
         version = meta.get("format_version")
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise TableFileError(f"{path!r}: table format version {version} is not supported: it is newer than "
@@ -564,6 +609,10 @@ class TagTable:
         if version != FORMAT_VERSION:
             raise TableFileError(f"{path!r}: table format version {version!r} is not supported (this condvec reads "
                              f"version {FORMAT_VERSION})")
+        try:
+            check_metadata(meta)
+        except ValueError as err:
+            raise TableFileError(f"{path!r}: {err}") from None
         try:
             layers = [LayerSpec.from_dict(d) for d in meta["layers"]]
             split = meta.get("split_tags", [])
@@ -588,7 +637,7 @@ class TagTable:
         except (TypeError, AttributeError, IndexError, ValueError, OverflowError) as err:
             message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
             raise TableFileError(f"{path!r}: metadata contradicts the tensors or is malformed ({message})") from None
-        check_loaded_table(path, table)
+        check_table(table, path)
         return table
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from conditioner.table import TagTable
+from conditioner.table import TagTable, extra_rows
 from merge.concepts import _resolve
 
 _CONFLICT = ("error", "left", "right", "mean")
@@ -55,6 +55,9 @@ def drop(table: TagTable, tags: Sequence[str] = (), match: str | None = None) ->
             raise ValueError(f"match pattern {match!r} matches no tag of the {len(table.tags)} in the table")
         names += matched
     names = list(dict.fromkeys(names))
+    chosen = set(names)
+    # ``--match`` may catch a multi-vector tag's extra rows along with their owner: they go with it.
+    names = [n for n in names if table.vector_owner(n) not in chosen]
     out = table.copy()
     out.remove_tags(names)
     out.provenance = _scrub(out.provenance, set(names))
@@ -136,9 +139,11 @@ def extract(table: TagTable, tags: Sequence[str]) -> TagTable:
         tags = [tags]
     if not tags:
         raise ValueError("name at least one tag to extract")
-    keep = set(_resolve(table, list(tags)))
+    keep = _resolve(table, list(tags))
+    table.check_whole_tags(keep, "extract")
+    rows = {name for owner in keep for name in [owner, *extra_rows(owner, table.vectors.get(owner, 1))]}
     out = table.copy()
-    out.remove_tags([name for name in table.tags if name not in keep])
+    out.remove_tags([name for name in table.tags if name not in rows and table.vector_owner(name) is None])
     out.provenance.append({"op": "extract", "inputs": list(out.tags)})
     return out
 

@@ -163,9 +163,29 @@ def _bad_table_cases(tmp_path: Path, good_table: TagTable, good_file: Path) -> d
                                             meta | {"layer_group": [0] * (len(meta["layer_group"]) - 1) + [99]}),
          r"layer group 99 does not exist")
     case("layers not a list", _write(tmp_path / "layers.safetensors", tensors, meta | {"layers": 3}),
-         r"metadata contradicts the tensors or is malformed")
+         r"metadata field 'layers' must be a non-empty list of layer objects, got 3")
     case("missing field", _write(tmp_path / "missing.safetensors", tensors,
-                                 {k: v for k, v in meta.items() if k != "mode"}), r"table is missing 'mode'")
+                                 {k: v for k, v in meta.items() if k != "mode"}), r"metadata field 'mode' is missing")
+    layers = [dict(layer) for layer in meta["layers"]]
+    layers[0]["cross_dim"] = float(layers[0]["cross_dim"])
+    case("float cross_dim", _write(tmp_path / "fdim.safetensors", tensors, meta | {"layers": layers}),
+         r"layer 0: 'cross_dim' must be an integer in \[1, 65536\]")
+    case("integer tag name", _write(tmp_path / "itag.safetensors", tensors, meta | {"tags": [1, 2, 3]}),
+         r"metadata field 'tags' must be a list of non-empty strings")
+    case("provenance not a list", _write(tmp_path / "prov.safetensors", tensors, meta | {"provenance": "x"}),
+         r"metadata field 'provenance' must be a list of objects")
+    case("absurd pad_to", _write(tmp_path / "pad.safetensors", tensors, meta | {"pad_to": 10**9}),
+         r"metadata field 'pad_to' must be null or an integer in \[1, 1024\]")
+    case("zero anchors", _write(tmp_path / "anch.safetensors", tensors, meta | {"anchors": []}),
+         r"metadata field 'anchors' must be a non-empty list of finite numbers")
+    case("bool use_sink as string", _write(tmp_path / "sink.safetensors", tensors, meta | {"use_sink": "no"}),
+         r"metadata field 'use_sink' must be true or false")
+    case("multi-vector tag without its rows", _write(tmp_path / "mv.safetensors", tensors,
+                                                     meta | {"vectors": {"cat": 2}}),
+         r"multi-vector tag 'cat' lacks its row\(s\) 'cat#2'")
+    f8 = {k: (v.to(torch.float8_e4m3fn) if k == "data" else v) for k, v in _tensors(good_table).items()}
+    case("F8 data", _write(tmp_path / "f8.safetensors", f8, meta),
+         r"tensor 'data' is stored as F8_E4M3; a table stores F32, F16, BF16")
     return cases
 
 

@@ -258,7 +258,8 @@ def test_v_prediction_and_gradient_checkpointing(demo_dir, tmp_path):
 
 def test_fresh_run_never_overwrites_and_resume_refuses_a_changed_config(demo_dir, tmp_path):
     Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=2")).run()
-    with pytest.raises(ValueError, match="already holds checkpoints of a run: continue it with output.resume=latest"):
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoints, .*\): continue it with "
+                                         r"output.resume=latest, replace it with output.overwrite=true"):
         Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=2"))
     with pytest.raises(ValueError, match=r"the config changed: training.lr \(0.05 → 0.1\)"):
         Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=4", "training.lr=0.1", "output.resume=latest"))

@@ -187,16 +187,33 @@ def save_checkpoint(run_dir: str, step: int, table: TagTable, tensors: dict[str,
 
 def load_checkpoint(path: str, unet: torch.nn.Module | None = None,
                     unet_optimizer: torch.optim.Optimizer | None = None):
-    """Read a checkpoint: returns ``(table, tensors, info)`` and loads UNet weights / optimiser in place."""
+    """Read a checkpoint: returns ``(table, tensors, info)`` and loads UNet weights / optimiser in place.
+
+    Raises:
+        ValueError: a file of the checkpoint holds NaN or infinite values (optimiser moments, EMA, UNet weights):
+            resuming from it would write them into the run's table, so it is refused, naming the file.
+    """
     with open(os.path.join(path, "state.json")) as f:
         info = json.load(f)
-    tensors = load_file(os.path.join(path, "state.safetensors"))
+    state_file = os.path.join(path, "state.safetensors")
+    tensors = load_file(state_file)
+    _check_finite_tensors(state_file, tensors)
     table = TagTable.load(os.path.join(path, "table.safetensors"))
     if unet is not None:
-        unet.load_state_dict(load_file(os.path.join(path, "unet.safetensors")))
+        weights_file = os.path.join(path, "unet.safetensors")
+        weights = load_file(weights_file)
+        _check_finite_tensors(weights_file, weights)
+        unet.load_state_dict(weights)
     if unet_optimizer is not None:
         unet_optimizer.load_state_dict(_optimizer_state(tensors, info["unet_optimizer"]))
     return table, tensors, info
+
+
+def _check_finite_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"checkpoint file {path!r} is damaged: {name} holds NaN or infinite values; resume "
+                             "from an earlier checkpoint (output.resume=PATH) or start the run again")
 
 
 def save_trainer(trainer) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import MISSING as NO_DEFAULT
@@ -12,6 +13,12 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from conditioner.schema import MAX_PAD_TO, MAX_VECTORS
+
+#: Upper bounds on what a user sets: beyond them a run can only diverge or exhaust memory.
+MAX_LR = 10.0
+MAX_INIT_STD = 10.0
 
 
 class ConfigError(ValueError):
@@ -143,6 +150,8 @@ class OutputConfig:
     save_every: int = _f(500, "checkpoint every N steps (and at the end)")
     keep_last: int = _f(3, "checkpoints to keep")
     resume: str | None = _f(None, "latest | a checkpoint folder — continue a run exactly")
+    overwrite: bool = _f(False, "replace an earlier run in output.dir (its checkpoints and samples are deleted); "
+                         "without it such a folder is refused")
     sample_every: int = _f(500, "sample grid every N steps (0 = only at the end)")
     sample_prompts: list[str] = _f([], "prompts for sample grids (rows)")
     sample_seeds: list[int] = _f([0, 1, 2, 3], "seeds for sample grids (columns)")
@@ -241,6 +250,22 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 def validate(cfg: DictConfig) -> None:
     """Check fields against each other; raise ConfigError naming the key."""
     m, d, t, tr, o = cfg.model, cfg.data, cfg.table, cfg.training, cfg.output
+    for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"'{key}' must be a finite number, got {value}")
+    for key, value, high in [("training.lr", tr.lr, MAX_LR), ("training.lr_unet", tr.lr_unet, MAX_LR),
+                             ("table.init_std", t.init_std, MAX_INIT_STD),
+                             ("training.batch_size", tr.batch_size, 1 << 16),
+                             ("training.grad_accum", tr.grad_accum, 1 << 16),
+                             ("training.steps", tr.steps, 10**9), ("table.anchors", t.anchors, 1000),
+                             ("data.resolution", d.resolution, 8192), ("table.tokens_per_tag", t.tokens_per_tag,
+                                                                        MAX_VECTORS),
+                             ("table.pad_to", t.pad_to, MAX_PAD_TO),
+                             ("output.sample_upscale", o.sample_upscale, 16)]:
+        if value is not None and value > high:
+            raise ConfigError(f"'{key}' must be <= {high:g}, got {value:g}")
+    if t.init_std < 0:
+        raise ConfigError(f"'table.init_std' must be >= 0, got {t.init_std}")
     sources = [k for k in ("pretrained", "single_file", "builtin", "unet_config") if m[k]]
     if len(sources) != 1:
         raise ConfigError("set exactly one of model.pretrained, model.single_file, model.builtin, model.unet_config "

@@ -178,6 +178,9 @@ class Trainer:
             self.special_opt.step(table.special, every, special_grad, lr)
             if self.ema_special is not None:
                 self.ema_special.update(special_before, table.special, every, self.state.step)
+        if not bool(torch.isfinite(table.data[row_ids]).all()) or not bool(torch.isfinite(table.special).all()):
+            raise NonFiniteError(f"step {self.state.step}: the optimiser step made table rows non-finite (lr {lr:g}); "
+                                 "stopped, the last checkpoint is untouched: lower training.lr")
         if self.ema is not None:
             self.ema.update(rows_before, table.data, row_ids, self.state.step)
         if self.unet_optimizer is not None:

@@ -19,6 +19,7 @@ from conditioner.regroup import regroup
 from conditioner.table import TagTable
 from demo import data as demo_data
 from train import checkpoint as ckpt
+from train import runlock
 from train.cache import LatentCache, LatentEncoder, PixelCache
 from train.data import Item, assign_buckets, scan_dataset
 from train.model import Base, load_base
@@ -65,10 +66,16 @@ def build(cfg, acc: Accelerator) -> Setup:
     """
     say = print if acc.is_main_process else _silent
     log = say  # lines about the table and tags; a resumed run's table is the checkpoint's, so they are left out
+    if acc.is_main_process:  # one run per folder: a second process on it is refused here
+        runlock.acquire(cfg.output.dir)
     resume_path = ckpt.resolve_resume(cfg.output.dir, cfg.output.resume) if cfg.output.resume else None
-    if resume_path is None and ckpt.list_checkpoints(cfg.output.dir):
-        raise ValueError(f"output.dir {cfg.output.dir!r} already holds checkpoints of a run: continue it with "
-                         "output.resume=latest, or choose a new output.dir")
+    if acc.is_main_process:
+        replaced = runlock.check_fresh(cfg.output.dir, resume=resume_path is not None,
+                                       overwrite=cfg.output.overwrite)
+        if replaced and resume_path is None:
+            say(f"output.overwrite: replacing the earlier run in {cfg.output.dir} ({', '.join(replaced)})",
+                flush=True)
+    acc.wait_for_everyone()
     if resume_path is not None:
         with open(os.path.join(resume_path, "state.json")) as f:
             say(f"resumed from {resume_path} at step {json.load(f)['step']}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
@@ -9,6 +10,8 @@ from conditioner.fileio import atomic_path
 from unet_patch.grid import image_grid, upscale
 
 PROG = "condvec-generate"
+#: Bounds on what a user sets (each named in the error): past them a run only exhausts memory.
+MAX_STEPS, MAX_NUM, MAX_UPSCALE, MAX_SIZE = 1000, 256, 16, 4096
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -66,8 +69,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    if args.steps < 1 or args.num < 1 or args.upscale < 1:
-        raise UsageError("--steps, --num and --upscale must be >= 1")
+    for flag, value, high in (("--steps", args.steps, MAX_STEPS), ("--num", args.num, MAX_NUM),
+                              ("--upscale", args.upscale, MAX_UPSCALE)):
+        if not 1 <= value <= high:
+            raise UsageError(f"{flag} must be between 1 and {high}, got {value}")
+    if args.size is not None and not (8 <= args.size <= MAX_SIZE and args.size % 8 == 0):
+        raise UsageError(f"--size must be a multiple of 8 between 8 and {MAX_SIZE}, got {args.size}")
+    if not math.isfinite(args.guidance) or not 0.0 <= args.guidance <= 100.0:
+        raise UsageError(f"--guidance must be between 0 and 100, got {args.guidance}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         raise UsageError(f"--guidance-rescale must be between 0 and 1, got {args.guidance_rescale}")
     if not args.out.lower().endswith(".png"):
@@ -75,8 +84,9 @@ def _run(argv: list[str] | None) -> int:
     import diffusers
     import torch
 
-    from unet_patch.pipeline import TagDiffusionPipeline
+    from unet_patch.pipeline import TagDiffusionPipeline, check_device
 
+    check_device(args.device)
     pipe = TagDiffusionPipeline.from_pretrained(args.model, table=args.table)
     if args.scheduler:
         cls = getattr(diffusers, SCHEDULERS[args.scheduler])

@@ -15,12 +15,29 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from bootstrap.load import SCHEDULER_CLASSES
 from conditioner.encode import Rows, encode_pooled, pack, tokenize
 from conditioner.table import TagTable
 from unet_patch.patch import patched
 from unet_patch.processor import cached_kv
 
 TABLE_FILE = os.path.join("table", "table.safetensors")
+
+
+def check_device(device: str) -> None:
+    """Raise ``ValueError`` in one line if torch cannot use ``device`` here (``cuda`` on a CPU build, a typo)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r} is not a torch device ({str(err).splitlines()[0]}); "
+                         "use cpu, cuda, cuda:1 or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise ValueError(f"--device {device!r}: this torch build ({torch.__version__}) has no usable {dev.type} "
+                         "device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 def vae_scale_factor(vae: AutoencoderKL | None) -> int:
@@ -360,9 +377,10 @@ def load_components(model_dir: str, torch_dtype: torch.dtype | None = None):
         raise FileNotFoundError(f"{model_dir!r} has no scheduler/scheduler_config.json")
     with open(config_path) as f:
         class_name = json.load(f).get("_class_name", "DDIMScheduler")
-    scheduler_cls = getattr(diffusers, class_name, None)
-    if scheduler_cls is None:
-        raise ValueError(f"unknown scheduler class {class_name!r} in {config_path}")
+    if class_name not in SCHEDULER_CLASSES:
+        raise ValueError(f"scheduler class {class_name!r} in {config_path} is not one condvec runs; use one of "
+                         f"{', '.join(SCHEDULER_CLASSES)}")
+    scheduler_cls = getattr(diffusers, class_name)
     scheduler = scheduler_cls.from_pretrained(scheduler_dir, local_files_only=True)
     vae = None
     if os.path.isfile(os.path.join(model_dir, "vae", "config.json")):
