@@ -39,6 +39,7 @@ Train = _choices("Train", "table", "table+kv", "full")
 LrSchedule = _choices("LrSchedule", "constant", "linear", "cosine")
 MixedPrecision = _choices("MixedPrecision", "no", "bf16", "fp16")
 ReportTo = _choices("ReportTo", "none", "tensorboard", "wandb", "all")
+OnBadImage = _choices("OnBadImage", "skip", "error")
 TableDevice = _choices("TableDevice", "accelerator", "host")
 
 
@@ -67,8 +68,8 @@ class DataConfig:
     path: str = _f(MISSING, "dataset folder: images with .txt sidecars (recursive), or a metadata.jsonl")
     metadata: Metadata = _f(Metadata.auto, "auto | sidecar | jsonl — where captions come from")
     caption_ext: str = _f(".txt", "sidecar caption extension")
-    on_bad_image: str = _f("skip", "skip | error — an unreadable/too large image or a missing/bad caption is skipped "
-                                   "with a warning (a count at the end), or stops the run")
+    on_bad_image: OnBadImage = _f(OnBadImage.skip, "skip | error — an unreadable/too large image or a missing/bad "
+                                  "caption is skipped with a warning (a count at the end), or stops the run")
     repeats: dict[str, int] = _f({}, "explicit repeats per subfolder (overrides kohya N_name folders)")
     default_repeats: int = _f(1, "repeats for images outside any repeat folder")
     resolution: int = _f(32, "training resolution (pixels); buckets keep about resolution² pixels")

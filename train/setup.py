@@ -87,7 +87,7 @@ def build(cfg, acc: Accelerator) -> Setup:
         flush=True)
     d = cfg.data
     items = scan_dataset(d.path, caption_ext=d.caption_ext, metadata=d.metadata, repeats=dict(d.repeats),
-                         default_repeats=d.default_repeats)
+                         default_repeats=d.default_repeats, on_bad_image=str(d.on_bad_image))
     buckets = assign_buckets(items, d.resolution, step=d.bucket_step * vae_scale_factor(vae), enabled=d.bucketing,
                              max_aspect=d.max_aspect)
     say(f"data: {len(items)} images ({sum(i.repeats for i in items)} with repeats) in {len(buckets)} bucket(s): "
