@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,40 @@ def recovery(model: str, starts: list[float], num: int, guidance: float, steps: 
     return result
 
 
+def three_way(model: str, guidance: float, steps: int, num: int, finetune_steps: int, work: Path,
+              data_images: int = 4000) -> dict:
+    """What dropping CLIP keeps: the same prompts through the model's CLIP, through tables bootstrapped from it
+    (``single`` and ``layers``), and through those tables after table-only fine-tuning (frozen UNet) on demo scenes.
+
+    Every table holds the demo vocabulary (:func:`demo.data.tag_vocabulary`); the fine-tuning runs
+    ``finetune_steps`` steps of ``condvec-train`` (batch 32, the layout's default lr) on ``data_images`` scenes.
+    """
+    from bootstrap.load import load_model
+    from bootstrap.table import bootstrap_table
+    from demo.data import tag_vocabulary
+    from train.config import load_config
+    from train.loop import train
+
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"clip": evaluate(model, guidance, steps, num, text_encoder=True)}
+    base = load_model(model)
+    for groups in ("single", "layers"):
+        start = work / f"bootstrap-{groups}.safetensors"
+        bootstrap_table(base, tag_vocabulary(), groups=groups, progress=False).save(start)
+        results[f"bootstrap {groups}"] = evaluate(model, guidance, steps, num, table=str(start))
+        run = work / f"finetune-{groups}"
+        began = time.perf_counter()
+        train(load_config(None, [
+            f"model.pretrained={model}", f"data.path={work / 'data'}", f"data.generate_demo={data_images}",
+            "data.resolution=32", "data.bucketing=false", "data.caption_dropout=0.0", f"table.start_from={start}",
+            "table.train_special=false", "training.train=table", f"training.steps={finetune_steps}",
+            "training.batch_size=32", "training.min_snr_gamma=0", f"output.dir={run}", "output.overwrite=true",
+            "output.sample_every=0", f"output.save_every={finetune_steps}", "output.progress=false"]))
+        results[f"fine-tuned {groups}"] = evaluate(model, guidance, steps, num, table=str(run / "table.safetensors"))
+        results[f"fine-tuned {groups}"]["fine-tune seconds"] = round(time.perf_counter() - began, 1)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.base_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/tiny-base")
@@ -160,7 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", help="score this condvec table on the model instead of its text encoder")
     parser.add_argument("--recovery", type=float, nargs="*", metavar="START",
                         help="also measure attribute recovery from these noise fractions (e.g. 0.3 0.5 0.7 0.9)")
+    parser.add_argument("--three-way", type=Path, metavar="WORK",
+                        help="score CLIP, bootstrapped tables and fine-tuned tables (runs under WORK)")
+    parser.add_argument("--finetune-steps", type=int, default=400)
     args = parser.parse_args(argv)
+    if args.three_way:
+        print(json.dumps(three_way(args.model, args.guidance, args.steps, args.num, args.finetune_steps,
+                                   args.three_way)))
+        return 0
     result = evaluate(args.model, args.guidance, args.steps, args.num, table=args.table)
     if args.recovery:
         result["recovery"] = recovery(args.model, args.recovery, 48, args.guidance, args.steps)

@@ -11,6 +11,7 @@ of the same architecture). The text encoders run once, here; training and genera
 from __future__ import annotations
 
 import os
+import sys
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
 
@@ -72,7 +73,12 @@ def _read_tags(args) -> list[str]:
     tags: list[str] = []
     if args.tags:
         with open(args.tags, encoding="utf-8") as f:
-            tags += [line.split("#", 1)[0].strip() for line in f]
+            lines = [line.split("#", 1)[0].strip() for line in f]
+        split = [line for line in lines if "," in line]
+        if split:
+            print(f"--tags: {len(split)} line(s) hold commas and were split into tags (first: {split[0]!r}); a tag "
+                  "cannot contain a comma, since prompts split on commas", file=sys.stderr)
+        tags += [t.strip() for line in lines for t in line.split(",")]
     if args.data:
         from conditioner.parse import parse_prompt
         from train.data import scan_dataset

@@ -1,15 +1,24 @@
-"""Prompt parsing: comma-separated tags with optional weights.
+"""Prompt parsing: comma-separated tags with A1111 / ComfyUI emphasis syntax.
 
 Grammar (every prompt string either parses or raises a one-line ``ValueError``):
 
-- Tags are separated by commas. ``\\,`` is a literal comma inside a tag; ``\\(`` and ``\\)`` are literal
-  parentheses (booru tags such as ``ganyu \\(genshin impact\\)``); ``\\\\`` is a literal backslash.
-- Surrounding whitespace is stripped, inner whitespace collapsed to one space, empty tags ignored.
-- ``(tag:1.3)`` gives a tag a weight. A weight must be a finite number > 0. The weight acts on attention:
-  an additive bias ``log(weight)`` on that token's attention logits in every cross-attention layer, so a weight
-  of 2 doubles the tag's share of attention before normalisation (exactly like two identical tokens in the sequence).
-- Unescaped parentheses are only allowed in a tag that is written entirely as ``(tag:weight)``, or in the middle
-  of a tag (``ganyu (genshin impact)``); an unbalanced or malformed weight is an error, never silently fixed.
+- Tags are separated by commas. Surrounding whitespace is stripped, inner whitespace collapsed to one space,
+  empty tags ignored.
+- Emphasis, as A1111 and ComfyUI write it, on whole tags or groups of tags: ``(tag)`` multiplies the weight by
+  1.1 per level (``((tag))`` = 1.21), ``[tag]`` divides it by 1.1, ``(tag:1.3)`` multiplies it by 1.3, and a group
+  weighs each of its tags (``(red hair, blue eyes:1.2)``; ``((a), b)`` gives ``a`` 1.21 and ``b`` 1.1). A weight
+  must be a finite number > 0.
+- Escapes: ``\\(`` ``\\)`` ``\\[`` ``\\]`` are literal brackets (booru tags such as
+  ``ganyu \\(genshin impact\\)``), ``\\,`` a literal comma, ``\\:`` a literal colon, ``\\\\`` a literal
+  backslash. Brackets in the middle of a tag (``ganyu (genshin impact)``) are part of its name, as in booru tag
+  lists; emphasis must enclose whole tags.
+- ``BREAK`` (A1111's 75-token chunk break) separates tags like a comma; condvec has no token limit, so it has no
+  other meaning (said once per process). ComfyUI's ``embedding:NAME`` is the tag ``NAME``. ``<lora:…>``,
+  ``<lyco:…>`` and ``<hypernet:…>`` are refused in one line: condvec loads no networks from prompts. A1111's prompt
+  editing ``[a:b:when]`` and alternation ``[a|b]`` are refused too.
+- What a weight does is condvec's own: an additive bias ``log(weight)`` on that tag's attention logits in every
+  cross-attention layer, so a weight of 2 doubles the tag's share of attention before normalisation (exactly like
+  two identical tokens in the sequence). Only the syntax is shared with A1111.
 - Normalisation (see :class:`TagNormalization`): by default lower-case, and underscores become spaces, as booru
   datasets and kohya's trainers expect (``Long_Hair`` → ``long hair``).
 - Duplicates: a tag that appears more than once is kept once, at its first position, and its weights multiply
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 _WS = re.compile(r"\s+")
@@ -90,87 +100,109 @@ class TagNormalization:
         return cls(lowercase=bool(data.get("lowercase", True)), underscores=str(data.get("underscores", "space")))
 
 
-def _split(prompt: str) -> list[list[tuple[str, bool]]]:
-    """Split on unescaped commas; each piece is a list of (char, escaped) pairs."""
-    pieces: list[list[tuple[str, bool]]] = [[]]
+EMPHASIS = 1.1  # A1111's factor per bracket level
+_NETWORK = re.compile(r"<\s*(lora|lyco|hypernet|lycoris)\s*:[^>]*>", re.IGNORECASE)
+_BREAK = re.compile(r"(?<!\S)BREAK(?!\S)")
+_SEP = "\x00"  # a tag boundary in the scanned text (commas and BREAK)
+_said_break = False
+
+
+def _scan(prompt: str) -> tuple[list[tuple[str, bool]], list[float]]:
+    """Resolve escapes and brackets: the prompt's characters (char, escaped) and each one's emphasis weight.
+
+    Commas become :data:`_SEP`. Brackets that open a tag (only whitespace since the last separator or bracket) are
+    emphasis; other brackets are literal characters of the tag's name and must balance within it.
+    """
+    chars: list[tuple[str, bool]] = []
+    weights: list[float] = []
+    stack: list[tuple[str, int]] = []  # ("(" | "[" | "lit(" | "lit[", index in chars where the group starts)
     i = 0
+
+    def at_tag_start() -> bool:
+        j = len(chars) - 1
+        while j >= 0 and chars[j] == (" ", False):
+            j -= 1
+        opened = stack[-1][1] if stack and not stack[-1][0].startswith("lit") else 0
+        return j < 0 or chars[j][0] == _SEP or j < opened
+
     while i < len(prompt):
         ch = prompt[i]
-        if ch == "\\":
-            if i + 1 < len(prompt) and prompt[i + 1] in ",()\\:":
-                pieces[-1].append((prompt[i + 1], True))
-                i += 2
-                continue
-            pieces[-1].append((ch, True))  # a lone backslash is literal
+        if ch == "\\" and i + 1 < len(prompt) and prompt[i + 1] in ",()[]\\:":
+            chars.append((prompt[i + 1], True))
+            weights.append(1.0)
+            i += 2
+            continue
+        if ch in "([":
+            if at_tag_start():
+                stack.append((ch, len(chars)))
+            else:
+                stack.append(("lit" + ch, len(chars)))
+                chars.append((ch, False))
+                weights.append(1.0)
+        elif ch in ")]":
+            want = "(" if ch == ")" else "["
+            if not stack or stack[-1][0][-1] != want:
+                raise ValueError(f"unbalanced bracket {ch!r} at character {i + 1} of {prompt!r}: escape literal "
+                                 f"brackets as '\\{ch}'")
+            kind, start = stack.pop()
+            if kind.startswith("lit"):
+                chars.append((ch, False))
+                weights.append(1.0)
+            else:
+                factor = _group_weight(chars, start, kind, prompt)
+                del weights[len(chars):]  # an explicit ":weight" was cut from the group's text
+                for k in range(start, len(weights)):
+                    weights[k] *= factor
+                rest = prompt[i + 1:].lstrip(" ")
+                if rest and rest[0] not in ",)]:" and not rest.startswith("BREAK"):
+                    raise ValueError(f"emphasis must enclose whole tags: {prompt!r} continues a tag after "
+                                     f"'{ch}' at character {i + 1} (condvec weighs tags, not words)")
         elif ch == ",":
-            pieces.append([])
+            if stack and stack[-1][0].startswith("lit"):
+                raise ValueError(f"unbalanced bracket {stack[-1][0][-1]!r} in a tag of {prompt!r}: escape literal "
+                                 "brackets as '\\(' and '\\)'")
+            chars.append((_SEP, False))
+            weights.append(1.0)
         else:
-            pieces[-1].append((ch, False))
+            chars.append((" " if ch.isspace() else ch, False))
+            weights.append(1.0)
         i += 1
-    return pieces
+    if stack:
+        raise ValueError(f"unbalanced bracket {stack[-1][0][-1]!r} in {prompt!r}: close it, or escape literal "
+                         "brackets as '\\(' and '\\)'")
+    return chars, weights
 
 
-def _strip(chars: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
-    start, end = 0, len(chars)
-    while start < end and not chars[start][1] and chars[start][0].isspace():
-        start += 1
-    while end > start and not chars[end - 1][1] and chars[end - 1][0].isspace():
-        end -= 1
-    return chars[start:end]
-
-
-def _text(chars: list[tuple[str, bool]]) -> str:
-    return "".join(c for c, _ in chars)
-
-
-def _parse_piece(chars: list[tuple[str, bool]], raw: str) -> tuple[str, float] | None:
-    chars = _strip(chars)
-    if not chars:
-        return None
-    opens = [i for i, (c, esc) in enumerate(chars) if c == "(" and not esc]
-    closes = [i for i, (c, esc) in enumerate(chars) if c == ")" and not esc]
-    starts_weighted = chars[0] == ("(", False)
-    ends_weighted = chars[-1] == (")", False)
-    if starts_weighted and ends_weighted:
-        inner = chars[1:-1]
-        colons = [i for i, (c, esc) in enumerate(inner) if c == ":" and not esc]
-        if not colons:
-            raise ValueError(
-                f"tag {raw.strip()!r} is in parentheses without a weight: write '(tag:1.2)', "
-                "or escape literal parentheses as '\\(' and '\\)'"
-            )
-        name_chars, weight_text = inner[: colons[-1]], _text(inner[colons[-1] + 1 :]).strip()
-        if any(c in "()" and not esc for c, esc in name_chars):
-            raise ValueError(f"nested parentheses in tag {raw.strip()!r}: nesting is not supported, use '(tag:1.2)'")
-        weight = parse_number(weight_text)
-        if weight is None:
-            raise ValueError(
-                f"malformed weight {weight_text!r} in tag {raw.strip()!r}: expected a number, e.g. '(tag:1.2)'"
-            )
-        if not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"weight {weight_text} in tag {raw.strip()!r} must be a finite number > 0")
-        name = _text(_strip(name_chars))
-        if not name:
-            raise ValueError(f"weighted tag {raw.strip()!r} has an empty name")
-        return name, weight
-    depth = 0
-    for c, esc in chars:
-        if not esc and c in "()":
-            depth += 1 if c == "(" else -1
-            if depth < 0:
-                break
-    if depth != 0 or len(opens) != len(closes):
-        raise ValueError(
-            f"unbalanced parenthesis in tag {raw.strip()!r}: escape literal parentheses as '\\(' and '\\)'"
-        )
-    return _text(chars), 1.0
+def _group_weight(chars: list[tuple[str, bool]], start: int, kind: str, prompt: str) -> float:
+    """The factor of a closed emphasis group: 1.1, 1/1.1, or an explicit ``:weight`` (removed from ``chars``)."""
+    inner = chars[start:]
+    colons = [k for k, (c, esc) in enumerate(inner) if c == ":" and not esc]
+    if kind == "[":
+        if colons or any(c == "|" and not esc for c, esc in inner):
+            raise ValueError(f"A1111 prompt editing '[a:b:when]' and alternation '[a|b]' are not supported in "
+                             f"condvec prompts: {prompt!r}")
+        return 1.0 / EMPHASIS
+    if colons:
+        text = "".join(c for c, _ in inner[colons[-1] + 1:]).strip()
+        number = parse_number(text)
+        if number is not None:
+            if not "".join(c for c, _ in inner[:colons[-1]]).strip(" " + _SEP):
+                raise ValueError(f"a weighted group in {prompt!r} has an empty name")
+            if not math.isfinite(number) or number <= 0:
+                raise ValueError(f"weight {text} in {prompt!r} must be a finite number > 0")
+            del chars[start + colons[-1]:]
+            return number
+        before = "".join(c for c, _ in inner[:colons[-1]]).split()
+        if " " not in text and not (before and before[-1].lower() == "embedding"):
+            raise ValueError(f"malformed weight {text!r} in {prompt!r}: expected a number, e.g. '(tag:1.2)'")
+    return EMPHASIS
 
 
 def parse_prompt(prompt: str, normalization: TagNormalization | None = None) -> list[Tag]:
     """Parse a prompt into tags.
 
     Args:
-        prompt (`str`): comma-separated tags, e.g. ``"elephant, glass, (sitting:1.2)"``.
+        prompt (`str`): comma-separated tags, e.g. ``"elephant, glass, (sitting:1.2), ((masterpiece))"``.
         normalization (`TagNormalization`, *optional*): how names are normalised; defaults to lower-case with
             underscores as spaces.
 
@@ -178,26 +210,57 @@ def parse_prompt(prompt: str, normalization: TagNormalization | None = None) -> 
         `list[Tag]`: tags in prompt order, duplicates merged (first position kept, weights multiplied).
 
     Raises:
-        ValueError: a malformed weight or unbalanced parenthesis, naming the offending tag.
+        ValueError: a malformed weight, an unbalanced bracket, emphasis inside a tag, a LoRA / prompt-editing
+            syntax condvec does not run, naming the offending part.
     """
+    global _said_break
     if not isinstance(prompt, str):
         raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
+    network = _NETWORK.search(prompt)
+    if network:
+        raise ValueError(f"{network.group(0)!r}: condvec has no LoRA / network loader in prompts; load LoRA weights "
+                         "into the UNet with diffusers' pipe.load_lora_weights(...) and leave them out of the prompt")
+    if _BREAK.search(prompt):
+        if not _said_break:
+            warnings.warn("BREAK (A1111's 75-token chunk break) only separates tags here: condvec prompts have no "
+                          "token limit", stacklevel=2)
+            _said_break = True
+        prompt = _BREAK.sub(",", prompt)
     normalization = normalization or TagNormalization()
+    chars, weights = _scan(prompt)
     order: list[str] = []
-    weights: dict[str, float] = {}
-    for chars in _split(prompt):
-        parsed = _parse_piece(chars, _text(chars))
-        if parsed is None:
+    merged: dict[str, float] = {}
+    pieces: list[tuple[list[str], list[float]]] = [([], [])]
+    for (c, _), w in zip(chars, weights):
+        if c == _SEP:
+            pieces.append(([], []))
+        else:
+            pieces[-1][0].append(c)
+            pieces[-1][1].append(w)
+    for text_chars, ws in pieces:
+        text = "".join(text_chars)
+        lead = len(text) - len(text.lstrip())
+        body = text.strip()
+        if not body:
             continue
-        name = normalization.apply(parsed[0])
+        tag_weights = ws[lead:lead + len(body)]
+        weight = tag_weights[0]
+        if any(abs(w - weight) > 1e-12 * weight for w in tag_weights):
+            raise ValueError(f"emphasis must enclose whole tags: {body!r} has parts of different weights "
+                             "(condvec weighs tags, not words)")
+        if body.lower().startswith("embedding:"):  # ComfyUI's embedding syntax names a tag
+            body = re.sub(r"\.(pt|safetensors|bin)$", "", body[len("embedding:"):].strip())
+        name = normalization.apply(body)
         if not name:
+            if weight != 1.0:
+                raise ValueError(f"a weighted group in {prompt!r} holds no tag")
             continue
-        if name in weights:
-            weights[name] *= parsed[1]
+        if name in merged:
+            merged[name] *= weight
         else:
             order.append(name)
-            weights[name] = parsed[1]
-    return [Tag(name, weights[name]) for name in order]
+            merged[name] = weight
+    return [Tag(name, merged[name]) for name in order]
 
 
 def normalize_tag(name: str, normalization: TagNormalization | None = None) -> str:

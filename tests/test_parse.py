@@ -1,3 +1,6 @@
+import re
+import warnings
+
 import pytest
 
 from conditioner import Tag, TagNormalization, parse_prompt
@@ -30,19 +33,24 @@ def test_parse_cases(prompt, expected):
     "prompt, message",
     [
         ("(cat:abc)", "malformed weight 'abc'"),
-        ("(cat:1.2", "unbalanced parenthesis"),
-        ("cat:1.2)", "unbalanced parenthesis"),
-        ("(cat)", "without a weight"),
+        ("(cat:1.2", "unbalanced bracket '('"),
+        ("cat:1.2)", "unbalanced bracket ')'"),
+        ("[cat", "unbalanced bracket '['"),
+        ("(cat]", "unbalanced bracket ']'"),
         ("(cat:0)", "must be a finite number > 0"),
         ("(cat:-1)", "must be a finite number > 0"),
         ("(cat:inf)", "malformed weight"),
         ("(:1.2)", "empty name"),
-        ("((cat:1.2):2)", "nested parentheses"),
-        ("a (b", "unbalanced parenthesis"),
+        ("a (b", "unbalanced bracket '('"),
+        ("(red) hat", "emphasis must enclose whole tags"),
+        ("<lora:add_detail:0.8>, cat", "condvec has no LoRA / network loader in prompts"),
+        ("<lyco:x:1>", "condvec has no LoRA / network loader in prompts"),
+        ("[cat:dog:0.5]", "prompt editing '[a:b:when]' and alternation '[a|b]' are not supported"),
+        ("[cat|dog]", "prompt editing '[a:b:when]' and alternation '[a|b]' are not supported"),
     ],
 )
 def test_parse_errors_name_the_problem(prompt, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         parse_prompt(prompt)
 
 
@@ -99,3 +107,49 @@ def test_prompt_weights_and_blend_weights_accept_the_same_numbers(text, value):
             parse_prompt(f"(cat:{text})")
         with pytest.raises(ValueError, match="must be WEIGHT\\*TAG"):
             parse_weights(f"{text}*cat")
+
+
+# Prompts as A1111 / ComfyUI users write them (booru tag lists, emphasis-heavy prompts), and what they mean here:
+# the A1111 weights (1.1 per "(" level, ÷1.1 per "[" level, ":w" multiplies), one weight per tag.
+A1111_CORPUS = [
+    ("masterpiece, best quality, 1girl, solo, long_hair, blue_eyes",
+     [("masterpiece", 1.0), ("best quality", 1.0), ("1girl", 1.0), ("solo", 1.0), ("long hair", 1.0),
+      ("blue eyes", 1.0)]),
+    ("((masterpiece)), (best quality:1.2), [lowres]",
+     [("masterpiece", 1.21), ("best quality", 1.2), ("lowres", 1 / 1.1)]),
+    ("(((ultra detailed))), [[blurry]]", [("ultra detailed", 1.331), ("blurry", 1 / 1.21)]),
+    ("(red hair, blue eyes:1.2), smile", [("red hair", 1.2), ("blue eyes", 1.2), ("smile", 1.0)]),
+    ("((red hair), blue eyes), smile", [("red hair", 1.21), ("blue eyes", 1.1), ("smile", 1.0)]),
+    ("((cat:1.2):2)", [("cat", 2.4)]),
+    ("( smiling : 0.8 ), open mouth", [("smiling", 0.8), ("open mouth", 1.0)]),
+    ("ganyu \\(genshin impact\\), 1girl", [("ganyu (genshin impact)", 1.0), ("1girl", 1.0)]),
+    ("(ganyu \\(genshin impact\\):1.3)", [("ganyu (genshin impact)", 1.3)]),
+    ("hatsune miku (vocaloid), twintails", [("hatsune miku (vocaloid)", 1.0), ("twintails", 1.0)]),
+    ("1girl, red dress BREAK 1boy, blue suit",
+     [("1girl", 1.0), ("red dress", 1.0), ("1boy", 1.0), ("blue suit", 1.0)]),
+    ("embedding:EasyNegative, (embedding:bad_hands.pt:1.3)", [("easynegative", 1.0), ("bad hands", 1.3)]),
+    ("score_9, score_8_up, (rating_safe:1.1)", [("score 9", 1.0), ("score 8 up", 1.0), ("rating safe", 1.1)]),
+    ("(time\\: noon:2), cat, (cat)", [("time: noon", 2.0), ("cat", 1.1)]),
+    ("\\[not emphasis\\], a\\, b", [("[not emphasis]", 1.0), ("a, b", 1.0)]),
+]
+
+
+@pytest.mark.parametrize("prompt, expected", A1111_CORPUS)
+def test_a1111_prompts_parse_with_a1111_weights(prompt, expected):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = [(t.name, t.weight) for t in parse_prompt(prompt)]
+    assert [n for n, _ in got] == [n for n, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+
+
+def test_break_is_said_once_and_separates_tags():
+    import conditioner.parse as parse
+
+    parse._said_break = False
+    with pytest.warns(UserWarning, match="BREAK .* only separates tags here"):
+        assert [t.name for t in parse_prompt("a BREAK b")] == ["a", "b"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [t.name for t in parse_prompt("c BREAK d")] == ["c", "d"]
+    assert [t.name for t in parse_prompt("breakfast, BREAKING")] == ["breakfast", "breaking"]
