@@ -1,10 +1,28 @@
 """Tag parsing, the tag table, and encoding prompts into one packed conditioning tensor."""
 
-from conditioner.encode import Rows, TokenBatch, encode, encode_pooled, pack, tokenize
-from conditioner.layout import LayerSlice, LayerSpec
-from conditioner.parse import Tag, TagNormalization, normalize_tag, parse_prompt
-from conditioner.regroup import regroup
-from conditioner.table import TableMismatchError, TagTable, resolve_groups
+from __future__ import annotations
+
+from conditioner.lazy import lazy_exports
+
+# Exported names and their modules, imported on first use (conditioner.lazy): --help stays fast.
+_EXPORTS = {
+    "Rows": "conditioner.encode",
+    "TokenBatch": "conditioner.encode",
+    "encode": "conditioner.encode",
+    "encode_pooled": "conditioner.encode",
+    "pack": "conditioner.encode",
+    "tokenize": "conditioner.encode",
+    "LayerSlice": "conditioner.layout",
+    "LayerSpec": "conditioner.layout",
+    "Tag": "conditioner.parse",
+    "TagNormalization": "conditioner.parse",
+    "normalize_tag": "conditioner.parse",
+    "parse_prompt": "conditioner.parse",
+    "regroup": "conditioner.regroup",
+    "TableMismatchError": "conditioner.table",
+    "TagTable": "conditioner.table",
+    "resolve_groups": "conditioner.table",
+}
 
 __all__ = [
     "LayerSlice",
@@ -24,3 +42,6 @@ __all__ = [
     "resolve_groups",
     "tokenize",
 ]
+
+
+lazy_exports(__name__, _EXPORTS)

@@ -101,9 +101,9 @@ class TagNormalization:
 
 
 EMPHASIS = 1.1  # A1111's factor per bracket level
-_NETWORK = re.compile(r"<\s*(lora|lyco|hypernet|lycoris)\s*:[^>]*>", re.IGNORECASE)
+_NETWORK = re.compile(r"(?<!\\)<\s*(lora|lyco|hypernet|lycoris)\s*:[^>]*>", re.IGNORECASE)
 _BREAK = re.compile(r"(?<!\S)BREAK(?!\S)")
-_SEP = "\x00"  # a tag boundary in the scanned text (commas and BREAK)
+_SEP = (",", "sep")  # a tag boundary in the scanned characters (commas and BREAK)
 _said_break = False
 
 
@@ -123,11 +123,11 @@ def _scan(prompt: str) -> tuple[list[tuple[str, bool]], list[float]]:
         while j >= 0 and chars[j] == (" ", False):
             j -= 1
         opened = stack[-1][1] if stack and not stack[-1][0].startswith("lit") else 0
-        return j < 0 or chars[j][0] == _SEP or j < opened
+        return j < 0 or chars[j] == _SEP or j < opened
 
     while i < len(prompt):
         ch = prompt[i]
-        if ch == "\\" and i + 1 < len(prompt) and prompt[i + 1] in ",()[]\\:":
+        if ch == "\\" and i + 1 < len(prompt) and prompt[i + 1] in ",()[]\\:<":
             chars.append((prompt[i + 1], True))
             weights.append(1.0)
             i += 2
@@ -161,7 +161,7 @@ def _scan(prompt: str) -> tuple[list[tuple[str, bool]], list[float]]:
             if stack and stack[-1][0].startswith("lit"):
                 raise ValueError(f"unbalanced bracket {stack[-1][0][-1]!r} in a tag of {prompt!r}: escape literal "
                                  "brackets as '\\(' and '\\)'")
-            chars.append((_SEP, False))
+            chars.append(_SEP)
             weights.append(1.0)
         else:
             chars.append((" " if ch.isspace() else ch, False))
@@ -186,7 +186,7 @@ def _group_weight(chars: list[tuple[str, bool]], start: int, kind: str, prompt: 
         text = "".join(c for c, _ in inner[colons[-1] + 1:]).strip()
         number = parse_number(text)
         if number is not None:
-            if not "".join(c for c, _ in inner[:colons[-1]]).strip(" " + _SEP):
+            if not "".join(c for c, esc in inner[:colons[-1]] if esc != "sep").strip():
                 raise ValueError(f"a weighted group in {prompt!r} has an empty name")
             if not math.isfinite(number) or number <= 0:
                 raise ValueError(f"weight {text} in {prompt!r} must be a finite number > 0")
@@ -230,25 +230,25 @@ def parse_prompt(prompt: str, normalization: TagNormalization | None = None) -> 
     chars, weights = _scan(prompt)
     order: list[str] = []
     merged: dict[str, float] = {}
-    pieces: list[tuple[list[str], list[float]]] = [([], [])]
-    for (c, _), w in zip(chars, weights):
-        if c == _SEP:
+    pieces: list[tuple[list[tuple[str, bool]], list[float]]] = [([], [])]
+    for pair, w in zip(chars, weights):
+        if pair == _SEP:
             pieces.append(([], []))
         else:
-            pieces[-1][0].append(c)
+            pieces[-1][0].append(pair)
             pieces[-1][1].append(w)
-    for text_chars, ws in pieces:
-        text = "".join(text_chars)
-        lead = len(text) - len(text.lstrip())
-        body = text.strip()
-        if not body:
+    for piece, ws in pieces:
+        lead = next((k for k, (c, esc) in enumerate(piece) if esc or not c.isspace()), len(piece))
+        end = next((k for k in range(len(piece), 0, -1) if piece[k - 1][1] or not piece[k - 1][0].isspace()), 0)
+        piece, tag_weights = piece[lead:end], ws[lead:end]
+        if not piece:
             continue
-        tag_weights = ws[lead:lead + len(body)]
+        body = "".join(c for c, _ in piece)
         weight = tag_weights[0]
         if any(abs(w - weight) > 1e-12 * weight for w in tag_weights):
             raise ValueError(f"emphasis must enclose whole tags: {body!r} has parts of different weights "
                              "(condvec weighs tags, not words)")
-        if body.lower().startswith("embedding:"):  # ComfyUI's embedding syntax names a tag
+        if body.lower().startswith("embedding:") and not piece[9][1]:  # ComfyUI's syntax names a tag
             body = re.sub(r"\.(pt|safetensors|bin)$", "", body[len("embedding:"):].strip())
         name = normalization.apply(body)
         if not name:

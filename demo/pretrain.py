@@ -53,7 +53,7 @@ UNET_CONFIG = dict(
     sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(64, 96, 128), layers_per_block=1, norm_num_groups=16, attention_head_dim=16,
+    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, attention_head_dim=16,
     cross_attention_dim=TEXT_CONFIG["hidden_size"],
 )
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -495,13 +495,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "unet":
             p.add_argument("--steps", type=int, default=6000)
             p.add_argument("--batch", type=int, default=64)
-            p.add_argument("--lr", type=float, default=1e-3)
-            p.add_argument("--lr-text", type=float, default=5e-4)
+            p.add_argument("--lr", type=float, default=2e-3)
+            p.add_argument("--lr-text", type=float, default=1e-3)
             p.add_argument("--ema", type=float, default=0.999)
             p.add_argument("--high-noise-bias", type=float, default=0.0)
             p.add_argument("--snapshot-every", type=int, default=500)
             p.add_argument("--channels", type=lambda v: tuple(int(c) for c in v.split(",")), default=None,
-                           help="UNet block widths, e.g. 64,96,128 (fixed at the run's start)")
+                           help="UNet block widths (default 32,64,64; fixed at the run's start)")
         if name == "export":
             p.add_argument("--out", type=Path, default=Path("models/mini-sd"))
             p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")

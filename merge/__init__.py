@@ -4,9 +4,24 @@ Every function returns a new :class:`conditioner.TagTable` and never modifies it
 to the result's ``provenance``. ``condvec-merge`` (:mod:`merge.cli`) exposes them on the command line.
 """
 
-from merge.concepts import blend, mix, swap
-from merge.layers import select_groups
-from merge.tables import combine, drop, extract, rename
-from merge.weights import parse_weights
+from __future__ import annotations
+
+from conditioner.lazy import lazy_exports
+
+# Exported names and their modules, imported on first use (conditioner.lazy): --help stays fast.
+_EXPORTS = {
+    "blend": "merge.concepts",
+    "mix": "merge.concepts",
+    "swap": "merge.concepts",
+    "select_groups": "merge.layers",
+    "combine": "merge.tables",
+    "drop": "merge.tables",
+    "extract": "merge.tables",
+    "rename": "merge.tables",
+    "parse_weights": "merge.weights",
+}
 
 __all__ = ["blend", "combine", "drop", "extract", "mix", "parse_weights", "rename", "select_groups", "swap"]
+
+
+lazy_exports(__name__, _EXPORTS)

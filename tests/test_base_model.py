@@ -1,69 +1,89 @@
-"""The shipped base model (models/tiny-base) loads and generates the attributes its tags name.
+"""The embedded miniature SD (models/mini-sd) is a real SD1.x folder, and draws what its prompts name.
 
-Checked per sample with the attribute detector: background, exactly one object, its colour, size and position. The
-tiny base gets shapes right only about half of the time (measured in BENCHMARKS.md), so shape is not asserted.
+Diffusers' own ``StableDiffusionPipeline`` runs it with its own CLIP text encoder; the detector reads every sample.
+A subset of ``python -m benchmarks.base_eval --model models/mini-sd`` (fixed seeds, under a minute): the full
+benchmark and its learning curve are in BENCHMARKS.md ("Miniature SD").
 """
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from demo.detector import detect
-from unet_patch import TagDiffusionPipeline
+from demo.detector import ATTRIBUTES, check_one, detect, match_two
 
-BASE = Path(__file__).resolve().parents[1] / "models" / "tiny-base"
+BASE = Path(__file__).resolve().parents[1] / "models" / "mini-sd"
 N = 8
-
-CASES = [
-    ("red circle, large circle, circle on center, white background", "white",
-     {"colour": "red", "size": "large", "position": "center"}),
-    ("blue square, small square, square on left, black background", "black",
-     {"colour": "blue", "size": "small", "position": "left"}),
-    ("yellow triangle, large triangle, triangle on right, gray background", "gray",
-     {"colour": "yellow", "size": "large", "position": "right"}),
-    ("green circle, small circle, circle on right, white background", "white",
-     {"colour": "green", "size": "small", "position": "right"}),
-]
-# Per prompt, at least 6 of 8 samples must have the background, one object, its colour and its position right.
-# Size is right less reliably per prompt (5/8 for the small blue square), so it is checked over all 32 samples.
-PER_PROMPT = ("colour", "position")
+ONE = [("red", "circle", "large", "center", "white"), ("blue", "square", "small", "left", "black"),
+       ("yellow", "triangle", "large", "right", "gray"), ("green", "circle", "small", "right", "white")]
+TWO = [((("red", "circle", "large", "left"), ("blue", "square", "small", "right")), "white"),
+       ((("cyan", "square", "large", "left"), ("magenta", "triangle", "small", "right")), "gray")]
+# What the shipped model reaches on these prompts and seeds (measured: BENCHMARKS.md), with a margin of one or two
+# samples; a retrained model that falls below them fails here.
+MIN_SHAPE, MIN_ATTRIBUTE, MIN_ALL, MIN_BOUND = 0.80, 0.80, 0.60, 0.25
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    assert (BASE / "model_index.json").exists(), "the embedded base model is missing from models/tiny-base"
-    pipe = TagDiffusionPipeline.from_pretrained(BASE)
+    from diffusers import StableDiffusionPipeline
+
+    assert (BASE / "model_index.json").exists(), "the embedded miniature SD is missing from models/mini-sd"
+    pipe = StableDiffusionPipeline.from_pretrained(BASE, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-@pytest.fixture(scope="module")
-def readings(pipe):
-    out = {}
-    for prompt, _, _ in CASES:
-        images = pipe(prompt, num_inference_steps=25, guidance_scale=3.0, num_images_per_prompt=N,
-                      generator=torch.Generator().manual_seed(0)).images
-        out[prompt] = [detect(image) for image in images]
-    return out
+def _sample(pipe, prompt):
+    return pipe(prompt, num_inference_steps=25, guidance_scale=3.0, num_images_per_prompt=N,
+                generator=torch.Generator().manual_seed(0)).images
 
 
-def test_base_is_small_and_self_contained(pipe):
+def test_mini_sd_is_an_sd1_folder_that_ships_in_the_repo():
+    for sub in ("unet", "vae", "text_encoder", "scheduler"):
+        assert (BASE / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")).is_file(), sub
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (BASE / "tokenizer").iterdir()}
+    index = json.loads((BASE / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["text_encoder"][1] == "CLIPTextModel"
     size = sum(f.stat().st_size for f in BASE.rglob("*") if f.is_file())
-    assert size < 10 * 2**20, f"models/tiny-base is {size / 2**20:.1f} MB"
-    assert pipe.vae is None and pipe.unet.config.in_channels == 3
-    assert len(pipe.table) >= 37 and "red circle" in pipe.table
+    assert size <= 20 * 2**20, f"models/mini-sd is {size / 2**20:.1f} MB"
 
 
-@pytest.mark.parametrize("prompt, background, attributes", CASES)
-def test_base_generates_the_named_attributes(readings, prompt, background, attributes):
-    right = sum(int(found["background"] == background and len(found["objects"]) == 1
-                    and all(found["objects"][0][k] == attributes[k] for k in PER_PROMPT))
-                for found in readings[prompt])
-    assert right >= N * 3 // 4, f"{prompt!r}: only {right}/{N} samples have background, count, colour, position right"
+def test_family_detection_and_bootstrap_take_it_as_sd15():
+    from bootstrap.load import load_model
+    from bootstrap.table import bootstrap_table
+
+    model = load_model(BASE)
+    assert model.family == "sd1" and len(model.text_encoders) == 1
+    table = bootstrap_table(model, ["red circle", "blue square", "cyan triangle"], progress=False)
+    assert table.special.shape[0] == 77 and table.base_model["family"] == "sd1"
+    assert not torch.equal(table.data[0], table.data[1])
 
 
-def test_base_generates_the_named_sizes(readings):
-    right = sum(int(len(found["objects"]) == 1 and found["objects"][0]["size"] == attributes["size"])
-                for prompt, _, attributes in CASES for found in readings[prompt])
-    assert right >= len(CASES) * N * 3 // 4, f"only {right}/{len(CASES) * N} samples have the named size"
+def test_stock_pipeline_draws_the_named_attributes(pipe):
+    checks = []
+    for colour, shape, size, position, background in ONE:
+        prompt = f"{colour} {shape}, {size} {shape}, {shape} on {position}, {background} background"
+        want = {"colour": colour, "shape": shape, "size": size, "position": position}
+        checks += [check_one(detect(image), want, background) for image in _sample(pipe, prompt)]
+    rate = {key: sum(c[key] for c in checks) / len(checks) for key in checks[0]}
+    assert rate["shape"] >= MIN_SHAPE, rate
+    assert all(rate[a] >= MIN_ATTRIBUTE for a in ("one object", "background", *ATTRIBUTES)), rate
+    assert rate["all"] >= MIN_ALL, rate
+
+
+def test_stock_pipeline_binds_colours_to_shapes_in_two_object_scenes(pipe):
+    bound = total = 0
+    for objects, background in TWO:
+        prompt = ", ".join(f"{c} {s}, {z} {s}, {s} on {p}" for c, s, z, p in objects)
+        prompt += f", two objects, {background} background"
+        wanted = [dict(zip(("colour", "shape", "size", "position"), o)) for o in objects]
+        for image in _sample(pipe, prompt):
+            total += 1
+            found = detect(image)
+            if len(found["objects"]) == 2 and found["background"] == background:
+                best = match_two(found["objects"], wanted)
+                bound += all(best[i]["colour"] == wanted[i]["colour"] and best[i]["shape"] == wanted[i]["shape"]
+                             for i in range(2))
+    assert bound / total >= MIN_BOUND, f"{bound}/{total} two-object samples have both colour-shape pairs right"

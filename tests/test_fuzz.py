@@ -46,7 +46,7 @@ def test_parse_prompt_returns_tags_or_raises_value_error(prompt, lowercase, unde
 
 
 def _escape(name: str) -> str:
-    return "".join("\\" + c if c in ",()\\:" else c for c in name)
+    return "".join("\\" + c if c in ",()[]\\:<" else c for c in name)
 
 
 def _format(tags: list[Tag]) -> str:

@@ -6,8 +6,6 @@ import os
 import sys
 
 from conditioner.cli_errors import OneLineArgumentParser, run_cli
-from train.config import load_config, to_yaml
-from train.loop import train
 
 PROG = "condvec-train"
 
@@ -49,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    from train.config import load_config, to_yaml  # heavy imports only once the arguments parse
+
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from train.loop import train
+
     result = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(_next_steps(cfg, result))

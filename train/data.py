@@ -101,7 +101,8 @@ def _find_images(root: Path) -> list[str]:
         rel_folder = Path(folder).relative_to(root)
         for name in files:
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                if not os.path.isfile(os.path.join(folder, name)):  # a FIFO, socket or device would block or lie
+                full = os.path.join(folder, name)
+                if os.path.exists(full) and not os.path.isfile(full):  # a FIFO, socket or device would block
                     logger.warning("skipping %s: not a regular file", (rel_folder / name).as_posix())
                     continue
                 found.append((rel_folder / name).as_posix())

@@ -7,7 +7,6 @@ import sys
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
 from conditioner.fileio import atomic_path
-from unet_patch.grid import image_grid, upscale
 
 PROG = "condvec-generate"
 #: Bounds on what a user sets (each named in the error): past them a run only exhausts memory.
@@ -24,6 +23,8 @@ SCHEDULERS = {
 
 def _write(images: list, out: str, upscale_by: int) -> str:
     """Save one PNG, or every image plus a grid (each file atomically); returns what was written."""
+    from unet_patch.grid import image_grid, upscale
+
     images = [upscale(image, upscale_by) for image in images]
     if len(images) == 1:
         _save(images[0], out)

@@ -1,0 +1,177 @@
+"""The subcommands of ``condvec-merge`` (:mod:`merge.cli` parses the arguments and calls one of these)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from conditioner.cli_errors import UsageError
+from conditioner.regroup import regroup
+from conditioner.table import TagTable
+from merge.concepts import blend, mix, swap
+from merge.tables import combine, drop, extract, rename
+
+
+def _destination(args, source: str | None) -> str:
+    in_place = getattr(args, "in_place", False)
+    if in_place and args.output:
+        raise UsageError(f"{args.command}: give either -o OUT or --in-place, not both")
+    if not in_place and not args.output:
+        raise UsageError(f"{args.command}: say where to write: -o OUT.safetensors, or --in-place to rewrite TABLE")
+    if in_place:
+        return source
+    if os.path.exists(args.output) and not args.force:
+        raise UsageError(f"{args.command}: output {args.output!r} already exists; pass --force to overwrite it")
+    return args.output
+
+
+def _write(table: TagTable, path: str, what: str) -> str:
+    table.save(path)  # atomic and durable: conditioner.fileio.atomic_path
+    return f"wrote {path}: {what} ({len(table)} tags)"
+
+
+def _blend(args) -> str:
+    out = _destination(args, args.table)
+    table = TagTable.load(args.table)
+    result = blend(table, args.new, args.expression, layers=args.layers, slerp=args.slerp, overwrite=args.force)
+    record = result.provenance[-1]
+    return _write(result, out, f"{'slerp' if args.slerp else 'blend'} {record['result']!r} = {args.expression}"
+                  + _where(args.layers))
+
+
+def _swap(args) -> str:
+    if args.rest is not None and args.layers is None:
+        raise UsageError("swap: --rest says what NEW is outside --layers; without --layers the swap covers every "
+                          "group and there is no rest")
+    out = _destination(args, args.table)
+    table = TagTable.load(args.table)
+    result = swap(table, args.new, key=args.key, value=args.value, layers=args.layers, rest=args.rest or "key",
+                  overwrite=args.force)
+    record = result.provenance[-1]
+    rest = f", rest={record['rest']}" if args.layers else ""
+    return _write(result, out, f"swap {record['result']!r} = key {record['key']!r}, value {record['value']!r}"
+                  + _where(args.layers) + rest)
+
+
+def _mix(args) -> str:
+    out = _destination(args, args.table)
+    table = TagTable.load(args.table)
+    result = mix(table, args.new, a=args.a, b=args.b, layers=args.layers, overwrite=args.force)
+    record = result.provenance[-1]
+    return _write(result, out, f"mix {record['result']!r} = {record['a']!r} in {args.layers}, {record['b']!r} "
+                  "elsewhere")
+
+
+def _drop(args) -> str:
+    out = _destination(args, args.table)
+    table = TagTable.load(args.table)
+    result = drop(table, args.tags, match=args.match)
+    return _write(result, out, f"dropped {len(table) - len(result)} tag{'s' if len(table) - len(result) != 1 else ''}")
+
+
+def _rename(args) -> str:
+    out = _destination(args, args.table)
+    table = TagTable.load(args.table)
+    result = rename(table, args.old, args.new, overwrite=args.force)
+    record = result.provenance[-1]
+    return _write(result, out, f"renamed {record['old']!r} to {record['new']!r}")
+
+
+def _extract(args) -> str:
+    out = _destination(args, None)
+    result = extract(TagTable.load(args.table), args.tags)
+    return _write(result, out, f"extracted {', '.join(map(repr, result.tags))}")
+
+
+def _regroup(args) -> str:
+    out = _destination(args, args.table)
+    table = TagTable.load(args.table)
+    if table.mode != "vector":
+        raise UsageError("regroup: a key/value-mode table holds each layer's own K and V and cannot be regrouped")
+    result = regroup(table, args.groups)
+    return _write(result, out, f"regrouped {table.group_kind} ({len(table.group_names)} groups) → {args.groups} "
+                  f"({len(result.group_names)} groups)")
+
+
+def _combine(args) -> str:
+    out = _destination(args, None)
+    left, right = TagTable.load(args.left), TagTable.load(args.right)
+    try:
+        result = combine(left, right, on_conflict=args.on_conflict)
+    except ValueError as err:
+        raise ValueError(f"{args.left} + {args.right}: {err}") from None
+    result.provenance[-1]["files"] = [os.path.basename(args.left), os.path.basename(args.right)]
+    record = result.provenance[-1]
+    conflicts = f", {len(record['conflicts'])} conflicts resolved ({args.on_conflict})" if record["conflicts"] else ""
+    return _write(result, out, f"combined, {record['added']} tags added from {args.right}{conflicts}")
+
+
+def _where(layers: str | None) -> str:
+    return f" in {layers}" if layers else ""
+
+
+# ----------------------------------------------------------------------------- list
+def _list(args) -> str | None:
+    table = TagTable.load(args.table)
+    summary = _summary(table, args.table)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return None
+    base = table.base_model.get("name") or "unnamed base"
+    if "layout_sha256" in table.base_model:
+        base += f" (layout {table.base_model['layout_sha256']})"
+    anchors = ", ".join(f"{a:g}" for a in table.anchors)
+    lines = [
+        f"{args.table}: {len(table)} tags ({summary['split_tags']} split), {table.mode} mode, "
+        f"{len(table.group_names)} groups ({table.group_kind}), {len(table.layers)} layers, "
+        f"{table.num_anchors} anchor{'s' if table.num_anchors > 1 else ''} (t = {anchors}), {base}, "
+        f"{_size(summary['file_bytes'])}"
+    ]
+    if len(table):
+        width = max(3, *(len(tag["name"]) for tag in summary["tags"]))
+        lines.append(f"{'tag':<{width}}  {'count':>7}  split  norm per group (min / mean / max over groups)")
+        for tag in summary["tags"]:
+            norms = tag["norms"]
+            lines.append(f"{tag['name']:<{width}}  {tag['count']:>7}  {'yes' if tag['split'] else 'no':<5}  "
+                         f"{min(norms):.3g} / {sum(norms) / len(norms):.3g} / {max(norms):.3g}")
+    print("\n".join(lines))
+    return None
+
+
+def _summary(table: TagTable, path: str) -> dict:
+    norms = _group_norms(table, table.data)  # (R, G)
+    tags = []
+    for row, name in enumerate(table.tags):
+        entry = {"name": name, "count": table.counts.get(name, 0), "split": table.is_split(name),
+                 "norms": [round(float(n), 6) for n in norms[row]]}
+        if table.is_split(name):
+            value_norms = _group_norms(table, table.values[name][None])[0]
+            entry["value_norms"] = [round(float(n), 6) for n in value_norms]
+        tags.append(entry)
+    return {
+        "file": path, "file_bytes": os.path.getsize(path), "mode": table.mode, "group_kind": table.group_kind,
+        "groups": table.group_names, "layers": [layer.short for layer in table.layers], "anchors": table.anchors,
+        "base_model": table.base_model, "use_sink": table.use_sink, "pad_to": table.pad_to,
+        "num_tags": len(table), "split_tags": len(table.values), "provenance": table.provenance, "tags": tags,
+    }
+
+
+def _group_norms(table: TagTable, rows: torch.Tensor) -> torch.Tensor:
+    """``(R, A, W)`` rows → ``(R, G)`` L2 norm of each group's vector (K and V together in kv mode), anchor mean."""
+    columns = [table.group_columns(g) for g in range(len(table.group_names))]
+    norms = torch.stack([rows[..., cols].float().norm(dim=-1) for cols in columns], -1)  # (R, A, G)
+    return norms.mean(1)
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes < 1024:
+        return f"{num_bytes} B"
+    size, unit = num_bytes / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
+
