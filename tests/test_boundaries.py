@@ -1,4 +1,4 @@
-"""Package boundaries from DESIGN.md, read from the source: who may import whom, and where attention lives."""
+"""Package boundaries from docs/architecture.md, read from the source: who may import whom, where attention lives."""
 
 import ast
 import re
@@ -7,15 +7,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("conditioner", "unet_patch", "train", "merge", "demo", "bootstrap", "benchmarks")
-# package → project packages it must never import
-FORBIDDEN = {
-    "conditioner": set(PACKAGES) - {"conditioner"},
-    "train": {"merge", "benchmarks"},
-    "merge": {"train", "unet_patch", "demo", "bootstrap", "benchmarks"},
-    "unet_patch": {"train", "merge", "demo", "benchmarks"},
-    "demo": {"train", "merge", "unet_patch", "bootstrap", "benchmarks"},
-}
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def _allowed() -> dict[str, set[str] | None]:
+    """package → the project packages it may import (``None``: any), from the architecture's package table."""
+    allowed = {}
+    for line in ARCHITECTURE.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"`\w+/`", cells[0]):
+            name, may = cells[0].strip("`/"), cells[2]
+            allowed[name] = None if may == "any" else set() if may in ("none", "") else {
+                p.strip() for p in may.split(",")}
+    return allowed
+
+
+ALLOWED = _allowed()
+PACKAGES = tuple(p for p in ALLOWED if (ROOT / p / "__init__.py").exists() or p == "benchmarks")
+FORBIDDEN = {p: set(PACKAGES) - {p} - may for p, may in ALLOWED.items() if may is not None and p in PACKAGES}
+
+
 # an identifier-like string naming a projection ("to_k", "attn2.to_v.weight", "*.to_k"), not prose that mentions one
 _PROJECTION_NAME = re.compile(r"[\w.*]*\bto_[kv]\b[\w.*]*")
 
@@ -47,6 +58,11 @@ def _projection_uses(source: str) -> list[tuple[int, str]]:
               and _PROJECTION_NAME.fullmatch(node.value.strip())):
             found.append((node.lineno, repr(node.value)))
     return found
+
+
+def test_the_architecture_names_every_package():
+    found = {p.parent.name for p in ROOT.glob("*/__init__.py") if not p.parent.name.startswith(".")}
+    assert found <= set(ALLOWED), f"packages missing from docs/architecture.md: {sorted(found - set(ALLOWED))}"
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))

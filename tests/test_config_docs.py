@@ -1,4 +1,4 @@
-"""The README's config reference is the schema's: every key, default and help text, generated, never hand-kept."""
+"""The config reference (docs/config.md) is the schema's: every key, default and help text, generated, never hand-kept."""
 
 import importlib.util
 from pathlib import Path
@@ -10,10 +10,10 @@ _spec.loader.exec_module(config_reference)
 
 
 def test_readme_config_reference_equals_the_schema():
-    table = config_reference.readme_table((ROOT / "README.md").read_text(encoding="utf-8"))
-    assert table is not None, "README.md lost its config reference markers"
+    table = config_reference.readme_table((ROOT / "docs" / "config.md").read_text(encoding="utf-8"))
+    assert table is not None, "docs/config.md lost its config reference markers"
     assert table == config_reference.reference_table(), (
-        "README config reference is out of date: regenerate with `python scripts/config_reference.py`")
+        "docs/config.md is out of date: regenerate with `python scripts/config_reference.py`")
 
 
 def test_reference_lists_every_key_with_its_real_default():

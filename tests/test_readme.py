@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(# runnable\n.*?)```", README.read_text(), flags=re.S)
+DOCS = [README, *sorted((README.parent / "docs").glob("*.md"))]
+BLOCKS = [block for page in DOCS for block in re.findall(r"```python\n(# runnable\n.*?)```", page.read_text(),
+                                                         flags=re.S)]
 
 
 def test_readme_has_runnable_examples():
@@ -17,11 +19,20 @@ def test_readme_has_runnable_examples():
 @pytest.mark.parametrize("code", BLOCKS)
 def test_readme_python_examples_run(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(README.parent / "tests"))
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     written = sorted(p.name for p in Path(".").glob("my_*"))
     assert written, "a runnable README example must save what it builds (my_table.safetensors, my_pipeline, …)"
     for name in written:
         assert Path(name).is_dir() or Path(name).stat().st_size > 0
+
+
+def test_readme_is_short_and_its_links_resolve():
+    text = README.read_text()
+    assert len(text.encode()) <= 12 * 1024, f"README.md is {len(text.encode())} bytes"
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
 
 
 def test_readme_commands_exist():
