@@ -38,6 +38,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from conditioner.errors import CondvecError
+
 __all__ = [
     "MAX_EMBEDDING_BYTES",
     "XTI_DIFFUSERS_BLOCKS",
@@ -74,7 +76,7 @@ SUPPORTED_FORMATS = (
 )
 
 
-class EmbeddingFormatError(ValueError):
+class EmbeddingFormatError(CondvecError):
     """An embedding file that cannot be read: unsafe, too large, an unknown layout or wrongly shaped vectors."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from conditioner.errors import CondvecError
+
 #: Scheduler classes a model folder's ``scheduler_config.json`` may name (``_class_name``); nothing else is looked
 #: up on the ``diffusers`` module.
 SCHEDULER_CLASSES = (
@@ -54,7 +56,7 @@ _MISMATCH = "; pass config= a local folder of the checkpoint's architecture (SD1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(CondvecError):
     """A base model cannot be loaded; the message is one line that says what is wrong and what to do."""
 
 

@@ -16,6 +16,7 @@ import torch
 from bootstrap.embeddings import Embedding, encode_input_embedding
 from bootstrap.load import BaseModel
 from bootstrap.text import null_sequence, tag_vectors
+from conditioner.errors import CondvecError
 from conditioner.parse import TagNormalization
 from conditioner.regroup import regroup
 from conditioner.table import TagTable
@@ -111,7 +112,8 @@ def _check_distinct_ids(model: BaseModel, names: list[str]) -> None:
     for name in names:
         ids = tuple(tokenizer(name, truncation=True, max_length=tokenizer.model_max_length).input_ids)
         if ids in seen:
-            raise ValueError(f"the model's tokenizer gives {seen[ids]!r} and {name!r} the same token ids {list(ids)}: "
+            raise CondvecError(f"the model's tokenizer gives {seen[ids]!r} and {name!r} the same token ids "
+                               f"{list(ids)}: "
                              "they would get the same vector; is the tokenizer (vocab.json, merges.txt) the model's "
                              "own?")
         seen[ids] = name
@@ -121,7 +123,7 @@ def _set_rows(table: TagTable, rows: list[int], vectors: torch.Tensor) -> None:
     """Give rows ``(K,)`` the same vector ``(K, D)`` in every group and anchor."""
     width = vectors.shape[-1]
     if width != table.dim:
-        raise ValueError(f"vectors of width {width} do not fit this table (cross_attention_dim {table.dim})")
+        raise CondvecError(f"vectors of width {width} do not fit this table (cross_attention_dim {table.dim})")
     tiled = vectors.repeat(1, len(table.group_names))  # (K, G·D)
     table.data[rows] = tiled[:, None, :].expand(-1, table.num_anchors, -1).to(table.data)
 
@@ -143,10 +145,10 @@ def import_embedding(table: TagTable, embedding: Embedding, name: str, model: Ba
         `list[int]`: the rows of the new tag.
     """
     if table.mode != "vector":
-        raise ValueError("import embeddings into a vector-mode table, then convert it with unet_patch.kv_table")
+        raise CondvecError("import embeddings into a vector-mode table, then convert it with unet_patch.kv_table")
     name = table.normalization.apply(name)
     if name in table:
-        raise ValueError(f"tag {name!r} is already in the table: choose another --name or drop it first")
+        raise CondvecError(f"tag {name!r} is already in the table: choose another --name or drop it first")
     if embedding.kind == "output":
         parts = [embedding.clip_l_out, embedding.clip_g_out]
         vectors = torch.cat([p for p in parts if p is not None], -1)
@@ -154,7 +156,7 @@ def import_embedding(table: TagTable, embedding: Embedding, name: str, model: Ba
         _set_rows(table, rows, vectors)
         return rows
     if model is None:
-        raise ValueError(f"{embedding.format} holds input-space vectors: they must go through the model's text "
+        raise CondvecError(f"{embedding.format} holds input-space vectors: they must go through the model's text "
                          "encoder (pass the model, --model MODEL)")
     if embedding.kind == "input":
         vectors = _through_encoders(model, [embedding.clip_l, embedding.clip_g])
@@ -169,10 +171,10 @@ def _through_encoders(model: BaseModel, inputs: list[torch.Tensor | None]) -> to
     sdxl = model.family == "sdxl"
     needed = 2 if sdxl else 1
     if len(model.text_encoders) < needed:
-        raise ValueError(f"model {model.name!r} was loaded without its text encoder(s): they are needed to import "
+        raise CondvecError(f"model {model.name!r} was loaded without its text encoder(s): they are needed to import "
                          "input-space embeddings")
     if sum(v is not None for v in inputs[:needed]) != needed:
-        raise ValueError("an SDXL model needs both clip_l and clip_g vectors" if sdxl else
+        raise CondvecError("an SDXL model needs both clip_l and clip_g vectors" if sdxl else
                          "this embedding has no vectors for the model's text encoder (clip_l)")
     outs = [encode_input_embedding(enc, tok, vec, hidden_layer=-2 if sdxl else None)
             for enc, tok, vec in zip(model.text_encoders, model.tokenizers, inputs[:needed])]
@@ -184,7 +186,7 @@ def _import_xti(table: TagTable, embedding: Embedding, name: str, model: BaseMod
     per_layer = []
     for layer in table.layers:
         if layer.kohya not in by_kohya:
-            raise ValueError(f"XTI file has no vectors for layer {layer.short} (kohya {layer.kohya}); it fits "
+            raise CondvecError(f"XTI file has no vectors for layer {layer.short} (kohya {layer.kohya}); it fits "
                              "SD1.x UNets, whose 16 layers are IN01 … OUT11")
         per_layer.append(_through_encoders(model, [by_kohya[layer.kohya], None]))  # (N, D)
     count = per_layer[0].shape[0]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from bootstrap.load import BaseModel
+from conditioner.errors import CondvecError
 
 
 @dataclass
@@ -91,7 +92,7 @@ def encoding_source(model: BaseModel) -> str:
 def _check_encoders(model: BaseModel) -> None:
     expected = 2 if model.family == "sdxl" else 1
     if len(model.text_encoders) != expected or len(model.tokenizers) != expected:
-        raise ValueError(f"model {model.name!r} ({model.family}) has {len(model.text_encoders)} text encoder(s) "
+        raise CondvecError(f"model {model.name!r} ({model.family}) has {len(model.text_encoders)} text encoder(s) "
                          f"loaded, {expected} needed to bootstrap: load it with with_text_encoders=True from a folder "
                          "(or config folder) that has text_encoder/ + tokenizer/"
                          + (" and text_encoder_2/ + tokenizer_2/" if expected == 2 else ""))
@@ -123,7 +124,7 @@ def _encode(model: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.T
         states.append(out.hidden_states[-2])
         ids.append(inputs.input_ids)
     if pooled is None:
-        raise ValueError(f"model {model.name!r}: neither SDXL text encoder has a projection (text_embeds); "
+        raise CondvecError(f"model {model.name!r}: neither SDXL text encoder has a projection (text_embeds); "
                          "text_encoder_2 must be a CLIPTextModelWithProjection")
     embeds = torch.cat(states, dim=-1).to(dtype=model.text_encoders[-1].dtype)
     return embeds, pooled, ids
@@ -175,7 +176,7 @@ def tag_positions(token_count: int, tokens_per_tag: int) -> list[int]:
         tokens_per_tag (`int`): how many vectors the tag owns (≥ 1).
     """
     if tokens_per_tag < 1:
-        raise ValueError(f"tokens_per_tag must be ≥ 1, got {tokens_per_tag}")
+        raise CondvecError(f"tokens_per_tag must be ≥ 1, got {tokens_per_tag}")
     k, n = token_count, tokens_per_tag
     if k > n:
         return [math.ceil((i + 1) * k / n) for i in range(n)]
@@ -208,7 +209,7 @@ def tag_vectors(model: BaseModel, tags: list[str], tokens_per_tag: int = 1, batc
 
     _check_encoders(model)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        raise CondvecError(f"batch_size must be ≥ 1, got {batch_size}")
     tags = list(tags)
     eos_ids = [tokenizer.eos_token_id for tokenizer in model.tokenizers]
     vectors, pooled, positions, counts = [], [], [], []
@@ -219,7 +220,7 @@ def tag_vectors(model: BaseModel, tags: list[str], tokens_per_tag: int = 1, batc
         # The EOS position in each tokenizer's ids (first EOS after BOS; padding may also be EOS).
         eos = [(tok_ids[:, 1:] == eos_id).int().argmax(dim=1) + 1 for tok_ids, eos_id in zip(ids, eos_ids)]
         if any(not torch.equal(eos[0], other) for other in eos[1:]):
-            raise ValueError(f"model {model.name!r}: its two tokenizers split some of these tags into different "
+            raise CondvecError(f"model {model.name!r}: its two tokenizers split some of these tags into different "
                              "numbers of tokens; the SDXL tokenizers must share a vocabulary")
         batch_positions = torch.tensor([tag_positions(int(e) - 1, tokens_per_tag) for e in eos[0]],
                                        dtype=torch.long).reshape(len(batch), tokens_per_tag)

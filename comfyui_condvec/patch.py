@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from conditioner.encode import anchor_weights
+from conditioner.errors import CondvecError
 from conditioner.layout import LayerSlice, LayerSpec
 from conditioner.table import TagTable
 from unet_patch.processor import CondvecAttnProcessor
@@ -58,7 +59,7 @@ def comfy_layers(diffusion_model: torch.nn.Module) -> dict[BlockKey, LayerSpec]:
     """
     needed = ("input_blocks", "output_blocks", "num_res_blocks")
     if not all(hasattr(diffusion_model, name) for name in needed):
-        raise ValueError(f"condvec needs a UNet model (SD1.x / SD2.x / SDXL); this MODEL's diffusion model is a "
+        raise CondvecError(f"condvec needs a UNet model (SD1.x / SD2.x / SDXL); this MODEL's diffusion model is a "
                          f"{type(diffusion_model).__name__}")
     res_blocks = list(diffusion_model.num_res_blocks)
     places: dict[tuple[str, int], str] = {}  # (kind, id) → diffusers attention prefix
@@ -93,7 +94,8 @@ def comfy_layers(diffusion_model: torch.nn.Module) -> dict[BlockKey, LayerSpec]:
                     inner_dim=attn.to_k.out_features, heads=attn.heads,
                 )
     if not layers:
-        raise ValueError("this MODEL's UNet has no cross-attention layers; condvec needs an SD1.x / SD2.x / SDXL UNet")
+        raise CondvecError("this MODEL's UNet has no cross-attention layers; condvec needs an SD1.x / SD2.x / "
+                           "SDXL UNet")
     return layers
 
 
@@ -150,7 +152,7 @@ class CondvecAttn2Patch:
     def _timesteps(self, extra_options: dict) -> torch.Tensor:
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
-            raise ValueError("this condvec table has timestep anchors, but ComfyUI passed no sigmas to the "
+            raise CondvecError("this condvec table has timestep anchors, but ComfyUI passed no sigmas to the "
                              "attention: sample through a KSampler (or pass transformer_options['sigmas'])")
         return self.model_sampling.timestep(sigmas).float()
 
@@ -158,7 +160,8 @@ class CondvecAttn2Patch:
         key = (extra_options["block"][0], int(extra_options["block"][1]), int(extra_options.get("block_index", 0)))
         reader = self.readers.get(key)
         if reader is None:
-            raise ValueError(f"condvec: ComfyUI attention block {key} is not in the table's layers; re-apply condvec "
+            raise CondvecError(f"condvec: ComfyUI attention block {key} is not in the table's layers; "
+                               "re-apply condvec "
                              "to this model")
         layer_slice: LayerSlice = reader.slice
         packed = context

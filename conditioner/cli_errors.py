@@ -7,16 +7,20 @@ benchmarks) builds its parser with :class:`OneLineArgumentParser` and runs its b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
 from safetensors import SafetensorError
 
-#: Exceptions that mean "the user's input or files are wrong", reported as one line with exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, SafetensorError)
+from conditioner.errors import CondvecError
+
+#: Exceptions that mean "the user's input or files are wrong", reported as one line with exit code 2. Anything else
+#: is a bug and keeps its traceback; ``CONDVEC_DEBUG=1`` shows the traceback of these too.
+USER_ERRORS: tuple[type[BaseException], ...] = (CondvecError, OSError, SafetensorError)
 
 
-class UsageError(ValueError):
+class UsageError(CondvecError):
     """Bad command-line arguments; :func:`run_cli` reports it as one line with exit code 2."""
 
 
@@ -63,13 +67,15 @@ def run_cli(prog: str, fn: Callable[[], int | None], errors: tuple[type[BaseExce
         interrupted (`str`, defaults to `"interrupted"`): what to print on Ctrl-C (exit code 130).
 
     Returns:
-        `int`: the body's exit code; 2 after a user error (``PROG: error: <first line>`` on stderr); 130 after
-        ``KeyboardInterrupt``. Any other exception is a bug and propagates with its traceback.
+        `int`: the body's exit code; 2 after a user error — a :class:`~conditioner.errors.CondvecError`, a missing
+        or unreadable file (``OSError``), a damaged safetensors file — (``PROG: error: <first line>`` on stderr;
+        with ``CONDVEC_DEBUG=1`` the traceback instead); 130 after ``KeyboardInterrupt``. Any other exception is a
+        bug and propagates with its traceback.
 
     Example:
         ```py
         >>> def body() -> int:
-        ...     raise ValueError("--num must be >= 1, got 0")
+        ...     raise CondvecError("--num must be >= 1, got 0")
         >>> run_cli("demo", body)  # prints "demo: error: --num must be >= 1, got 0" on stderr
         2
         ```
@@ -77,6 +83,8 @@ def run_cli(prog: str, fn: Callable[[], int | None], errors: tuple[type[BaseExce
     try:
         code = fn()
     except (*USER_ERRORS, *errors) as err:
+        if os.environ.get("CONDVEC_DEBUG") == "1":
+            raise
         print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from conditioner.errors import CondvecError
 from conditioner.parse import Tag, parse_prompt
 from conditioner.table import TagTable
 
@@ -109,7 +110,7 @@ def tokenize(
     if isinstance(prompts, str):
         prompts = [prompts]
     if len(prompts) == 0:
-        raise ValueError("no prompts given: pass at least one prompt ('' is the null prompt)")
+        raise CondvecError("no prompts given: pass at least one prompt ('' is the null prompt)")
     if pad_to == "table":
         pad_to = table.pad_to
     index = table._index
@@ -124,7 +125,7 @@ def tokenize(
     if unknown:
         message = table.unknown_message(unknown)
         if not lenient:
-            raise ValueError(message + " (pass lenient=True / --lenient to skip unknown tags)")
+            raise CondvecError(message + " (pass lenient=True / --lenient to skip unknown tags)")
         warnings.warn("skipping " + message, stacklevel=2)
     lead = [SINK_ID] if table.use_sink else []
     rows_of = table.expand if table.vectors else (lambda name: [index[name]])  # multi-vector tags: n positions
@@ -206,12 +207,12 @@ def pack(
     device, dtype = rows.data.device, rows.data.dtype
     if table.num_anchors > 1:
         if timesteps is None:
-            raise ValueError(f"this table has {table.num_anchors} timestep anchors: pass the timesteps to encode")
+            raise CondvecError(f"this table has {table.num_anchors} timestep anchors: pass the timesteps to encode")
         t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch)
         if t.numel() != batch:
-            raise ValueError(f"got {t.numel()} timesteps for a batch of {batch}")
+            raise CondvecError(f"got {t.numel()} timesteps for a batch of {batch}")
         w = anchor_weights(table.anchors, t).to(device, dtype)  # (B, A)
     else:
         w = None
@@ -257,7 +258,7 @@ def encode_pooled(table: TagTable, prompts: list[str] | str, lenient: bool = Fal
         `torch.Tensor`: ``(B, P)``; pass it as ``pooled_prompt_embeds`` / ``added_cond_kwargs["text_embeds"]``.
     """
     if table.pooled is None:
-        raise ValueError("this table has no pooled vectors: only SDXL-family tables (bootstrapped from an SDXL "
+        raise CondvecError("this table has no pooled vectors: only SDXL-family tables (bootstrapped from an SDXL "
                          "model or built for an SDXL UNet) carry them")
     return pack_pooled(tokenize(table, prompts, lenient=lenient, pad_to=None), table=table)
 

@@ -32,6 +32,8 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+from conditioner.errors import CondvecError
+
 _WS = re.compile(r"\s+")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -81,7 +83,7 @@ class TagNormalization:
 
     def __post_init__(self):
         if self.underscores not in ("space", "keep"):
-            raise ValueError(f"underscores must be 'space' or 'keep', got {self.underscores!r}")
+            raise CondvecError(f"underscores must be 'space' or 'keep', got {self.underscores!r}")
 
     def apply(self, name: str) -> str:
         """Normalise one raw tag name (escapes already resolved)."""
@@ -142,7 +144,7 @@ def _scan(prompt: str) -> tuple[list[tuple[str, bool]], list[float]]:
         elif ch in ")]":
             want = "(" if ch == ")" else "["
             if not stack or stack[-1][0][-1] != want:
-                raise ValueError(f"unbalanced bracket {ch!r} at character {i + 1} of {prompt!r}: escape literal "
+                raise CondvecError(f"unbalanced bracket {ch!r} at character {i + 1} of {prompt!r}: escape literal "
                                  f"brackets as '\\{ch}'")
             kind, start = stack.pop()
             if kind.startswith("lit"):
@@ -155,11 +157,11 @@ def _scan(prompt: str) -> tuple[list[tuple[str, bool]], list[float]]:
                     weights[k] *= factor
                 rest = prompt[i + 1:].lstrip(" ")
                 if rest and rest[0] not in ",)]:" and not rest.startswith("BREAK"):
-                    raise ValueError(f"emphasis must enclose whole tags: {prompt!r} continues a tag after "
+                    raise CondvecError(f"emphasis must enclose whole tags: {prompt!r} continues a tag after "
                                      f"'{ch}' at character {i + 1} (condvec weighs tags, not words)")
         elif ch == ",":
             if stack and stack[-1][0].startswith("lit"):
-                raise ValueError(f"unbalanced bracket {stack[-1][0][-1]!r} in a tag of {prompt!r}: escape literal "
+                raise CondvecError(f"unbalanced bracket {stack[-1][0][-1]!r} in a tag of {prompt!r}: escape literal "
                                  "brackets as '\\(' and '\\)'")
             chars.append(_SEP)
             weights.append(1.0)
@@ -168,7 +170,7 @@ def _scan(prompt: str) -> tuple[list[tuple[str, bool]], list[float]]:
             weights.append(1.0)
         i += 1
     if stack:
-        raise ValueError(f"unbalanced bracket {stack[-1][0][-1]!r} in {prompt!r}: close it, or escape literal "
+        raise CondvecError(f"unbalanced bracket {stack[-1][0][-1]!r} in {prompt!r}: close it, or escape literal "
                          "brackets as '\\(' and '\\)'")
     return chars, weights
 
@@ -179,7 +181,7 @@ def _group_weight(chars: list[tuple[str, bool]], start: int, kind: str, prompt: 
     colons = [k for k, (c, esc) in enumerate(inner) if c == ":" and not esc]
     if kind == "[":
         if colons or any(c == "|" and not esc for c, esc in inner):
-            raise ValueError(f"A1111 prompt editing '[a:b:when]' and alternation '[a|b]' are not supported in "
+            raise CondvecError(f"A1111 prompt editing '[a:b:when]' and alternation '[a|b]' are not supported in "
                              f"condvec prompts: {prompt!r}")
         return 1.0 / EMPHASIS
     if colons:
@@ -187,14 +189,14 @@ def _group_weight(chars: list[tuple[str, bool]], start: int, kind: str, prompt: 
         number = parse_number(text)
         if number is not None:
             if not "".join(c for c, esc in inner[:colons[-1]] if esc != "sep").strip():
-                raise ValueError(f"a weighted group in {prompt!r} has an empty name")
+                raise CondvecError(f"a weighted group in {prompt!r} has an empty name")
             if not math.isfinite(number) or number <= 0:
-                raise ValueError(f"weight {text} in {prompt!r} must be a finite number > 0")
+                raise CondvecError(f"weight {text} in {prompt!r} must be a finite number > 0")
             del chars[start + colons[-1]:]
             return number
         before = "".join(c for c, _ in inner[:colons[-1]]).split()
         if " " not in text and not (before and before[-1].lower() == "embedding"):
-            raise ValueError(f"malformed weight {text!r} in {prompt!r}: expected a number, e.g. '(tag:1.2)'")
+            raise CondvecError(f"malformed weight {text!r} in {prompt!r}: expected a number, e.g. '(tag:1.2)'")
     return EMPHASIS
 
 
@@ -215,10 +217,10 @@ def parse_prompt(prompt: str, normalization: TagNormalization | None = None) -> 
     """
     global _said_break
     if not isinstance(prompt, str):
-        raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
+        raise CondvecError(f"a prompt must be a string, got {type(prompt).__name__}")
     network = _NETWORK.search(prompt)
     if network:
-        raise ValueError(f"{network.group(0)!r}: condvec has no LoRA / network loader in prompts; load LoRA weights "
+        raise CondvecError(f"{network.group(0)!r}: condvec has no LoRA / network loader in prompts; load LoRA weights "
                          "into the UNet with diffusers' pipe.load_lora_weights(...) and leave them out of the prompt")
     if _BREAK.search(prompt):
         if not _said_break:
@@ -246,14 +248,14 @@ def parse_prompt(prompt: str, normalization: TagNormalization | None = None) -> 
         body = "".join(c for c, _ in piece)
         weight = tag_weights[0]
         if any(abs(w - weight) > 1e-12 * weight for w in tag_weights):
-            raise ValueError(f"emphasis must enclose whole tags: {body!r} has parts of different weights "
+            raise CondvecError(f"emphasis must enclose whole tags: {body!r} has parts of different weights "
                              "(condvec weighs tags, not words)")
         if body.lower().startswith("embedding:") and not piece[9][1]:  # ComfyUI's syntax names a tag
             body = re.sub(r"\.(pt|safetensors|bin)$", "", body[len("embedding:"):].strip())
         name = normalization.apply(body)
         if not name:
             if weight != 1.0:
-                raise ValueError(f"a weighted group in {prompt!r} holds no tag")
+                raise CondvecError(f"a weighted group in {prompt!r} holds no tag")
             continue
         if name in merged:
             merged[name] *= weight

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from conditioner.errors import CondvecError
 from conditioner.table import TagTable, resolve_groups
 
 
@@ -38,7 +39,7 @@ def regroup(table: TagTable, groups) -> TagTable:
         ValueError: the table is in key/value mode (its rows are per-layer K and V, which cannot be regrouped).
     """
     if table.mode != "vector":
-        raise ValueError("a key/value-mode table cannot be regrouped: its rows are each layer's own K and V")
+        raise CondvecError("a key/value-mode table cannot be regrouped: its rows are each layer's own K and V")
     names, layer_group = resolve_groups(table.layers, groups)
     mix = group_mixing(table, layer_group, len(names))
     dim = table.dim

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from conditioner.errors import CondvecError
+
 #: Largest JSON header accepted by default (100 MB: a 100k-tag table's metadata is a few MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Bytes per element of every dtype safetensors writes.
@@ -27,7 +29,7 @@ DTYPE_SIZES = {
 _ROWS_PER_CHUNK = 4096  # finite checks walk big tables in chunks: no full-size boolean mask
 
 
-class TableFileError(ValueError):
+class TableFileError(CondvecError):
     """A table file is damaged, truncated, not a condvec table, or from a newer condvec; the message is one line."""
 
 

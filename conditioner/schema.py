@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from conditioner.errors import CondvecError
+
 #: Longest fixed sequence a table may pad to (SD uses 77; A1111's chunked prompts use multiples of 75 + 2).
 MAX_PAD_TO = 1024
 #: Most vectors one tag may own (textual inversion's "vectors per token").
@@ -83,26 +85,26 @@ def check_metadata(meta: dict) -> None:
     for key, (required, (check, what)) in FIELDS.items():
         if key not in meta:
             if required:
-                raise ValueError(f"metadata field {key!r} is missing")
+                raise CondvecError(f"metadata field {key!r} is missing")
             continue
         if not check(meta[key]):
-            raise ValueError(f"metadata field {key!r} must be {what}, got {_short(meta[key])}")
+            raise CondvecError(f"metadata field {key!r} must be {what}, got {_short(meta[key])}")
     for i, layer in enumerate(meta["layers"]):
         for key, (check, what) in _LAYER_FIELDS.items():
             if key not in layer:
-                raise ValueError(f"layer {i} of the metadata has no {key!r}")
+                raise CondvecError(f"layer {i} of the metadata has no {key!r}")
             if not check(layer[key]):
-                raise ValueError(f"layer {i}: {key!r} must be {what}, got {_short(layer[key])}")
+                raise CondvecError(f"layer {i}: {key!r} must be {what}, got {_short(layer[key])}")
         if layer.get("kohya") is not None and not isinstance(layer["kohya"], str):
-            raise ValueError(f"layer {i}: 'kohya' must be a string or null, got {_short(layer['kohya'])}")
+            raise CondvecError(f"layer {i}: 'kohya' must be a string or null, got {_short(layer['kohya'])}")
     anchors = meta["anchors"]
     if any(b <= a for a, b in zip(anchors, anchors[1:])):
-        raise ValueError(f"metadata field 'anchors' must be strictly ascending timesteps, got {_short(anchors)}")
+        raise CondvecError(f"metadata field 'anchors' must be strictly ascending timesteps, got {_short(anchors)}")
     normalization = meta.get("normalization", {})
     if "lowercase" in normalization and type(normalization["lowercase"]) is not bool:
-        raise ValueError("metadata field 'normalization.lowercase' must be true or false")
+        raise CondvecError("metadata field 'normalization.lowercase' must be true or false")
     if "underscores" in normalization and not isinstance(normalization["underscores"], str):
-        raise ValueError("metadata field 'normalization.underscores' must be a string")
+        raise CondvecError("metadata field 'normalization.underscores' must be a string")
 
 
 def _short(value) -> str:

@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from conditioner.errors import CondvecError, UnknownTagError
 from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
 from conditioner.parse import TagNormalization
@@ -41,7 +42,7 @@ METADATA_KEY = "condvec"
 SINK, PAD = 0, 1
 
 
-class TableMismatchError(ValueError):
+class TableMismatchError(CondvecError):
     """A table was built for a UNet with other cross-attention layers or dims."""
 
 
@@ -84,21 +85,21 @@ def resolve_groups(layers: list[LayerSpec], groups) -> tuple[list[str], list[int
                 for li, layer in enumerate(layers):
                     if any(fnmatch.fnmatchcase(n, pattern) for n in (layer.name, layer.short, layer.kohya or "")):
                         if assignment[li] is not None and assignment[li] != gi:
-                            raise ValueError(
+                            raise CondvecError(
                                 f"layer {layer.short} is in both group {names[assignment[li]]!r} and {gname!r}"
                             )
                         assignment[li] = gi
                         hit = True
                 if not hit:
-                    raise ValueError(
+                    raise CondvecError(
                         f"group {gname!r}: pattern {pattern!r} matches no layer; layers are "
                         f"{', '.join(layer.short for layer in layers)}"
                     )
         missing = [layers[i].short for i, g in enumerate(assignment) if g is None]
         if missing:
-            raise ValueError(f"explicit groups leave layers unassigned: {', '.join(missing)}; assign each one")
+            raise CondvecError(f"explicit groups leave layers unassigned: {', '.join(missing)}; assign each one")
         return names, [int(g) for g in assignment]
-    raise ValueError(f"groups must be 'single', 'blocks', 'layers' or a mapping, got {groups!r}")
+    raise CondvecError(f"groups must be 'single', 'blocks', 'layers' or a mapping, got {groups!r}")
 
 
 @dataclass
@@ -157,25 +158,25 @@ class TagTable:
         for name, count in self.vectors.items():
             missing = [n for n in [name] + extra_rows(name, count) if n not in self._index]
             if missing:
-                raise ValueError(f"multi-vector tag {name!r} lacks its row(s) {', '.join(map(repr, missing))}")
+                raise CondvecError(f"multi-vector tag {name!r} lacks its row(s) {', '.join(map(repr, missing))}")
         if len(self._index) != len(self.tags):
-            raise ValueError("duplicate tag names in table")
+            raise CondvecError("duplicate tag names in table")
         if self.mode not in ("vector", "kv"):
-            raise ValueError(f"mode must be 'vector' or 'kv', got {self.mode!r}")
+            raise CondvecError(f"mode must be 'vector' or 'kv', got {self.mode!r}")
         expected = (len(self.tags), len(self.anchors), self.width)
         if tuple(self.data.shape) != expected:
-            raise ValueError(f"table data has shape {tuple(self.data.shape)}, layout needs {expected}")
+            raise CondvecError(f"table data has shape {tuple(self.data.shape)}, layout needs {expected}")
         if self.special.dim() != 3 or self.special.shape[0] < 2 or tuple(self.special.shape[1:]) != expected[1:]:
-            raise ValueError(f"special rows have shape {tuple(self.special.shape)}, expected (S >= 2, "
+            raise CondvecError(f"special rows have shape {tuple(self.special.shape)}, expected (S >= 2, "
                              f"{expected[1]}, {expected[2]})")
         if (self.pooled is None) != (self.null_pooled is None):
-            raise ValueError("pooled vectors need both per-tag rows and the null prompt's")
+            raise CondvecError("pooled vectors need both per-tag rows and the null prompt's")
         if self.pooled is not None and (self.pooled.dim() != 2 or self.pooled.shape[0] != len(self.tags)
                                         or tuple(self.null_pooled.shape) != (self.pooled.shape[1],)):
-            raise ValueError(f"pooled vectors have shape {tuple(self.pooled.shape)} (null "
+            raise CondvecError(f"pooled vectors have shape {tuple(self.pooled.shape)} (null "
                              f"{tuple(self.null_pooled.shape)}), expected ({len(self.tags)}, P) and (P,)")
         if self.values and self.mode != "vector":
-            raise ValueError("split (key ≠ value) tags exist only in vector mode; a kv row holds its own K and V")
+            raise CondvecError("split (key ≠ value) tags exist only in vector mode; a kv row holds its own K and V")
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -216,7 +217,7 @@ class TagTable:
         """
         if mode == "vector" and len({layer.cross_dim for layer in layers}) > 1:
             dims = sorted({layer.cross_dim for layer in layers})
-            raise ValueError(f"vector mode needs one cross_attention_dim for all layers, this UNet has {dims}: "
+            raise CondvecError(f"vector mode needs one cross_attention_dim for all layers, this UNet has {dims}: "
                              "use mode='kv'")
         if mode == "kv":
             group_names, layer_group, kind = [layer.short for layer in layers], list(range(len(layers))), "kv"
@@ -225,13 +226,13 @@ class TagTable:
             kind = groups if isinstance(groups, str) else "custom"
         if isinstance(anchors, int):
             if anchors < 1:
-                raise ValueError(f"anchors must be >= 1, got {anchors}")
+                raise CondvecError(f"anchors must be >= 1, got {anchors}")
             top = float(num_train_timesteps - 1)
             anchor_list = [top * i / (anchors - 1) for i in range(anchors)] if anchors > 1 else [0.0]
         else:
             anchor_list = [float(a) for a in anchors]
             if not anchor_list or sorted(anchor_list) != anchor_list or len(set(anchor_list)) != len(anchor_list):
-                raise ValueError(f"explicit anchors must be strictly ascending timesteps, got {anchors}")
+                raise CondvecError(f"explicit anchors must be strictly ascending timesteps, got {anchors}")
         normalization = normalization or TagNormalization()
         names = [normalization.apply(t) for t in (tags or [])]
         width = _width(mode, layers, len(group_names))
@@ -295,7 +296,7 @@ class TagTable:
         """Row index of a tag; unknown names raise ``KeyError`` with close matches."""
         key = self.normalization.apply(name)
         if key not in self._index:
-            raise KeyError(f"unknown tag {name!r}{_close(key, self.tags)}")
+            raise UnknownTagError(f"unknown tag {name!r}{_close(key, self.tags)}")
         return self._index[key]
 
     def unknown_message(self, names: list[str]) -> str:
@@ -325,16 +326,16 @@ class TagTable:
             seed (`int`, defaults to 0): noise seed.
         """
         if vectors < 1:
-            raise ValueError(f"vectors per tag must be >= 1, got {vectors}")
+            raise CondvecError(f"vectors per tag must be >= 1, got {vectors}")
         names = [self.normalization.apply(n) for n in names]
         if vectors > 1:
             owners = names
             names = [row for n in owners for row in [n] + extra_rows(n, vectors)]
         dup = [n for n in names if n in self._index]
         if dup or len(set(names)) != len(names):
-            raise ValueError(f"tags already in the table or repeated: {', '.join(repr(n) for n in dup or names)}")
+            raise CondvecError(f"tags already in the table or repeated: {', '.join(repr(n) for n in dup or names)}")
         if any(not n for n in names):
-            raise ValueError("a tag name must not be empty")
+            raise CondvecError("a tag name must not be empty")
         gen = torch.Generator().manual_seed(seed)
         shape = (len(names), self.num_anchors, self.width)
         if init == "zeros":
@@ -350,7 +351,7 @@ class TagTable:
             chosen = self._init_rows(init)
             rows = self.data[chosen].double().mean(0).to(self.data.dtype).expand(shape).clone()
         else:
-            raise ValueError(f"init must be 'zeros', 'normal', 'mean', 'mean:A,B,…' or 'tag:NAME', got {init!r}")
+            raise CondvecError(f"init must be 'zeros', 'normal', 'mean', 'mean:A,B,…' or 'tag:NAME', got {init!r}")
         start = len(self.tags)
         self.data = torch.cat([self.data, rows.to(device=self.data.device, dtype=self.data.dtype)], 0)
         if self.pooled is not None:  # new tags start from the null prompt's pooled vector (or their sources')
@@ -371,7 +372,7 @@ class TagTable:
     def _init_rows(self, init: str) -> list[int]:
         names = [n.strip() for n in init[len("mean:"):].split(",") if n.strip()]
         if not names:
-            raise ValueError(f"init {init!r} names no tags: write mean:TAG_A,TAG_B,…")
+            raise CondvecError(f"init {init!r} names no tags: write mean:TAG_A,TAG_B,…")
         return [self.row(n) for n in names]
 
     def vector_owner(self, name: str) -> str | None:
@@ -391,7 +392,7 @@ class TagTable:
         for n in names:
             owner = self.vector_owner(self.normalization.apply(n))
             if owner is not None:
-                raise ValueError(f"{n!r} is one vector of the multi-vector tag {owner!r} "
+                raise CondvecError(f"{n!r} is one vector of the multi-vector tag {owner!r} "
                                  f"({self.vectors[owner]} vectors): {verb} {owner!r} instead, its vectors move "
                                  "together")
 
@@ -422,14 +423,14 @@ class TagTable:
         row = self.row(old)
         old_name, new_name = self.tags[row], self.normalization.apply(new)
         if not new_name:
-            raise ValueError("a tag name must not be empty")
+            raise CondvecError("a tag name must not be empty")
         if new_name in self._index and new_name != old_name:
-            raise ValueError(f"tag {new_name!r} already exists")
+            raise CondvecError(f"tag {new_name!r} already exists")
         count = self.vectors.get(old_name, 1)
         pairs = list(zip([old_name] + extra_rows(old_name, count), [new_name] + extra_rows(new_name, count)))
         taken = [new_row for old_row, new_row in pairs if new_row in self._index and new_row != old_row]
         if taken:
-            raise ValueError(f"tag {taken[0]!r} already exists")
+            raise CondvecError(f"tag {taken[0]!r} already exists")
         rows = [self._index.pop(old_row) for old_row, _ in pairs]
         for row, (_, new_row) in zip(rows, pairs):
             self.tags[row] = new_row
@@ -448,9 +449,9 @@ class TagTable:
             self.values.pop(key, None)
             return
         if self.mode != "vector":
-            raise ValueError("separate value sources exist only in vector mode")
+            raise CondvecError("separate value sources exist only in vector mode")
         if tuple(value.shape) != (self.num_anchors, self.width):
-            raise ValueError(f"value source must be {(self.num_anchors, self.width)}, got {tuple(value.shape)}")
+            raise CondvecError(f"value source must be {(self.num_anchors, self.width)}, got {tuple(value.shape)}")
         self.values[key] = value.detach().to(self.data.dtype).clone()
 
     def value_source(self, name: str) -> torch.Tensor:
@@ -562,7 +563,7 @@ class TagTable:
         if storage == torch.float16:
             too_big = [name for name, t in parts.items() if t.numel() and float(t.detach().abs().max()) > 65504.0]
             if too_big:
-                raise ValueError(f"table {too_big[0]} holds values beyond fp16's range (±65504): save with "
+                raise CondvecError(f"table {too_big[0]} holds values beyond fp16's range (±65504): save with "
                                  "dtype='bf16' or 'fp32'")
         tensors = {name: t.detach().to("cpu", storage).contiguous() for name, t in parts.items()}
         meta = {METADATA_KEY: json.dumps(self.metadata())}
@@ -653,7 +654,7 @@ def _storage_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """The torch dtype of a storage choice (``"fp32"``, ``"fp16"``, ``"bf16"`` or the torch dtype itself)."""
     found = _STORAGE.get(dtype) if isinstance(dtype, str) else dtype if dtype in _STORAGE.values() else None
     if found is None:
-        raise ValueError(f"table storage dtype {dtype!r} is not supported: use one of {', '.join(_STORAGE)}")
+        raise CondvecError(f"table storage dtype {dtype!r} is not supported: use one of {', '.join(_STORAGE)}")
     return found
 
 

@@ -68,6 +68,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from conditioner.cli_errors import OneLineArgumentParser, run_cli
+from conditioner.errors import CondvecError
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -126,12 +127,12 @@ def object_tags(obj: dict) -> list[str]:
 
 def _check_size(size: int) -> None:
     if size not in IMAGE_SIZES:
-        raise ValueError(f"image size must be 32 or 64, got {size}")
+        raise CondvecError(f"image size must be 32 or 64, got {size}")
 
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise CondvecError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _side(size_name: str, image_size: int) -> int:
@@ -197,14 +198,14 @@ def render(record: dict, size: int = 32) -> Image.Image:
     _check_choice("background", record.get("background"), tuple(BACKGROUNDS))
     objects = [dict(o) for o in record.get("objects", [])]
     if len(objects) not in (1, 2):
-        raise ValueError(f"a record must have 1 or 2 objects, got {len(objects)}")
+        raise CondvecError(f"a record must have 1 or 2 objects, got {len(objects)}")
     for obj in objects:
         _check_choice("shape", obj.get("shape"), SHAPES)
         _check_choice("colour", obj.get("colour"), tuple(COLOURS))
         _check_choice("size", obj.get("size"), SIZES)
         _check_choice("position", obj.get("position"), POSITIONS_ONE if len(objects) == 1 else POSITIONS_TWO)
     if len(objects) == 2 and objects[0]["position"] == objects[1]["position"]:
-        raise ValueError("two objects must be one on the left and one on the right")
+        raise CondvecError("two objects must be one on the left and one on the right")
     if any("box" not in o for o in objects):
         _place(objects, size, rng=None)
     else:
@@ -297,9 +298,9 @@ def generate_demo_dataset(
     """
     _check_size(size)
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"number of images must be an integer >= 1, got {num_images!r}")
+        raise CondvecError(f"number of images must be an integer >= 1, got {num_images!r}")
     if not 0.0 <= two_object_prob <= 1.0:
-        raise ValueError(f"two-object probability must be in [0, 1], got {two_object_prob}")
+        raise CondvecError(f"two-object probability must be in [0, 1], got {two_object_prob}")
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,7 +327,7 @@ def generate_demo_dataset(
             if exclude is None or not exclude(record):
                 break
         else:
-            raise ValueError(f"exclude rejected {_MAX_REDRAWS} draws in a row; it seems to exclude everything")
+            raise CondvecError(f"exclude rejected {_MAX_REDRAWS} draws in a row; it seems to exclude everything")
         records.append(record)
         images.append(render(record, size))
     _write(out, records, images)
@@ -363,13 +364,13 @@ def generate_concept_dataset(
     """
     _check_size(size)
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"number of images must be an integer >= 1, got {num_images!r}")
+        raise CondvecError(f"number of images must be an integer >= 1, got {num_images!r}")
     name = " ".join(str(tag).split())
     if not name or "," in name:
-        raise ValueError(f"concept tag must be non-empty and contain no comma, got {tag!r}")
+        raise CondvecError(f"concept tag must be non-empty and contain no comma, got {tag!r}")
     unknown = set(attributes) - {"shape", "colour", "size", "position", "background"}
     if unknown:
-        raise ValueError(f"unknown concept attributes: {', '.join(sorted(unknown))}")
+        raise CondvecError(f"unknown concept attributes: {', '.join(sorted(unknown))}")
     for key, choices in (("shape", SHAPES), ("colour", tuple(COLOURS)), ("size", SIZES)):
         _check_choice(key, attributes.get(key), choices)
     if "position" in attributes:

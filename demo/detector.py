@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
+from conditioner.errors import CondvecError
 from demo.data import BACKGROUNDS, COLOURS, IMAGE_SIZES, generate_demo_dataset
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
@@ -64,7 +65,7 @@ def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
         image = np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"expected an RGB image of shape (H, W, 3), got shape {arr.shape}")
+        raise CondvecError(f"expected an RGB image of shape (H, W, 3), got shape {arr.shape}")
     arr = arr[..., :3].astype(np.float64)
     # Float images in [0, 1] (e.g. decoded model outputs) are put on the 0-255 scale the palette uses.
     if np.issubdtype(np.asarray(image).dtype, np.floating) and arr.max(initial=0.0) <= 1.0:
@@ -222,9 +223,9 @@ def accuracy(records: Sequence[dict], images: Sequence[Image.Image | np.ndarray]
         ``objects``.
     """
     if len(records) != len(images):
-        raise ValueError(f"got {len(records)} records but {len(images)} images")
+        raise CondvecError(f"got {len(records)} records but {len(images)} images")
     if not records:
-        raise ValueError("need at least one record to score")
+        raise CondvecError("need at least one record to score")
     per_image = {"count": 0, "background": 0, "all": 0}
     per_object = dict.fromkeys(ATTRIBUTES, 0)
     n_objects = 0

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from conditioner.cli_errors import OneLineArgumentParser, run_cli
+from conditioner.errors import CondvecError
 from conditioner.fileio import atomic_dir, atomic_path
 
 IMAGE_SIZE = 32
@@ -105,11 +106,19 @@ def write_tokenizer(captions: list[str], out: Path) -> None:
     tok.train_from_iterator([c.lower() for c in captions], trainer)
     out.mkdir(parents=True, exist_ok=True)
     tok.model.save(str(out))
-    # CLIP's byte-level alphabet appears in the vocabulary both bare and as a word end (``x</w>``).
-    vocab = json.loads((out / "vocab.json").read_text())
-    for ch in alphabet:
-        for piece in (ch, ch + "</w>"):
-            vocab.setdefault(piece, len(vocab))
+    # The trainer's id order is not deterministic; the ids are rebuilt in a fixed order (special tokens, CLIP's
+    # byte alphabet bare and as word ends, then every merge's result in merge order), so the same captions always
+    # give the same vocab.json.
+    trained = json.loads((out / "vocab.json").read_text())
+    merges = [line.split() for line in (out / "merges.txt").read_text().splitlines()[1:] if line.strip()]
+    order = ["<|startoftext|>", "<|endoftext|>", *sorted(alphabet), *(ch + "</w>" for ch in sorted(alphabet))]
+    order += [a + b for a, b in merges]
+    vocab = {}
+    for piece in order:
+        vocab.setdefault(piece, len(vocab))
+    missing = sorted(set(trained) - set(vocab))
+    if missing:
+        raise CondvecError(f"tokenizer vocabulary pieces not built from the merges: {missing[:5]}")
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "bos_token": "<|startoftext|>",
               "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
@@ -253,7 +262,7 @@ def load_trained_vae(work: Path):
     """The VAE of the last VAE checkpoint, with ``scaling_factor`` set to 1 / std of the data's latents."""
     last = _latest(work / "vae")
     if last is None:
-        raise ValueError(f"no VAE checkpoint in {work / 'vae'}; run `python -m demo.pretrain vae` first")
+        raise CondvecError(f"no VAE checkpoint in {work / 'vae'}; run `python -m demo.pretrain vae` first")
     tensors, meta = _load_state(last)
     vae = build_vae()
     vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -283,13 +292,13 @@ def unet_config(work: Path, channels: tuple[int, ...] | None = None) -> dict:
     if path.exists():
         saved = json.loads(path.read_text())
         if channels is not None and tuple(saved["block_out_channels"]) != tuple(channels):
-            raise ValueError(f"{work} was started with --channels {','.join(map(str, saved['block_out_channels']))}"
+            raise CondvecError(f"{work} was started with --channels {','.join(map(str, saved['block_out_channels']))}"
                              f"; use a new --work folder for other widths")
         return UNET_CONFIG | saved
     config = dict(UNET_CONFIG)
     if channels is not None:
         if len(channels) != 3 or any(c % 16 for c in channels):
-            raise ValueError(f"--channels needs three multiples of 16, got {channels}")
+            raise CondvecError(f"--channels needs three multiples of 16, got {channels}")
         config["block_out_channels"] = tuple(channels)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"block_out_channels": list(config["block_out_channels"])}))
@@ -427,7 +436,7 @@ def export(work: Path, out: Path, ema: bool = True, checkpoint: Path | None = No
 
     checkpoint = checkpoint or _latest(work / "unet")
     if checkpoint is None:
-        raise ValueError(f"no UNet checkpoint in {work / 'unet'}; run `python -m demo.pretrain unet` first")
+        raise CondvecError(f"no UNet checkpoint in {work / 'unet'}; run `python -m demo.pretrain unet` first")
     tensors, meta = _load_state(checkpoint)
     tokenizer = load_tokenizer(work / "tokenizer")
     unet, text = build_unet_and_text(len(tokenizer), unet_config(work))

@@ -8,6 +8,7 @@ import os
 import torch
 
 from conditioner.cli_errors import UsageError
+from conditioner.errors import CondvecError
 from conditioner.regroup import regroup
 from conditioner.table import TagTable
 from merge.concepts import blend, mix, swap
@@ -101,7 +102,7 @@ def _combine(args) -> str:
     try:
         result = combine(left, right, on_conflict=args.on_conflict)
     except ValueError as err:
-        raise ValueError(f"{args.left} + {args.right}: {err}") from None
+        raise CondvecError(f"{args.left} + {args.right}: {err}") from None
     result.provenance[-1]["files"] = [os.path.basename(args.left), os.path.basename(args.right)]
     record = result.provenance[-1]
     conflicts = f", {len(record['conflicts'])} conflicts resolved ({args.on_conflict})" if record["conflicts"] else ""

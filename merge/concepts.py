@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from conditioner.errors import CondvecError
 from conditioner.table import TagTable
 from merge.layers import select_groups
 from merge.weights import parse_weights
@@ -73,15 +74,15 @@ def blend(
     names = _resolve(table, [name for name, _ in terms])
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"tag {', '.join(map(repr, repeated))} appears more than once in the blend; "
+        raise CondvecError(f"tag {', '.join(map(repr, repeated))} appears more than once in the blend; "
                          "give each tag once with its total weight")
     weights = [weight for _, weight in terms]
     if slerp:
         if len(terms) != 2:
-            raise ValueError(f"slerp interpolates between exactly two tags, got {len(terms)} terms; "
+            raise CondvecError(f"slerp interpolates between exactly two tags, got {len(terms)} terms; "
                              "use a linear blend for more")
         if not math.isclose(weights[0] + weights[1], 1.0, abs_tol=1e-6):
-            raise ValueError(f"slerp weights must sum to 1 ((1 - t)*a + t*b), got {weights[0]:g} + {weights[1]:g} = "
+            raise CondvecError(f"slerp weights must sum to 1 ((1 - t)*a + t*b), got {weights[0]:g} + {weights[1]:g} = "
                              f"{weights[0] + weights[1]:g}; use a linear blend to scale")
     groups = select_groups(table, layers)
     out, new_name = _output(table, new, overwrite)
@@ -156,9 +157,10 @@ def swap(
         ```
     """
     if rest not in _REST:
-        raise ValueError(f"rest must be one of {', '.join(_REST)}, got {rest!r}")
+        raise CondvecError(f"rest must be one of {', '.join(_REST)}, got {rest!r}")
     if rest == "tied" and table.mode == "kv":
-        raise ValueError("rest='tied' ties the key concept's key source to to_v, which exists only in vector mode; in "
+        raise CondvecError("rest='tied' ties the key concept's key source to to_v, which exists only in vector "
+                           "mode; in "
                          "key/value mode every row holds its own K and V: use rest='key' or rest='value'")
     key_name, value_name = _resolve(table, [key, value])
     groups = select_groups(table, layers)
@@ -219,7 +221,7 @@ def mix(
         ```
     """
     if layers is None:
-        raise ValueError("mix needs a layer spec: A is used in the selected groups and B in the rest")
+        raise CondvecError("mix needs a layer spec: A is used in the selected groups and B in the rest")
     a_name, b_name = _resolve(table, [a, b])
     groups = select_groups(table, layers)
     out, new_name = _output(table, new, overwrite)
@@ -242,16 +244,16 @@ def _terms(expr_or_terms) -> list[tuple[str, float]]:
         return parse_weights(expr_or_terms)
     items = list(expr_or_terms.items()) if isinstance(expr_or_terms, Mapping) else list(expr_or_terms)
     if not items:
-        raise ValueError("a blend needs at least one (tag, weight) term")
+        raise CondvecError("a blend needs at least one (tag, weight) term")
     terms = []
     for item in items:
         try:
             name, weight = item
             weight = float(weight)
         except (TypeError, ValueError):
-            raise ValueError(f"blend terms must be (tag, weight) pairs, got {item!r}") from None
+            raise CondvecError(f"blend terms must be (tag, weight) pairs, got {item!r}") from None
         if not math.isfinite(weight):
-            raise ValueError(f"blend weight of {name!r} is not a finite number: {weight}")
+            raise CondvecError(f"blend weight of {name!r} is not a finite number: {weight}")
         terms.append((str(name), weight))
     return terms
 
@@ -260,16 +262,16 @@ def _resolve(table: TagTable, names: list[str]) -> list[str]:
     """Normalised names of existing tags; unknown ones raise one error listing all of them with close matches."""
     missing = [name for name in names if name not in table]
     if missing:
-        raise ValueError(table.unknown_message(list(dict.fromkeys(missing))))
+        raise CondvecError(table.unknown_message(list(dict.fromkeys(missing))))
     return [table.tags[table.row(name)] for name in names]
 
 
 def _output(table: TagTable, new: str, overwrite: bool) -> tuple[TagTable, str]:
     name = table.normalization.apply(new)
     if not name:
-        raise ValueError("the new tag name must not be empty")
+        raise CondvecError("the new tag name must not be empty")
     if name in table and not overwrite:
-        raise ValueError(f"tag {name!r} already exists (pass overwrite=True, or --force on the command line, to "
+        raise CondvecError(f"tag {name!r} already exists (pass overwrite=True, or --force on the command line, to "
                          "replace it)")
     return table.copy(), name
 

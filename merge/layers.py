@@ -21,6 +21,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 
+from conditioner.errors import CondvecError
 from conditioner.table import TagTable
 
 _INDEX = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
@@ -55,16 +56,16 @@ def select_groups(table: TagTable, spec: str | Sequence[int | str] | None) -> li
     items = spec.split(",") if isinstance(spec, str) else [str(item) for item in spec]
     items = [item.strip() for item in items]
     if not any(items):
-        raise ValueError(f"empty layer spec {spec!r}; give group indices, layer names or globs ({_describe(table)})")
+        raise CondvecError(f"empty layer spec {spec!r}; give group indices, layer names or globs ({_describe(table)})")
     if not all(items):
-        raise ValueError(f"layer spec {spec!r} has an empty item (two commas in a row or a trailing comma)")
+        raise CondvecError(f"layer spec {spec!r} has an empty item (two commas in a row or a trailing comma)")
 
     groups: set[int] = set()  # selected whole
     layer_hits: set[int] = set()  # selected layer by layer; checked against their groups below
     for item in items:
         whole, layers = _resolve_item(table, item)
         if not whole and not layers:
-            raise ValueError(f"layer spec item {item!r} matches no group or layer; {_describe(table)}")
+            raise CondvecError(f"layer spec item {item!r} matches no group or layer; {_describe(table)}")
         groups |= whole
         layer_hits |= layers
 
@@ -76,7 +77,7 @@ def select_groups(table: TagTable, spec: str | Sequence[int | str] | None) -> li
         missing = [table.layers[i].short for i in members if i not in layer_hits]
         if missing:
             chosen = [table.layers[i].short for i in members if i in layer_hits]
-            raise ValueError(
+            raise CondvecError(
                 f"layer spec {spec!r} selects only some layers of group {g} {table.group_names[g]!r} "
                 f"({', '.join(chosen)}; not {', '.join(missing)}); this table has {num_groups} layer groups and "
                 f"a group is the unit of editing: select all of its layers or the group itself "
@@ -94,20 +95,20 @@ def _resolve_item(table: TagTable, item: str) -> tuple[set[int], set[int]]:
         lo = int(index[1])
         hi = int(index[2]) if index[2] is not None else lo
         if lo > hi:
-            raise ValueError(f"layer spec range {item!r} runs backwards; write it low-high, e.g. '{hi}-{lo}'")
+            raise CondvecError(f"layer spec range {item!r} runs backwards; write it low-high, e.g. '{hi}-{lo}'")
         if hi >= num_groups:
-            raise ValueError(f"layer spec item {item!r}: group index {hi} is out of range, this table has groups "
+            raise CondvecError(f"layer spec item {item!r}: group index {hi} is out of range, this table has groups "
                              f"0-{num_groups - 1}")
         return set(range(lo, hi + 1)), set()
 
     ends = [part.strip() for part in item.split("-")]
     if len(ends) == 2 and all(_KOHYA.match(end) for end in ends):
         if not all(layer.kohya for layer in table.layers):
-            raise ValueError(f"layer spec item {item!r}: this table's layers have no kohya names (only SD1.x-shaped "
+            raise CondvecError(f"layer spec item {item!r}: this table's layers have no kohya names (only SD1.x-shaped "
                              f"UNets with one transformer block per attention have them); {_describe(table)}")
         lo, hi = (_kohya_key(end) for end in ends)
         if lo > hi:
-            raise ValueError(f"layer spec range {item!r} runs backwards; kohya order is IN00 … IN11, M00, "
+            raise CondvecError(f"layer spec range {item!r} runs backwards; kohya order is IN00 … IN11, M00, "
                              f"OUT00 … OUT11")
         return set(), {i for i, layer in enumerate(table.layers) if lo <= _kohya_key(layer.kohya) <= hi}
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from conditioner.errors import CondvecError
 from conditioner.table import TagTable, extra_rows
 from merge.concepts import _resolve
 
@@ -43,16 +44,16 @@ def drop(table: TagTable, tags: Sequence[str] = (), match: str | None = None) ->
     if isinstance(tags, str):
         tags = [tags]
     if not tags and match is None:
-        raise ValueError("nothing to drop: name tags or give a regular expression to match")
+        raise CondvecError("nothing to drop: name tags or give a regular expression to match")
     names = _resolve(table, list(tags))
     if match is not None:
         try:
             pattern = re.compile(match)
         except re.error as err:
-            raise ValueError(f"match pattern {match!r} is not a valid regular expression ({err})") from None
+            raise CondvecError(f"match pattern {match!r} is not a valid regular expression ({err})") from None
         matched = [name for name in table.tags if pattern.search(name)]
         if not matched:
-            raise ValueError(f"match pattern {match!r} matches no tag of the {len(table.tags)} in the table")
+            raise CondvecError(f"match pattern {match!r} matches no tag of the {len(table.tags)} in the table")
         names += matched
     names = list(dict.fromkeys(names))
     chosen = set(names)
@@ -105,13 +106,14 @@ def rename(table: TagTable, old: str, new: str, overwrite: bool = False) -> TagT
     (old_name,) = _resolve(table, [old])
     new_name = table.normalization.apply(new)
     if not new_name:
-        raise ValueError("the new tag name must not be empty")
+        raise CondvecError("the new tag name must not be empty")
     if new_name == old_name:
-        raise ValueError(f"{old!r} and {new!r} are the same tag after normalisation ({old_name!r})")
+        raise CondvecError(f"{old!r} and {new!r} are the same tag after normalisation ({old_name!r})")
     out = table.copy()
     if new_name in table:
         if not overwrite:
-            raise ValueError(f"tag {new_name!r} already exists (pass overwrite=True, or --force on the command line, "
+            raise CondvecError(f"tag {new_name!r} already exists (pass overwrite=True, or --force on the command "
+                               f"line, "
                              "to replace it)")
         out.remove_tags([new_name])
     out.rename_tag(old_name, new_name)
@@ -138,7 +140,7 @@ def extract(table: TagTable, tags: Sequence[str]) -> TagTable:
     if isinstance(tags, str):
         tags = [tags]
     if not tags:
-        raise ValueError("name at least one tag to extract")
+        raise CondvecError("name at least one tag to extract")
     keep = _resolve(table, list(tags))
     table.check_whole_tags(keep, "extract")
     rows = {name for owner in keep for name in [owner, *extra_rows(owner, table.vectors.get(owner, 1))]}
@@ -171,10 +173,10 @@ def combine(left: TagTable, right: TagTable, on_conflict: str = "error") -> TagT
             with ``on_conflict="error"``.
     """
     if on_conflict not in _CONFLICT:
-        raise ValueError(f"on_conflict must be one of {', '.join(_CONFLICT)}, got {on_conflict!r}")
+        raise CondvecError(f"on_conflict must be one of {', '.join(_CONFLICT)}, got {on_conflict!r}")
     differences = _differences(left, right)
     if differences:
-        raise ValueError("the tables were not built for the same base and layout: " + "; ".join(differences))
+        raise CondvecError("the tables were not built for the same base and layout: " + "; ".join(differences))
     right_data = right.data.to(device=left.data.device, dtype=left.data.dtype)
     special_conflict = not torch.equal(left.special, right.special.to(left.special))
     conflicts = []
@@ -190,8 +192,10 @@ def combine(left: TagTable, right: TagTable, on_conflict: str = "error") -> TagT
             parts.append(f"{len(conflicts)} tag{'s' if len(conflicts) > 1 else ''} with different vectors in both "
                          f"tables: {', '.join(listed)}")
         if special_conflict:
-            parts.append("different sink/padding rows")
-        raise ValueError("conflicts: " + "; ".join(parts) + "; choose on_conflict (--on-conflict) left, right or mean")
+            parts.append("different sink/padding "
+                         "rows")
+        raise CondvecError("conflicts: " + "; ".join(parts)
+                           + "; choose on_conflict (--on-conflict) left, right or mean")
 
     out = left.copy()
     if special_conflict:

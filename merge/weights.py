@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 
+from conditioner.errors import CondvecError
 from conditioner.parse import parse_number
 
 # "+" except inside a number's exponent ("1e+3"); "-" only where it cannot be part of a tag name or an exponent
@@ -37,7 +38,7 @@ def parse_weights(expression: str) -> list[tuple[str, float]]:
         ```
     """
     if not isinstance(expression, str) or not expression.strip():
-        raise ValueError(f"empty weight expression {expression!r}; write e.g. '0.6*cat + 0.4*dog'")
+        raise CondvecError(f"empty weight expression {expression!r}; write e.g. '0.6*cat + 0.4*dog'")
     pieces = _OPERATOR.split(expression.strip())
     # re.split with one group alternates text and operator: [text, op, text, op, text, ...]
     terms: list[tuple[str, float]] = []
@@ -49,9 +50,9 @@ def parse_weights(expression: str) -> list[tuple[str, float]]:
         if not piece.strip():
             # only a chain of signs may leave an empty text between operators ("a + -0.5*b", "-b")
             if i == len(pieces) - 1:
-                raise ValueError(f"weight expression {expression!r} ends with an operator; a tag is missing")
+                raise CondvecError(f"weight expression {expression!r} ends with an operator; a tag is missing")
             if i > 0 and pieces[i + 1] == "+":
-                raise ValueError(f"weight expression {expression!r} has an empty term between two operators")
+                raise CondvecError(f"weight expression {expression!r} has an empty term between two operators")
             continue
         name, weight = _term(piece.strip(), expression)
         terms.append((name, sign * weight))
@@ -63,11 +64,11 @@ def _term(term: str, expression: str) -> tuple[str, float]:
     parts = [part.strip() for part in term.split("*")]
     if len(parts) == 1:
         if parse_number(parts[0]) is not None:
-            raise ValueError(f"weight expression {expression!r}: term {term!r} is a number without a tag; "
+            raise CondvecError(f"weight expression {expression!r}: term {term!r} is a number without a tag; "
                              "write WEIGHT*TAG")
         return parts[0], 1.0
     if len(parts) > 2:
-        raise ValueError(f"weight expression {expression!r}: term {term!r} has more than one '*'; write WEIGHT*TAG "
+        raise CondvecError(f"weight expression {expression!r}: term {term!r} has more than one '*'; write WEIGHT*TAG "
                          "(to subtract, put spaces around '-': 'a - 0.5*b')")
     left, right = parts
     left_number, right_number = parse_number(left), parse_number(right)
@@ -76,8 +77,8 @@ def _term(term: str, expression: str) -> tuple[str, float]:
     elif right_number is not None and left and left_number is None:
         number, weight, name = right, right_number, left
     else:
-        raise ValueError(f"weight expression {expression!r}: term {term!r} must be WEIGHT*TAG with a finite number "
+        raise CondvecError(f"weight expression {expression!r}: term {term!r} must be WEIGHT*TAG with a finite number "
                          "as WEIGHT and a tag name")
     if not math.isfinite(weight):
-        raise ValueError(f"weight expression {expression!r}: weight {number!r} is not a finite number")
+        raise CondvecError(f"weight expression {expression!r}: weight {number!r} is not a finite number")
     return name, weight

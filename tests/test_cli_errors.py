@@ -4,6 +4,7 @@ import pytest
 from safetensors import SafetensorError
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
+from conditioner.errors import CondvecError, UnknownTagError
 
 
 def _raise(error):
@@ -13,12 +14,12 @@ def _raise(error):
 
 
 @pytest.mark.parametrize("error, line", [
-    (ValueError("bad value\nsecond line"), "bad value"),
-    (KeyError("unknown tag 'x'"), "unknown tag 'x'"),
+    (CondvecError("bad value\nsecond line"), "bad value"),
+    (UnknownTagError("unknown tag 'x'"), "unknown tag 'x'"),
     (FileNotFoundError("table file 'a' does not exist"), "table file 'a' does not exist"),
     (SafetensorError("header too large"), "header too large"),
     (UsageError("--num must be >= 1"), "--num must be >= 1"),
-    (ValueError(""), "ValueError"),
+    (CondvecError(""), "CondvecError"),
 ])
 def test_user_errors_are_one_line_and_exit_2(capsys, error, line):
     assert run_cli("prog", _raise(error)) == 2
@@ -31,6 +32,10 @@ def test_interrupt_is_130_and_bugs_keep_their_traceback(capsys):
     assert capsys.readouterr().err == "prog: stopped; resume later\n"
     with pytest.raises(ZeroDivisionError):
         run_cli("prog", lambda: 1 // 0)
+    with pytest.raises(ValueError, match="an internal bug"):  # only the project's own errors are one line
+        run_cli("prog", _raise(ValueError("an internal bug")))
+    with pytest.raises(KeyError):
+        run_cli("prog", _raise(KeyError("missing")))
     assert run_cli("prog", _raise(RuntimeError("x")), errors=(RuntimeError,)) == 2
     assert run_cli("prog", lambda: None) == 0 and run_cli("prog", lambda: 3) == 3
 
@@ -67,3 +72,9 @@ def test_every_command_reports_bad_input_the_same_way(index, capsys, tmp_path, m
     captured = capsys.readouterr()
     assert captured.err.startswith(f"{prog}: error: ") and captured.err.count("\n") == 1, captured.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_condvec_debug_shows_the_traceback_of_user_errors(monkeypatch):
+    monkeypatch.setenv("CONDVEC_DEBUG", "1")
+    with pytest.raises(CondvecError, match="bad value"):
+        run_cli("prog", _raise(CondvecError("bad value")))

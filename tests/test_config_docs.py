@@ -1,4 +1,4 @@
-"""The config reference (docs/config.md) is the schema's: every key, default and help text, generated, never hand-kept."""
+"""The config reference (docs/config.md) is the schema's: every key, default and help text, generated."""
 
 import importlib.util
 from pathlib import Path

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from conditioner.errors import CondvecError
 from train.data import Item, _load_uint8, _to_float, load_image
 from train.model import diffusers_config
 
@@ -178,7 +179,7 @@ class LatentCache(LatentEncoder):
             `int`: how many entries were encoded.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+            raise CondvecError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         missing: dict[Path, tuple[Item, bool]] = {}
         for item in items:
             for flip in (False, True) if flips else (False,):

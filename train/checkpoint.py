@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from conditioner.errors import CondvecError
 from conditioner.fileio import fsync_dir
 from conditioner.table import TagTable
 from train.config import flatten
@@ -87,7 +88,7 @@ def check_fingerprint(path: str, cfg, world_size: int) -> None:
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if changed:
         shown = ", ".join(f"{k} ({saved.get(k)!r} → {now.get(k)!r})" for k in changed[:4])
-        raise ValueError(f"cannot resume {path}: the config changed: {shown}"
+        raise CondvecError(f"cannot resume {path}: the config changed: {shown}"
                          + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
                          + "; only output.* and training.steps (with lr_schedule=constant) may change on resume")
 
@@ -212,7 +213,7 @@ def load_checkpoint(path: str, unet: torch.nn.Module | None = None,
 def _check_finite_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"checkpoint file {path!r} is damaged: {name} holds NaN or infinite values; resume "
+            raise CondvecError(f"checkpoint file {path!r} is damaged: {name} holds NaN or infinite values; resume "
                              "from an earlier checkpoint (output.resume=PATH) or start the run again")
 
 
@@ -258,7 +259,7 @@ def restore_trainer(trainer, path: str) -> None:
     table, tensors, info = load_checkpoint(path, unet=trainer.acc.unwrap_model(trainer.model) if trained else None,
                                            unet_optimizer=trainer.unet_optimizer)
     if table.tags != trainer.table.tags:
-        raise ValueError(f"checkpoint {path} has other tags than this run's data and table: "
+        raise CondvecError(f"checkpoint {path} has other tags than this run's data and table: "
                          "resume with the same config and dataset")
     device = trainer.device
     trainer.table.data.copy_(table.data.to(device))

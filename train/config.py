@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from conditioner.errors import CondvecError
 from conditioner.schema import MAX_PAD_TO, MAX_VECTORS
 
 #: Upper bounds on what a user sets: beyond them a run can only diverge or exhaust memory.
@@ -21,7 +22,7 @@ MAX_LR = 10.0
 MAX_INIT_STD = 10.0
 
 
-class ConfigError(ValueError):
+class ConfigError(CondvecError):
     """A run configuration is invalid; the message names the key and how to fix it."""
 
 

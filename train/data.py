@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from conditioner.errors import CondvecError
 from conditioner.parse import parse_prompt
 
 logger = logging.getLogger(__name__)
@@ -126,11 +127,11 @@ def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise CondvecError(
             f"{what} {path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8"
         ) from None
     except OSError as e:
-        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raise CondvecError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def _sidecar_caption(path: Path) -> str:
@@ -192,21 +193,24 @@ def _jsonl_captions(root: Path, images: list[str]) -> dict[str, str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be like {_JSONL_EXAMPLE}") from None
+            raise CondvecError(f"{where}: not valid JSON ({e.msg}); each line must be like {_JSONL_EXAMPLE}") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object like {_JSONL_EXAMPLE}, got {type(record).__name__}")
+            raise CondvecError(f"{where}: expected a JSON object like {_JSONL_EXAMPLE}, got {type(record).__name__}")
         for key in ("file_name", "text"):
             if key not in record:
-                raise ValueError(f"{where}: missing key {key!r}; each line must be like {_JSONL_EXAMPLE}")
+                raise CondvecError(f"{where}: missing key {key!r}; each line must be like {_JSONL_EXAMPLE}")
             if not isinstance(record[key], str):
-                raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+                raise CondvecError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
         rel = _normalize_rel(record["file_name"])
         if rel in first_line:
-            raise ValueError(f"{where}: file_name {record['file_name']!r} is already listed on line {first_line[rel]}")
+            raise CondvecError(f"{where}: file_name {record['file_name']!r} is already listed on line "
+                               f"{first_line[rel]}")
         if rel not in known:
             if not (root / rel).is_file():
-                raise ValueError(f"{where}: file_name {record['file_name']!r} does not exist in {root}")
-            raise ValueError(f"{where}: file_name {record['file_name']!r} is not an image with one of the extensions "
+                raise CondvecError(f"{where}: file_name {record['file_name']!r} does not exist in "
+                                   f"{root}")
+            raise CondvecError(f"{where}: file_name {record['file_name']!r} is not an image with one of the "
+                               "extensions "
                              f"{', '.join(IMAGE_EXTENSIONS)}")
         first_line[rel] = lineno
         captions[rel] = record["text"].strip()
@@ -226,7 +230,7 @@ def _folders(images: list[str]) -> list[str]:
 
 def _check_repeat_count(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+        raise CondvecError(f"{what} must be an integer >= 1, got {value!r}")
     return value
 
 
@@ -240,7 +244,8 @@ def _repeats_of(rel: str, explicit: dict[str, int], default_repeats: int) -> int
         if match:
             count = int(match.group(1))
             if count < 1:
-                raise ValueError(f"repeat folder {folder!r} asks for {count} repeats; rename it (N_name with N >= 1) "
+                raise CondvecError(f"repeat folder {folder!r} asks for {count} repeats; rename it "
+                                   "(N_name with N >= 1) "
                                  f"or set repeats={{{folder!r}: N}}")
             return count
     return default_repeats
@@ -344,21 +349,21 @@ def scan_dataset(
         raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder; pass the folder that holds "
                                 "the images and their captions")
     if metadata not in ("auto", "jsonl", "sidecar"):
-        raise ValueError(f"metadata must be 'auto', 'jsonl' or 'sidecar', got {metadata!r}")
+        raise CondvecError(f"metadata must be 'auto', 'jsonl' or 'sidecar', got {metadata!r}")
     if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        raise CondvecError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
     if not isinstance(caption_ext, str) or not caption_ext.startswith(".") or len(caption_ext) < 2:
-        raise ValueError(f"caption_ext must be a file extension starting with '.', e.g. '.txt'; got {caption_ext!r}")
+        raise CondvecError(f"caption_ext must be a file extension starting with '.', e.g. '.txt'; got {caption_ext!r}")
     if caption_ext.lower() in IMAGE_EXTENSIONS:
-        raise ValueError(f"caption_ext {caption_ext!r} is an image extension; captions are text files, e.g. '.txt'")
+        raise CondvecError(f"caption_ext {caption_ext!r} is an image extension; captions are text files, e.g. '.txt'")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be an integer >= 1, got {max_pixels!r}")
+        raise CondvecError(f"max_pixels must be an integer >= 1, got {max_pixels!r}")
     _check_repeat_count(default_repeats, "default_repeats")
     base = base.resolve()
 
     images = _find_images(base)
     if not images:
-        raise ValueError(f"no images found in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}, "
+        raise CondvecError(f"no images found in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}, "
                          "any case); check the path")
 
     use_jsonl = metadata == "jsonl" or (metadata == "auto" and (base / METADATA_FILE).is_file())
@@ -370,7 +375,7 @@ def scan_dataset(
         folder = _normalize_rel(str(key))
         if folder != "." and folder not in folders:
             shown = ", ".join(folders[:20]) + (f" and {len(folders) - 20} more" if len(folders) > 20 else "")
-            raise ValueError(f"repeats key {key!r} matches no folder with images in {root}; folders: "
+            raise CondvecError(f"repeats key {key!r} matches no folder with images in {root}; folders: "
                              f"{shown or '(none: every image is directly in the root)'}")
         explicit[folder] = _check_repeat_count(value, f"repeats[{key!r}]")
 
@@ -394,7 +399,7 @@ def scan_dataset(
         except _BadImage as bad:
             if on_bad_image == "error":
                 hint = caption_hint if bad.category == _NO_CAPTION else "fix or remove the file"
-                raise ValueError(f"image {rel} in {base}: {bad.reason}; {hint}, or set on_bad_image='skip' "
+                raise CondvecError(f"image {rel} in {base}: {bad.reason}; {hint}, or set on_bad_image='skip' "
                                  "(data.on_bad_image) to skip bad images") from None
             logger.warning("skipping image %s: %s", rel, bad.reason)
             skipped[bad.category] += 1
@@ -404,7 +409,7 @@ def scan_dataset(
                           width=width, height=height))
     if not items:
         hint = caption_hint if set(skipped) == {_NO_CAPTION} else "fix the files named in the warnings"
-        raise ValueError(f"no usable images in {root}: all {len(images)} skipped ({_skip_counts(skipped)}; first "
+        raise CondvecError(f"no usable images in {root}: all {len(images)} skipped ({_skip_counts(skipped)}; first "
                          f"{first_bad}); {hint}")
     if skipped:
         logger.warning("skipped %d of %d images in %s: %s", sum(skipped.values()), len(images), base,
@@ -455,14 +460,14 @@ def assign_buckets(
             or an item without a positive size.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"bucket step must be an integer >= 1, got {step!r}")
+        raise CondvecError(f"bucket step must be an integer >= 1, got {step!r}")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < step or resolution % step:
-        raise ValueError(f"resolution must be a positive multiple of the bucket step {step}, got {resolution!r}")
+        raise CondvecError(f"resolution must be a positive multiple of the bucket step {step}, got {resolution!r}")
     if not max_aspect >= 1.0 or not math.isfinite(max_aspect):
-        raise ValueError(f"max_aspect must be a finite number >= 1, got {max_aspect!r}")
+        raise CondvecError(f"max_aspect must be a finite number >= 1, got {max_aspect!r}")
     for item in items:
         if item.width < 1 or item.height < 1:
-            raise ValueError(f"image {item.path} has size {item.width}x{item.height}; it must be at least 1x1")
+            raise CondvecError(f"image {item.path} has size {item.width}x{item.height}; it must be at least 1x1")
 
     if not enabled:
         for item in items:
@@ -502,14 +507,14 @@ def _load_uint8(item: Item) -> torch.Tensor:
     """The item's image at its bucket size, unflipped: a (3, h, w) uint8 tensor."""
     bucket_w, bucket_h = item.bucket
     if bucket_w < 1 or bucket_h < 1:
-        raise ValueError(f"image {item.path} has no bucket; call assign_buckets(items, resolution) first")
+        raise CondvecError(f"image {item.path} has no bucket; call assign_buckets(items, resolution) first")
     try:
         with Image.open(item.path) as opened:
             image = _to_rgb(ImageOps.exif_transpose(opened))
     except FileNotFoundError:
         raise FileNotFoundError(f"image {item.path} no longer exists; scan the dataset again") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error... on bad files
-        raise ValueError(f"cannot decode image {item.path}: {_first_line(e)}; replace or remove the file") from None
+        raise CondvecError(f"cannot decode image {item.path}: {_first_line(e)}; replace or remove the file") from None
 
     # Resize so the image covers the bucket, keeping its aspect ratio, then crop the centre.
     (new_w, new_h), (left, top) = _cover_and_crop(image.size, item.bucket)
@@ -593,7 +598,7 @@ def epoch_batches(items: list[Item], batch_size: int, seed: int, epoch: int) -> 
         `ValueError`: for a ``batch_size`` below 1.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise CondvecError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for index, item in enumerate(items):

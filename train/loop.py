@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
 from conditioner.encode import Rows, TokenBatch, pack, pack_pooled, tokenize
+from conditioner.errors import CondvecError
 from train import checkpoint as ckpt
 from train.batches import Plan, Planner, sample_generator
 from train.data import micro_conditioning
@@ -33,7 +34,7 @@ from train.tracking import RunLog, shown
 __all__ = ["NonFiniteError", "Plan", "Trainer", "sample_generator", "train"]
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(CondvecError):
     """Too many steps in a row had a non-finite loss or gradient; the run stopped without saving."""
 
 
@@ -45,7 +46,7 @@ class Trainer:
         self.acc = accelerator or make_accelerator(cfg)
         self.world, self.rank, self.device = self.acc.num_processes, self.acc.process_index, self.acc.device
         if tr.batch_size % self.world:
-            raise ValueError(f"training.batch_size={tr.batch_size} must be divisible by the {self.world} processes")
+            raise CondvecError(f"training.batch_size={tr.batch_size} must be divisible by the {self.world} processes")
         vars(self).update(vars(build(cfg, self.acc)))  # unet, vae, noise_scheduler, table, items, cache, …: Setup
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.planner = Planner(self.items, self.captions, cfg.data, tr.batch_size, tr.seed,

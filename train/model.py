@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bootstrap.load import BaseModel, load_model
+from conditioner.errors import CondvecError
 from conditioner.table import TagTable
 from unet_patch.pipeline import TABLE_FILE, load_components
 
@@ -84,7 +85,7 @@ def _load_folder(model_dir: str):
 def build_builtin(name: str, seed: int = 0) -> UNet2DConditionModel:
     """A built-in UNet, freshly initialised (seeded)."""
     if name not in BUILTIN:
-        raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(BUILTIN)}")
+        raise CondvecError(f"unknown built-in model {name!r}; available: {', '.join(BUILTIN)}")
     torch.manual_seed(seed)
     return UNet2DConditionModel(**BUILTIN[name])
 
@@ -160,7 +161,8 @@ def load_base(model_cfg, seed: int = 0) -> Base:
     if model_cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=str(model_cfg.prediction_type))
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type {noise_scheduler.config.prediction_type!r} of the scheduler config is not "
+        raise CondvecError(f"prediction_type {noise_scheduler.config.prediction_type!r} of the scheduler config "
+                           f"is not "
                          "supported: set model.prediction_type to epsilon or v_prediction")
     return Base(unet, vae, noise_scheduler, table, name, text)
 
@@ -173,14 +175,14 @@ def build_from_config(path: str, seed: int = 0) -> UNet2DConditionModel:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as err:
-        raise ValueError(f"model.unet_config {path!r} is not a readable JSON file: {err}") from None
+        raise CondvecError(f"model.unet_config {path!r} is not a readable JSON file: {err}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"model.unet_config {path!r} must hold a JSON object of UNet2DConditionModel arguments")
+        raise CondvecError(f"model.unet_config {path!r} must hold a JSON object of UNet2DConditionModel arguments")
     torch.manual_seed(seed)
     try:
         return UNet2DConditionModel.from_config(config)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"model.unet_config {path!r}: {str(err).splitlines()[0]}") from None
+        raise CondvecError(f"model.unet_config {path!r}: {str(err).splitlines()[0]}") from None
 
 
 def load_single_file(path: str, config_dir: str) -> UNet2DConditionModel:
@@ -190,7 +192,7 @@ def load_single_file(path: str, config_dir: str) -> UNet2DConditionModel:
     original LDM/kohya-format checkpoints (``model.diffusion_model.…``) go through diffusers' converter.
     """
     if not path.endswith(".safetensors"):
-        raise ValueError(f"model.single_file {path!r} must be a .safetensors file (pickled checkpoints are refused)")
+        raise CondvecError(f"model.single_file {path!r} must be a .safetensors file (pickled checkpoints are refused)")
     with safe_open(path, framework="pt") as f:
         keys = list(f.keys())
     if "conv_in.weight" in keys:
@@ -198,10 +200,10 @@ def load_single_file(path: str, config_dir: str) -> UNet2DConditionModel:
         try:
             missing, unexpected = unet.load_state_dict(load_file(path), strict=False)
         except RuntimeError as err:
-            raise ValueError(f"{path!r} does not match {config_dir}/config.json: "
+            raise CondvecError(f"{path!r} does not match {config_dir}/config.json: "
                              f"{str(err).splitlines()[-1].strip()}") from None
         if missing or unexpected:
-            raise ValueError(f"{path!r} does not match {config_dir}/config.json: {len(missing)} missing and "
+            raise CondvecError(f"{path!r} does not match {config_dir}/config.json: {len(missing)} missing and "
                              f"{len(unexpected)} unexpected keys (first: {(missing or unexpected)[0]})")
         return unet
     return UNet2DConditionModel.from_single_file(path, config=config_dir, local_files_only=True)

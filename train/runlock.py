@@ -14,6 +14,8 @@ import os
 import shutil
 import socket
 
+from conditioner.errors import CondvecError
+
 LOCK_NAME = ".condvec-train.lock"
 #: What a run writes into its folder: any of these means the folder holds an earlier run.
 RUN_OUTPUTS = ("checkpoints", "table.safetensors", "table-ema.safetensors", "metrics.jsonl", "config.yaml", "model",
@@ -22,7 +24,7 @@ RUN_OUTPUTS = ("checkpoints", "table.safetensors", "table-ema.safetensors", "met
 _held: set[str] = set()
 
 
-class RunFolderError(ValueError):
+class RunFolderError(CondvecError):
     """The run folder is in use by another process, or holds an earlier run."""
 
 

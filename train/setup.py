@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from bootstrap.load import describe
 from bootstrap.table import add_bootstrapped_tags, bootstrap_table
 from conditioner.encode import tokenize
+from conditioner.errors import CondvecError
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.regroup import regroup
 from conditioner.table import TagTable
@@ -100,13 +101,13 @@ def build(cfg, acc: Accelerator) -> Setup:
     if base.text is not None:
         base.text.free_text_encoders()  # bootstrap is over: CLIP is never run again
     if unet.config.get("addition_embed_type") == "text_time" and table.pooled is None:
-        raise ValueError("an SDXL UNet needs pooled vectors, and this table has none: start from the model folder "
+        raise CondvecError("an SDXL UNet needs pooled vectors, and this table has none: start from the model folder "
                          "with its text encoders (table.bootstrap: true) or from a table bootstrapped from it")
     for prompt in cfg.output.sample_prompts:
         try:
             tokenize(table, [prompt])
         except ValueError as err:
-            raise ValueError(f"output.sample_prompts {prompt!r}: {str(err).split(' (pass lenient')[0]}") from None
+            raise CondvecError(f"output.sample_prompts {prompt!r}: {str(err).split(' (pass lenient')[0]}") from None
     if str(cfg.training.table_device) == "accelerator":
         table.to(acc.device)
     train_special = cfg.table.train_special
@@ -156,12 +157,12 @@ def _generate_demo(cfg, acc: Accelerator) -> None:
                         if word in options:
                             attributes[key] = word
                 if len(attributes) != 3:
-                    raise ValueError(f"data.demo_concepts {concept!r}: name a size ({', '.join(demo_data.SIZES)}), "
+                    raise CondvecError(f"data.demo_concepts {concept!r}: name a size ({', '.join(demo_data.SIZES)}), "
                                      f"a colour ({', '.join(demo_data.COLOURS)}) and a shape "
                                      f"({', '.join(demo_data.SHAPES)})")
                 folder = tag.replace(" ", "_")
                 if not folder or folder in (".", "..") or any(c in folder for c in "/\\") or ":" in folder:
-                    raise ValueError(f"data.demo_concepts tag {tag!r} names its folder below data.path: use a plain "
+                    raise CondvecError(f"data.demo_concepts tag {tag!r} names its folder below data.path: use a plain "
                                      "name (no '/', '\\', ':' or '..')")
                 demo_data.generate_concept_dataset(os.path.join(d.path, folder), tag, attributes,
                                                    d.generate_demo, size=size, seed=cfg.training.seed + k)
@@ -212,7 +213,7 @@ def _convert_mode(cfg, table: TagTable, unet, log) -> TagTable:
     if wanted is None or str(wanted) == table.mode:
         return table
     if str(wanted) == "vector":
-        raise ValueError("table.mode=vector, but the table is in key/value mode: its rows are each layer's K and V "
+        raise CondvecError("table.mode=vector, but the table is in key/value mode: its rows are each layer's K and V "
                          "and cannot become vectors again; drop table.mode or start a new table")
     log("table: converted to key/value mode through each layer's projections (table.mode=kv)", flush=True)
     return kv_table(table, unet)
@@ -222,7 +223,7 @@ def _parse_caption(caption: str, path: str, table: TagTable) -> list[Tag]:
     try:
         return parse_prompt(caption, table.normalization)
     except ValueError as err:
-        raise ValueError(f"caption of {path}: {err}") from None
+        raise CondvecError(f"caption of {path}: {err}") from None
 
 
 def _add_data_tags(cfg, table: TagTable, captions: list[list[Tag]], base: Base, log) -> None:

@@ -14,6 +14,7 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from conditioner.errors import CondvecError
 from conditioner.fileio import atomic_path, clear_leftovers
 from train.config import flatten, to_yaml
 from train.plot import loss_plot
@@ -41,7 +42,7 @@ def trackers(report_to: str) -> list[str]:
     for name in names:
         package, available = _PACKAGES[name]
         if not available():
-            raise ValueError(f"output.report_to={report_to} needs the {package} package: pip install {package} "
+            raise CondvecError(f"output.report_to={report_to} needs the {package} package: pip install {package} "
                              "(or set output.report_to=none)")
     return names
 

@@ -8,6 +8,7 @@ import re
 
 import torch
 
+from conditioner.errors import CondvecError
 from conditioner.layout import LayerSpec
 from conditioner.table import TagTable
 
@@ -45,7 +46,7 @@ def discover(unet: torch.nn.Module) -> list[LayerSpec]:
 
     found.sort(key=forward_order)
     if not found:
-        raise ValueError(
+        raise CondvecError(
             f"{type(unet).__name__} has no cross-attention layers (modules named '…transformer_blocks.N.attn2'); "
             "condvec needs a UNet2DConditionModel with cross-attention"
         )

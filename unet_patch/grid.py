@@ -7,6 +7,8 @@ import math
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw, ImageFont
 
+from conditioner.errors import CondvecError
+
 _CHAR_WIDTH, _LINE_HEIGHT = 7, 12  # Pillow's default bitmap font, in pixels
 
 
@@ -24,7 +26,7 @@ def upscale(image: Image.Image, factor: int) -> Image.Image:
         ValueError: ``factor`` is not an integer >= 1.
     """
     if not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"upscale factor must be an integer >= 1, got {factor!r}")
+        raise CondvecError(f"upscale factor must be an integer >= 1, got {factor!r}")
     if factor == 1:
         return image
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
@@ -42,7 +44,7 @@ def image_grid(images: list[Image.Image], cols: int | None = None, upscale_by: i
         `PIL.Image.Image`: the grid.
     """
     if not images:
-        raise ValueError("image_grid needs at least one image")
+        raise CondvecError("image_grid needs at least one image")
     images = [upscale(image, upscale_by) for image in images]
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
@@ -72,9 +74,9 @@ def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labe
         ValueError: no images, or as many labels as rows are not given.
     """
     if not rows or not rows[0]:
-        raise ValueError("labelled_grid needs at least one row with one image")
+        raise CondvecError("labelled_grid needs at least one row with one image")
     if len(row_labels) != len(rows):
-        raise ValueError(f"labelled_grid: {len(row_labels)} row labels for {len(rows)} rows")
+        raise CondvecError(f"labelled_grid: {len(row_labels)} row labels for {len(rows)} rows")
     cols = max(len(row) for row in rows)
     scaled = [_upscale(image, upscale) for row in rows for image in row]
     w, h = scaled[0].size

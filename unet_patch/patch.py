@@ -19,6 +19,7 @@ from diffusers.models.attention_processor import (
     SlicedAttnProcessor,
 )
 
+from conditioner.errors import CondvecError
 from conditioner.table import TagTable
 from unet_patch.discover import discover
 from unet_patch.processor import CondvecAttnProcessor
@@ -81,7 +82,7 @@ def install(unet: torch.nn.Module, table: TagTable) -> None:
 
 
 def _refuse_default(*args, **kwargs):
-    raise ValueError("condvec is installed on this UNet: call unet_patch.remove(unet) first (it restores the "
+    raise CondvecError("condvec is installed on this UNet: call unet_patch.remove(unet) first (it restores the "
                      "processors that were there before), then set_default_attn_processor()")
 
 
@@ -94,7 +95,8 @@ def _taken_over(processor) -> dict:
     if isinstance(processor, IPAdapterAttnProcessor | IPAdapterAttnProcessor2_0):
         return {"ip_adapter": processor}
     if isinstance(processor, FusedAttnProcessor2_0):
-        raise ValueError("fused QKV projections (fuse_qkv_projections) cannot carry condvec's key and value sources: "
+        raise CondvecError("fused QKV projections (fuse_qkv_projections) cannot carry condvec's key and value "
+                           "sources: "
                          "call unet.unfuse_qkv_projections() first")
     return {}
 
@@ -117,7 +119,7 @@ def _guard(unet: torch.nn.Module, args, kwargs=None) -> None:
     hint = next((h for cls, h in _HINTS.items() if isinstance(processor, cls)),
                 "set_attn_processor / set_default_attn_processor replaced them: call unet_patch.remove(unet) to use "
                 "the UNet without condvec, or unet_patch.install(unet, table) again")
-    raise ValueError(f"condvec's processors were replaced on {len(replaced)} attn2 layer(s) (first: {name} → "
+    raise CondvecError(f"condvec's processors were replaced on {len(replaced)} attn2 layer(s) (first: {name} → "
                      f"{type(processor).__name__}) — {hint}")
 
 

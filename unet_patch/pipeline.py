@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from bootstrap.load import SCHEDULER_CLASSES
 from conditioner.encode import Rows, encode_pooled, pack, tokenize
+from conditioner.errors import CondvecError
 from conditioner.table import TagTable
 from unet_patch.patch import patched
 from unet_patch.processor import cached_kv
@@ -29,15 +30,15 @@ def check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"--device {device!r} is not a torch device ({str(err).splitlines()[0]}); "
+        raise CondvecError(f"--device {device!r} is not a torch device ({str(err).splitlines()[0]}); "
                          "use cpu, cuda, cuda:1 or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if not available.get(dev.type, False):
-        raise ValueError(f"--device {device!r}: this torch build ({torch.__version__}) has no usable {dev.type} "
+        raise CondvecError(f"--device {device!r}: this torch build ({torch.__version__}) has no usable {dev.type} "
                          "device; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise CondvecError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 def vae_scale_factor(vae: AutoencoderKL | None) -> int:
@@ -116,7 +117,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
                  table: TagTable | None = None):
         super().__init__()
         if table is None:
-            raise ValueError("TagDiffusionPipeline needs a table (TagTable.load(path) or unet_patch.table_for_unet)")
+            raise CondvecError("TagDiffusionPipeline needs a table (TagTable.load(path) or unet_patch.table_for_unet)")
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         self.table = table
 
@@ -143,7 +144,8 @@ class TagDiffusionPipeline(DiffusionPipeline):
         """SDXL's ``added_cond_kwargs``: pooled vectors from the table and time ids from the image geometry."""
         table = self.table
         if table.pooled is None:
-            raise ValueError("this UNet is SDXL-family (it needs pooled text embeddings) but the table has no pooled "
+            raise CondvecError("this UNet is SDXL-family (it needs pooled text embeddings) but the table has no "
+                               "pooled "
                              "vectors: bootstrap the table from the SDXL model (condvec-bootstrap)")
         pooled = encode_pooled(table, prompts, lenient=lenient)  # (B, P)
         time_ids = torch.tensor([list(original_size or (height, width)) + list(crops_coords_top_left)
@@ -156,7 +158,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
         device, dtype = self.unet.device, self.unet.dtype
         expected = self.unet.add_embedding.linear_1.in_features - pooled.shape[1]
         if time_ids.shape[1] * self.unet.config.addition_time_embed_dim != expected:
-            raise ValueError(f"the table's pooled vectors have width {pooled.shape[1]}, which does not fit this "
+            raise CondvecError(f"the table's pooled vectors have width {pooled.shape[1]}, which does not fit this "
                              "UNet's add_embedding: use a table bootstrapped from this model")
         return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
 
@@ -168,13 +170,13 @@ class TagDiffusionPipeline(DiffusionPipeline):
         if image is None:
             return timesteps, noise * self.scheduler.init_noise_sigma
         if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+            raise CondvecError(f"strength must be in (0, 1], got {strength}")
         # as diffusers' img2img pipelines: skip the first (1 - strength) of the schedule
         keep = min(int(num_inference_steps * strength), num_inference_steps)
         start = max(num_inference_steps - keep, 0) * self.scheduler.order
         timesteps = timesteps[start:]
         if len(timesteps) == 0:
-            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
+            raise CondvecError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
         scale = self.vae_scale_factor
@@ -187,7 +189,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
         else:
             init = pixels
         if shape[0] % init.shape[0]:
-            raise ValueError(f"got {init.shape[0]} start images for {shape[0]} outputs: give one, or one per output")
+            raise CondvecError(f"got {init.shape[0]} start images for {shape[0]} outputs: give one, or one per output")
         init = init.expand(shape[0], -1, -1, -1) if init.shape[0] == 1 else init.repeat_interleave(
             shape[0] // init.shape[0], 0)
         return timesteps, self.scheduler.add_noise(init, noise, timesteps[:1].repeat(shape[0]))
@@ -252,11 +254,11 @@ class TagDiffusionPipeline(DiffusionPipeline):
         else:
             negatives = list(negative_prompt)
             if len(negatives) != len(prompts):
-                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+                raise CondvecError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+            raise CondvecError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}")
+            raise CondvecError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
         batch = len(prompts)
@@ -270,7 +272,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
         height = height or sample_size * scale
         width = width or sample_size * scale
         if height % scale or width % scale:
-            raise ValueError(f"height and width must be multiples of {scale}, got {height}×{width}")
+            raise CondvecError(f"height and width must be multiples of {scale}, got {height}×{width}")
 
         tokens = tokenize(table, (negatives + prompts) if do_cfg else prompts, lenient=lenient)
         rows = Rows.from_table(table, tokens.rows)  # gathered once per call
@@ -378,7 +380,7 @@ def load_components(model_dir: str, torch_dtype: torch.dtype | None = None):
     with open(config_path) as f:
         class_name = json.load(f).get("_class_name", "DDIMScheduler")
     if class_name not in SCHEDULER_CLASSES:
-        raise ValueError(f"scheduler class {class_name!r} in {config_path} is not one condvec runs; use one of "
+        raise CondvecError(f"scheduler class {class_name!r} in {config_path} is not one condvec runs; use one of "
                          f"{', '.join(SCHEDULER_CLASSES)}")
     scheduler_cls = getattr(diffusers, class_name)
     scheduler = scheduler_cls.from_pretrained(scheduler_dir, local_files_only=True)

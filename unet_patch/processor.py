@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from conditioner.errors import CondvecError
 from conditioner.layout import LayerSlice
 from unet_patch.kv import layer_key_value
 
@@ -82,7 +83,7 @@ class CondvecAttnProcessor:
             if (all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0):
                 continue
             if isinstance(scale, list):
-                raise ValueError("per-image IP-Adapter scales are not supported with condvec: use one scale")
+                raise CondvecError("per-image IP-Adapter scales are not supported with condvec: use one scale")
             to_k_ip.to(query.device, query.dtype), to_v_ip.to(query.device, query.dtype)
             batch = query.shape[0]
             key = to_k_ip(states).view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, heads, I, head_dim)
@@ -104,7 +105,7 @@ class CondvecAttnProcessor:
         elif s.mode == "vector" and width == 2 * base + 1:
             split, bias = True, packed[..., -1]
         else:
-            raise ValueError(
+            raise CondvecError(
                 f"packed conditioning has width {width}, but this {s.mode}-mode table packs {base} columns "
                 f"(+{base} for split tags, +1 for the bias channel): encode prompts with the table that was installed"
             )
@@ -129,16 +130,16 @@ class CondvecAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         if encoder_hidden_states is None:
-            raise ValueError("a condvec cross-attention layer needs encoder_hidden_states (the packed conditioning)")
+            raise CondvecError("a condvec cross-attention layer needs encoder_hidden_states (the packed conditioning)")
         ip_hidden_states = None
         if isinstance(encoder_hidden_states, tuple):  # (packed conditioning, [image tokens per IP-Adapter])
             encoder_hidden_states, ip_hidden_states = encoder_hidden_states
             if self.ip_adapter is None:
-                raise ValueError("the UNet got IP-Adapter image embeddings, but condvec was installed before the "
+                raise CondvecError("the UNet got IP-Adapter image embeddings, but condvec was installed before the "
                                  "IP-Adapter was loaded: call unet_patch.install(unet, table) again after "
                                  "load_ip_adapter")
             if ip_adapter_masks is not None:
-                raise ValueError("IP-Adapter masks are not supported with condvec: leave ip_adapter_masks unset")
+                raise CondvecError("IP-Adapter masks are not supported with condvec: leave ip_adapter_masks unset")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
