@@ -80,11 +80,11 @@ def _read_tags(args) -> list[str]:
                   "cannot contain a comma, since prompts split on commas", file=sys.stderr)
         tags += [t.strip() for line in lines for t in line.split(",")]
     if args.data:
+        from conditioner.captions import scan_captions
         from conditioner.parse import parse_prompt
-        from train.data import scan_dataset
 
-        for item in scan_dataset(args.data):
-            tags += [tag.name for tag in parse_prompt(item.caption)]
+        for caption in scan_captions(args.data):  # captions only: no image is opened
+            tags += [tag.name for tag in parse_prompt(caption)]
     tags = [t for t in dict.fromkeys(tags) if t]
     if not tags:
         raise UsageError("no tags to bootstrap: give --tags FILE (one tag per line) and/or --data DIR")

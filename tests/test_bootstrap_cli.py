@@ -100,3 +100,15 @@ def test_import_ti_output_space_and_xti(tmp_path, sd15, model, capsys):
     assert main(["import", str(table_path), str(tmp_path / "kohya.safetensors"), "-o",
                  str(tmp_path / "no.safetensors")]) == 2
     assert "--model" in capsys.readouterr().err and not (tmp_path / "no.safetensors").exists()
+
+
+def test_data_captions_are_read_without_opening_images(tmp_path):
+    """``--data`` needs only captions: conditioner.captions reads them, no image is decoded (here: none is valid)."""
+    from conditioner.captions import scan_captions
+
+    (tmp_path / "a.png").write_bytes(b"not an image at all")
+    (tmp_path / "a.txt").write_text("red circle, (large circle:1.2)\n")
+    (tmp_path / "b.png").write_bytes(b"")
+    (tmp_path / "b.txt").write_text("blue square\n")
+    (tmp_path / "c.png").write_bytes(b"")
+    assert scan_captions(tmp_path) == ["red circle, (large circle:1.2)", "blue square"]
