@@ -329,11 +329,14 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 def train_unet(work: Path, steps: int, batch: int, lr: float, lr_text: float, num: int, ema_decay: float = 0.999,
                caption_dropout: float = 0.1, save_every: int = 250, snapshot_every: int = 500, seed: int = 0,
-               high_noise_bias: float = 0.0, channels: tuple[int, ...] | None = None, log=print) -> Path:
+               high_noise_bias: float = 0.0, channels: tuple[int, ...] | None = None, two_object_share: float = 0.0,
+               log=print) -> Path:
     """Train (or resume) UNet + text encoder jointly on the VAE's latents. Returns the last checkpoint.
 
     ``high_noise_bias`` ∈ [0, 1): that fraction of each batch draws its timestep from the top half of the schedule
-    (where shapes are decided) instead of uniformly.
+    (where shapes are decided) instead of uniformly. ``two_object_share`` ∈ (0, 1): each sample is a two-object
+    scene with that probability (0: scenes drawn uniformly, half of them two-object), for a phase that works on
+    binding. Continuing a run with a larger ``steps`` restarts the cosine schedule's tail from there (a warm start).
     """
     from diffusers import DDPMScheduler
 
@@ -344,6 +347,8 @@ def train_unet(work: Path, steps: int, batch: int, lr: float, lr_text: float, nu
         write_tokenizer(captions, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     ids_all = tokenize(tokenizer, captions)
+    is_two = torch.tensor(["two objects" in c for c in captions])
+    two_pool, one_pool = is_two.nonzero().flatten(), (~is_two).nonzero().flatten()
     null_ids = tokenize(tokenizer, [""])[0]
     latent_cache = work / "latents.safetensors"
     if latent_cache.exists():
@@ -387,6 +392,11 @@ def train_unet(work: Path, steps: int, batch: int, lr: float, lr_text: float, nu
     for step in range(start, steps):
         g = _step_generator(seed, step)
         idx = torch.randint(len(ids_all), (batch,), generator=g)
+        if two_object_share > 0:
+            pick_two = torch.rand(batch, generator=g) < two_object_share
+            two = two_pool[torch.randint(len(two_pool), (batch,), generator=g)]
+            one = one_pool[torch.randint(len(one_pool), (batch,), generator=g)]
+            idx = torch.where(pick_two, two, one)
         z = (mean_all[idx] + std_all[idx] * torch.randn(mean_all[idx].shape, generator=g)) * scale
         ids = ids_all[idx].clone()
         drop = torch.rand(batch, generator=g) < caption_dropout
@@ -508,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--lr-text", type=float, default=1e-3)
             p.add_argument("--ema", type=float, default=0.999)
             p.add_argument("--high-noise-bias", type=float, default=0.0)
+            p.add_argument("--two-object-share", type=float, default=0.0,
+                           help="probability that a sample is a two-object scene (0: uniform over the scenes)")
             p.add_argument("--snapshot-every", type=int, default=500)
             p.add_argument("--channels", type=lambda v: tuple(int(c) for c in v.split(",")), default=None,
                            help="UNet block widths (default 32,64,64; fixed at the run's start)")
@@ -525,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "unet":
             train_unet(args.work, args.steps, args.batch, args.lr, args.lr_text, args.num, ema_decay=args.ema,
                        high_noise_bias=args.high_noise_bias, snapshot_every=args.snapshot_every,
-                       channels=args.channels, log=log)
+                       channels=args.channels, two_object_share=args.two_object_share, log=log)
         else:
             log(f"wrote {export(args.work, args.out, ema=not args.raw)}")
         return 0

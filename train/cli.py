@@ -22,17 +22,27 @@ def _parser() -> OneLineArgumentParser:
 
 
 def _next_steps(cfg, result: dict) -> str:
+    """What to run next, runnable as printed (after ``source .venv/bin/activate``): the run's real tags and files."""
+    from conditioner.table import TagTable
+
     table = result.get("table")
     model = result.get("model") or cfg.model.pretrained
-    lines = ["", "done. next:"]
+    out = cfg.output.dir
+    lines = ["", "done. next (in the environment: source .venv/bin/activate):"]
+    tags = [t for t in TagTable.load(table).tags if "#" not in t] if table else []
     if model and table:
-        prompt = cfg.output.sample_prompts[0] if cfg.output.sample_prompts else "TAG, TAG"
+        prompt = (list(cfg.output.sample_prompts) or [", ".join(tags[:2])])[0]
         extra = "" if result.get("model") else f" --table {table}"
-        lines.append(f'  condvec-generate --model {model}{extra} --prompt "{prompt}" --num 4 --upscale 4 '
-                     f"--out {os.path.join(cfg.output.dir, 'generated.png')}")
+        size = cfg.data.resolution
+        upscale = f" --upscale {max(1, 256 // size)}" if size < 256 else ""
+        lines.append(f'  condvec-generate --model {model}{extra} --prompt "{prompt}" --num 4 '
+                     f"--steps {cfg.output.sample_steps} --guidance {cfg.output.sample_guidance:g}{upscale} "
+                     f"--out {os.path.join(out, 'generated.png')}")
     if table:
         lines.append(f"  condvec-merge list {table}")
-        lines.append(f'  condvec-merge blend {table} NEW "0.5*TAG_A + 0.5*TAG_B" -o blended.safetensors')
+        if len(tags) >= 2:
+            lines.append(f'  condvec-merge blend {table} "{tags[0]} and {tags[1]}" "0.5*{tags[0]} + 0.5*{tags[1]}" '
+                         f"-o {os.path.join(out, 'blended.safetensors')}")
     for key in ("plot", "samples"):
         if result.get(key):
             value = result[key][-1] if isinstance(result[key], list) else result[key]

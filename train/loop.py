@@ -239,7 +239,7 @@ class Trainer:
         if not self.acc.is_main_process:
             return None
         unet = self.acc.unwrap_model(self.model)
-        return sample_grid(self.cfg, unet, self.vae, self.table, self.noise_scheduler, tag)
+        return sample_grid(self.cfg, unet, self.vae, self.table, self.noise_scheduler, tag, self.sample_prompts)
 
 
 def train(cfg, accelerator=None) -> dict:

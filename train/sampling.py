@@ -23,7 +23,8 @@ def _pipeline(unet, vae, table: TagTable, noise_scheduler) -> TagDiffusionPipeli
 
 
 @torch.no_grad()
-def sample_grid(cfg, unet, vae, table: TagTable, noise_scheduler, tag: str) -> str | None:
+def sample_grid(cfg, unet, vae, table: TagTable, noise_scheduler, tag: str,
+                prompts: list[str] | None = None) -> str | None:
     """Generate ``output.sample_prompts`` × ``output.sample_seeds`` with the current table; returns the PNG path.
 
     Each prompt is one pipeline call with all seeds as a batch (a generator per seed, so a column's image is the one
@@ -37,18 +38,20 @@ def sample_grid(cfg, unet, vae, table: TagTable, noise_scheduler, tag: str) -> s
         table (`TagTable`): the table.
         noise_scheduler: the training scheduler (its config makes the DDIM sampler).
         tag (`str`): file name stem, e.g. ``step-0000500``.
+        prompts (`list[str]`, *optional*): the grid's rows; default ``output.sample_prompts``.
 
     Returns:
         `str | None`: ``OUTPUT/samples/TAG.png``, or `None` when no sample prompts are set.
     """
     o = cfg.output
-    if not o.sample_prompts:
+    prompts = list(o.sample_prompts) if prompts is None else prompts
+    if not prompts:
         return None
     was_training = unet.training
     unet.eval()
     pipe = _pipeline(unet, vae, table, noise_scheduler)
     rows = []
-    for prompt in o.sample_prompts:  # one call per prompt: every seed in one batch, one generator per image
+    for prompt in prompts:  # one call per prompt: every seed in one batch, one generator per image
         generators = [torch.Generator().manual_seed(int(seed)) for seed in o.sample_seeds]
         rows.append(pipe(prompt, num_inference_steps=o.sample_steps, guidance_scale=o.sample_guidance,
                          num_images_per_prompt=len(generators), generator=generators).images)
@@ -56,7 +59,7 @@ def sample_grid(cfg, unet, vae, table: TagTable, noise_scheduler, tag: str) -> s
     unet.train(was_training)
     path = os.path.join(o.dir, "samples", f"{tag}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    labelled_grid(rows, list(o.sample_prompts), [f"seed {s}" for s in o.sample_seeds],
+    labelled_grid(rows, list(prompts), [f"seed {s}" for s in o.sample_seeds],
                   title=f"{os.path.basename(o.dir)} - {tag}", upscale=o.sample_upscale).save(path)
     return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class Setup:
     captions: list[list[Tag]]
     cache: LatentCache | LatentEncoder | PixelCache
     resume_path: str | None
+    sample_prompts: list[str]  # output.sample_prompts, or the dataset's most frequent captions
 
 
 def make_accelerator(cfg) -> Accelerator:
@@ -89,6 +91,10 @@ def build(cfg, acc: Accelerator) -> Setup:
     d = cfg.data
     items = scan_dataset(d.path, caption_ext=d.caption_ext, metadata=d.metadata, repeats=dict(d.repeats),
                          default_repeats=d.default_repeats, on_bad_image=str(d.on_bad_image))
+    small = [item for item in items if min(item.width, item.height) < d.resolution]
+    if small:
+        say(f"data: {len(small)} of {len(items)} images are smaller than data.resolution={d.resolution} and are "
+            f"upscaled to it: {shown([os.path.basename(i.path) for i in small])}", flush=True)
     buckets = assign_buckets(items, d.resolution, step=d.bucket_step * vae_scale_factor(vae), enabled=d.bucketing,
                              max_aspect=d.max_aspect)
     say(f"data: {len(items)} images ({sum(i.repeats for i in items)} with repeats) in {len(buckets)} bucket(s): "
@@ -135,8 +141,17 @@ def build(cfg, acc: Accelerator) -> Setup:
     if vae is not None:
         vae.to(acc.device).requires_grad_(False).eval()
     cache = _make_cache(cfg, vae, items, acc)
+    sample_prompts = list(cfg.output.sample_prompts) or _frequent_captions(items)
+    if not cfg.output.sample_prompts:
+        say(f"samples: no output.sample_prompts, so the grids show the dataset's most frequent captions: "
+            f"{shown(sample_prompts)}", flush=True)
     return Setup(unet, vae, noise_scheduler, table, existing_rows, train_special, unet_params, items, captions,
-                 cache, resume_path)
+                 cache, resume_path, sample_prompts)
+
+
+def _frequent_captions(items: list[Item], count: int = 3) -> list[str]:
+    """The ``count`` most frequent captions of the dataset (ties: first seen first)."""
+    return [caption for caption, _ in Counter(item.caption for item in items).most_common(count)]
 
 
 def _generate_demo(cfg, acc: Accelerator) -> None:

@@ -47,8 +47,9 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--table", help="table .safetensors (default: MODEL/table/table.safetensors)")
     p.add_argument("--prompt", required=True, help='comma-separated tags, e.g. "red circle, (large circle:1.3)"')
     p.add_argument("--negative", default="", help="negative tags (default: the null prompt)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20, as the trainer's sample grids)")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="classifier-free guidance scale (default 3, as the trainer's sample grids)")
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="CFG rescale in [0, 1] against over-exposure at high guidance (0.7 is typical; default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
