@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from conditioner.parse import Tag
+from conditioner.parse import Tag, normalize_tag
 from train.data import Item, epoch_batches
 
 _MIX = (6364136223846793005, 1442695040888963407, 2862933555777620809)
@@ -47,7 +47,8 @@ class Planner:
     Args:
         items (`list[Item]`): the dataset.
         captions (`list[list[Tag]]`): parsed caption of each item.
-        data_cfg (`DictConfig`): the ``data`` section (dropouts, flip).
+        data_cfg (`DictConfig`): the ``data`` section (dropouts, flip, ``keep_tags``; an item's ``keep`` first tags
+            are never dropped either).
         batch_size (`int`): the global batch.
         seed (`int`): the run's seed.
         num_train_timesteps (`int`): timesteps are drawn from ``[0, num_train_timesteps)``.
@@ -57,6 +58,9 @@ class Planner:
                  num_train_timesteps: int):
         self.items, self.captions, self.data = items, captions, data_cfg
         self.batch_size, self.seed, self.num_t = batch_size, seed, num_train_timesteps
+        keep = data_cfg.keep_tags
+        self.keep_first = keep if isinstance(keep, int) else 0
+        self.keep_names = set() if isinstance(keep, int) else {normalize_tag(str(name)) for name in keep}
         self._epochs = {0: epoch_batches(items, batch_size, seed, 0)}  # epoch 0 (for its length) and the current
 
     def _global_batch(self, micro_step: int) -> list[int]:
@@ -76,7 +80,9 @@ class Planner:
                 tags = []
             elif d.tag_dropout > 0 and tags:
                 keep = torch.rand(len(tags), generator=gen) >= d.tag_dropout
-                tags = [t for t, k in zip(tags, keep.tolist()) if k]
+                always = max(self.items[index].keep, self.keep_first)
+                tags = [t for i, (t, k) in enumerate(zip(tags, keep.tolist()))
+                        if k or i < always or t.name in self.keep_names]
             timestep = int(torch.randint(0, self.num_t, (), generator=gen))
             flip = bool(d.flip and torch.rand((), generator=gen).item() < 0.5)
             plans.append(Plan(index, tags, timestep, flip, gen))

@@ -66,7 +66,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f(MISSING, "dataset folder: images with .txt sidecars (recursive), or a metadata.jsonl")
+    path: str | None = _f(MISSING, "dataset folder: images with .txt sidecars (recursive), or a metadata.jsonl; "
+                          "null with kohya_config")
+    kohya_config: str | None = _f(None, "a kohya sd-scripts dataset_config.toml ([[datasets]] / [[datasets.subsets]]:"
+                                  " image_dir, num_repeats, keep_tokens, class_tokens, is_reg, …) instead of path")
+    keep_tags: Any = _f(0, "tags tag dropout never drops: the first N of each caption (kohya's keep_tokens), or a "
+                        "list of tag names (trigger tags)")
     metadata: Metadata = _f(Metadata.auto, "auto | sidecar | jsonl — where captions come from")
     caption_ext: str = _f(".txt", "sidecar caption extension")
     on_bad_image: OnBadImage = _f(OnBadImage.skip, "skip | error — an unreadable/too large image or a missing/bad "
@@ -115,6 +120,7 @@ class TableConfig:
 class TrainingConfig:
     train: Train = _f(Train.table, "table | table+kv (also the attn2 key/value projections) | full (whole UNet)")
     steps: int = _f(1000, "optimiser steps")
+    epochs: int = _f(0, "> 0: train this many epochs (passes over the data with repeats) instead of training.steps")
     batch_size: int = _f(8, "global batch per optimiser micro-step (split across processes)")
     grad_accum: int = _f(1, "micro-steps per optimiser step")
     lr: float | None = _f(None, "learning rate of the table; null = 1e-2 for per-block / per-layer vector tables, "
@@ -150,6 +156,7 @@ class TrainingConfig:
 class OutputConfig:
     dir: str = _f("runs/condvec", "run folder (checkpoints, samples, metrics, final table)")
     save_every: int = _f(500, "checkpoint every N steps (and at the end)")
+    save_every_epochs: int = _f(0, "> 0: checkpoint every N epochs instead of output.save_every")
     keep_last: int = _f(3, "checkpoints to keep")
     resume: str | None = _f(None, "latest | a checkpoint folder — continue a run exactly")
     overwrite: bool = _f(False, "replace an earlier run in output.dir (its checkpoints and samples are deleted); "
@@ -314,6 +321,15 @@ def validate(cfg: DictConfig) -> None:
                           "none: set training.train=full or table+kv, or ema_unet_decay=0")
     if (tr.lr is not None and tr.lr <= 0) or tr.lr_unet <= 0:
         raise ConfigError("learning rates must be > 0")
+    if (d.path is None) == (d.kohya_config is None):
+        raise ConfigError("set exactly one of data.path (a dataset folder) and data.kohya_config (a kohya "
+                          "dataset_config.toml)")
+    keep = d.keep_tags
+    if not (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0) and not (
+            OmegaConf.is_list(keep) and all(isinstance(k, str) for k in keep)):
+        raise ConfigError(f"'data.keep_tags' must be an integer >= 0 or a list of tag names, got {keep!r}")
+    if tr.epochs < 0 or o.save_every_epochs < 0:
+        raise ConfigError("'training.epochs' and 'output.save_every_epochs' must be >= 0")
     for concept in d.demo_concepts:
         if "=" not in concept:
             raise ConfigError(f"data.demo_concepts item {concept!r} must look like 'mascot=large yellow triangle'")

@@ -87,6 +87,7 @@ class Item:
     width: int
     height: int
     bucket: tuple[int, int] = (0, 0)
+    keep: int = 0  # the first `keep` tags of the caption are never dropped (kohya's keep_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------- scanning
@@ -176,6 +177,7 @@ def scan_dataset(
     default_repeats: int = 1,
     on_bad_image: str = "skip",
     max_pixels: int = MAX_IMAGE_PIXELS,
+    default_caption: str | None = None,
 ) -> list[Item]:
     """Find the training images below a folder, with their captions and repeat counts.
 
@@ -209,6 +211,8 @@ def scan_dataset(
             ``"error"`` raises a ``ValueError`` naming the first bad image and the reason.
         max_pixels (`int`, defaults to :data:`MAX_IMAGE_PIXELS`): largest accepted ``width * height``; larger
             images are bad, refused from their header alone.
+        default_caption (`str`, *optional*): the caption of images without a caption file (kohya's
+            ``class_tokens``); without it such images are bad.
 
     Returns:
         `list[Item]`: one item per usable image, sorted by path relative to ``root``; ``bucket`` is not set yet.
@@ -268,7 +272,12 @@ def scan_dataset(
                     raise _BadImage(_NO_CAPTION, f"not listed in {METADATA_FILE}")
                 caption = jsonl_captions[rel]
             else:
-                caption = _sidecar_caption(path.with_suffix(caption_ext)).strip()
+                try:
+                    caption = _sidecar_caption(path.with_suffix(caption_ext)).strip()
+                except _BadImage as bad:
+                    if bad.category != _NO_CAPTION or not default_caption:
+                        raise
+                    caption = default_caption  # kohya's class_tokens: the caption of uncaptioned images
             _check_caption(caption)
             width, height = _image_size(path, max_pixels)
         except _BadImage as bad:

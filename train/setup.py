@@ -24,6 +24,7 @@ from train import checkpoint as ckpt
 from train import runlock
 from train.cache import LatentCache, LatentEncoder, PixelCache
 from train.data import Item, assign_buckets, scan_dataset
+from train.kohya import read_kohya_config
 from train.model import Base, load_base
 from train.model import describe as describe_unet
 from train.tracking import shown, trackers
@@ -89,8 +90,7 @@ def build(cfg, acc: Accelerator) -> Setup:
     say(f"base model: {base.name} — {describe(base.text) if base.text is not None else describe_unet(unet)}",
         flush=True)
     d = cfg.data
-    items = scan_dataset(d.path, caption_ext=d.caption_ext, metadata=d.metadata, repeats=dict(d.repeats),
-                         default_repeats=d.default_repeats, on_bad_image=str(d.on_bad_image))
+    items = _scan(cfg, say)
     small = [item for item in items if min(item.width, item.height) < d.resolution]
     if small:
         say(f"data: {len(small)} of {len(items)} images are smaller than data.resolution={d.resolution} and are "
@@ -147,6 +147,53 @@ def build(cfg, acc: Accelerator) -> Setup:
             f"{shown(sample_prompts)}", flush=True)
     return Setup(unet, vae, noise_scheduler, table, existing_rows, train_special, unet_params, items, captions,
                  cache, resume_path, sample_prompts)
+
+
+def _scan(cfg, say) -> list[Item]:
+    """The dataset's items: ``data.path``, or every subset of ``data.kohya_config`` (which may set the resolution
+    and buckets); ``training.epochs`` / ``output.save_every_epochs`` become steps here."""
+    d = cfg.data
+    if d.kohya_config is None:
+        items = scan_dataset(d.path, caption_ext=d.caption_ext, metadata=d.metadata, repeats=dict(d.repeats),
+                             default_repeats=d.default_repeats, on_bad_image=str(d.on_bad_image))
+    else:
+        kohya = read_kohya_config(d.kohya_config)
+        for note in kohya.notes:
+            say(note, flush=True)
+        trains_unet = cfg.training.train != "table"
+        items = []
+        for subset in kohya.subsets:
+            if subset.is_reg and not trains_unet:
+                say(f"kohya config: regularisation subset {subset.image_dir} skipped: prior preservation protects "
+                    "UNet weights, and training.train=table trains none", flush=True)
+                continue
+            found = scan_dataset(subset.image_dir, caption_ext=subset.caption_extension,
+                                 default_repeats=subset.num_repeats, on_bad_image=str(d.on_bad_image),
+                                 default_caption=subset.class_tokens)
+            for item in found:
+                item.keep = subset.keep_tokens
+            items += found
+        if not items:
+            raise CondvecError(f"data.kohya_config {d.kohya_config!r}: no subset left to train on")
+        if kohya.resolution is not None:
+            d.resolution = kohya.resolution
+        if kohya.enable_bucket is not None:
+            d.bucketing = bool(kohya.enable_bucket)
+        if kohya.bucket_reso_steps is not None:
+            d.bucket_step = max(1, int(kohya.bucket_reso_steps) // 8)
+        say(f"kohya config: {len(kohya.subsets)} subset(s); resolution {d.resolution}, bucketing {d.bucketing}",
+            flush=True)
+    tr, o = cfg.training, cfg.output
+    if tr.epochs or o.save_every_epochs:
+        per_epoch = -(-sum(item.repeats for item in items) // (tr.batch_size * tr.grad_accum))
+        if tr.epochs:
+            tr.steps = tr.epochs * per_epoch
+            say(f"training.epochs={tr.epochs}: {tr.steps} steps ({per_epoch} per epoch)", flush=True)
+        if o.save_every_epochs:
+            o.save_every = o.save_every_epochs * per_epoch
+            say(f"output.save_every_epochs={o.save_every_epochs}: a checkpoint every {o.save_every} steps",
+                flush=True)
+    return items
 
 
 def _frequent_captions(items: list[Item], count: int = 3) -> list[str]:
