@@ -22,6 +22,7 @@ import torch
 
 from conditioner.errors import CondvecError
 from conditioner.parse import Tag, parse_prompt
+from conditioner.safefile import check_finite
 from conditioner.table import TagTable
 
 SINK_ID, PAD_ID = -1, -2
@@ -83,8 +84,11 @@ class Rows:
         ids = ids.to(table.data.device)
         # advanced indexing: on CPU, index_select over (R, A, W) rows is ~10× slower for wide rows
         pooled = None if table.pooled is None else table.pooled[ids.to(table.pooled.device)]
-        return cls(ids=ids, data=table.data[ids], special=table.special, pooled=pooled,
-                   null_pooled=table.null_pooled)
+        data = table.data[ids]
+        if table.lazy:  # memory-mapped rows (TagTable.open): checked and made fp32 as they are read
+            data, pooled = data.float(), None if pooled is None else pooled.float()
+            check_finite(table.source, "data", data, [table.tags[i] for i in ids.tolist()])
+        return cls(ids=ids, data=data, special=table.special, pooled=pooled, null_pooled=table.null_pooled)
 
 
 def tokenize(

@@ -147,7 +147,7 @@ def check_finite(path: str | os.PathLike | None, name: str, tensor: torch.Tensor
                                          "use an earlier copy or checkpoint")
 
 
-def check_table(table, path: str | os.PathLike | None = None) -> None:
+def check_table(table, path: str | os.PathLike | None = None, scan_rows: bool = True) -> None:
     """Every check of a table that its constructor does not make: groups, anchors, sizes, finite values.
 
     :meth:`TagTable.save` runs it before writing (``path=None``) and :meth:`TagTable.load` after reading, so a
@@ -156,6 +156,8 @@ def check_table(table, path: str | os.PathLike | None = None) -> None:
     Args:
         table (`TagTable`): the table.
         path (`str` or `os.PathLike`, *optional*): the file it came from, named in the message.
+        scan_rows (`bool`, defaults to `True`): scan every tag row (and pooled row) for NaN / infinity; a table
+            opened memory-mapped checks the rows a prompt gathers instead.
 
     Raises:
         `TableFileError`: the first problem found.
@@ -192,12 +194,13 @@ def check_table(table, path: str | os.PathLike | None = None) -> None:
         if tuple(value.shape) != (table.num_anchors, table.width):
             raise fail(f"value source of {tag!r} has shape {tuple(value.shape)}, expected "
                        f"{(table.num_anchors, table.width)}")
-    check_finite(where, "data", table.data, table.tags)
+    if scan_rows:
+        check_finite(where, "data", table.data, table.tags)
     check_finite(where, "special", table.special, ["sink", "padding"])
     for tag, value in table.values.items():
         check_finite(where, "value source", value.unsqueeze(0), [tag])
     for name in ("pooled", "null_pooled"):
         tensor = getattr(table, name, None)
-        if tensor is not None:
+        if tensor is not None and (scan_rows or name == "null_pooled"):
             check_finite(where, name, tensor.reshape(1, -1) if tensor.dim() < 2 else tensor,
                          table.tags if name == "pooled" else None)

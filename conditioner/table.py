@@ -154,6 +154,7 @@ class TagTable:
     vectors: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
+        self.lazy = getattr(self, "lazy", False)  # rows memory-mapped from the file (TagTable.open)
         self._index = {name: i for i, name in enumerate(self.tags)}
         for name, count in self.vectors.items():
             missing = [n for n in [name] + extra_rows(name, count) if n not in self._index]
@@ -571,6 +572,21 @@ class TagTable:
             save_file(tensors, tmp, metadata=meta)
 
     @classmethod
+    def open(cls, path: str | os.PathLike) -> TagTable:
+        """Open a table file without reading its rows: ``data`` (and SDXL ``pooled``) are memory-mapped.
+
+        Listing tags, encoding a prompt and generating read only the pages of the rows they use, so a table larger
+        than memory opens in well under a second. Everything :meth:`load` checks is checked, except scanning every
+        row for NaN / infinity up front: the rows a prompt uses are checked when :func:`conditioner.encode`
+        gathers them. The mapped tensors are read-only views of the file (stored precision; gathered rows come back
+        as fp32); :meth:`load` the table to edit or train it.
+
+        Raises:
+            FileNotFoundError / TableFileError: as :meth:`load`.
+        """
+        return cls._read(path, "cpu", lazy=True)
+
+    @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> TagTable:
         """Load a table written by :meth:`save`; tensors stored as fp16 or bf16 come back as fp32.
 
@@ -579,18 +595,25 @@ class TagTable:
             TableFileError: (a ``ValueError``) the file is not a condvec table (not safetensors, truncated, missing or
                 broken metadata, shapes that contradict it), is from a newer condvec, or holds NaN/inf values.
         """
+        return cls._read(path, device, lazy=False)
+
+    @classmethod
+    def _read(cls, path: str | os.PathLike, device, lazy: bool) -> TagTable:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"table file {path!r} does not exist")
         header = check_safetensors(path)  # bounds-checked before safetensors allocates anything
+        mapped = ("data", "pooled") if lazy else ()
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 raw = (f.metadata() or {}).get(METADATA_KEY)
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys() if k not in mapped}
+            tensors |= {k: _mapped(path, header, k) for k in mapped if k in header}
         except (SafetensorError, OSError, ValueError) as err:
             message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
             raise TableFileError(f"{path!r} is not a readable .safetensors table ({message})") from None
-        tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tensors.items()}
+        tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) and k not in mapped else v
+                   for k, v in tensors.items()}
         if raw is None:
             raise TableFileError(f"{path!r} is a .safetensors file without condvec metadata — not a condvec table")
         try:
@@ -638,7 +661,8 @@ class TagTable:
         except (TypeError, AttributeError, IndexError, ValueError, OverflowError) as err:
             message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
             raise TableFileError(f"{path!r}: metadata contradicts the tensors or is malformed ({message})") from None
-        check_table(table, path)
+        table.lazy, table.source = lazy, path
+        check_table(table, path, scan_rows=not lazy)
         return table
 
     def __repr__(self) -> str:
@@ -656,6 +680,22 @@ def _storage_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if found is None:
         raise CondvecError(f"table storage dtype {dtype!r} is not supported: use one of {', '.join(_STORAGE)}")
     return found
+
+
+def _mapped(path: str, header: dict, name: str) -> torch.Tensor:
+    """A read-only memory map of one tensor of a safetensors file (private mapping: pages are read on use)."""
+    import struct
+
+    entry = header[name]
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[entry["dtype"]]
+    with open(path, "rb") as f:
+        base = 8 + struct.unpack("<Q", f.read(8))[0]
+    storage = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
+    offset = base + entry["data_offsets"][0]
+    size = torch.tensor([], dtype=dtype).element_size()
+    if offset % size:
+        raise TableFileError(f"{path!r}: tensor {name!r} is not aligned in the file; load() it instead of open()")
+    return torch.tensor([], dtype=dtype).set_(storage, offset // size, entry["shape"])
 
 
 def extra_rows(name: str, count: int) -> list[str]:

@@ -178,3 +178,30 @@ def test_table_for_unet_records_base_identity():
     unet = make_unet()
     table = table_for_unet(unet, tags=["a"], base_name="tiny-test")
     assert table.base_model["name"] == "tiny-test" and table.base_model["num_layers"] == 7
+
+
+def test_open_maps_rows_and_encodes_like_load(tmp_path):
+    """TagTable.open reads no rows up front; what a prompt encodes to is what a loaded table gives."""
+    from conditioner import encode
+    from conditioner.safefile import TableFileError
+
+    for dtype in ("fp32", "fp16", "bf16"):
+        table = TagTable.create(discover(make_unet()), tags=["red circle", "blue square", "cat"], init_std=1.0)
+        path = tmp_path / f"t-{dtype}.safetensors"
+        table.save(path, dtype=dtype)
+        opened, loaded = TagTable.open(path), TagTable.load(path)
+        assert opened.lazy and not loaded.lazy and opened.tags == loaded.tags
+        prompts = ["red circle, (cat:1.5)", "blue square", ""]
+        assert torch.equal(encode(opened, prompts), encode(loaded, prompts))
+    data = table.data.clone()
+    data[2, 0, 1] = float("nan")
+    table.data = data
+    from safetensors.torch import save_file
+
+    from conditioner.table import METADATA_KEY
+    save_file({"data": table.data, "special": table.special}, tmp_path / "nan.safetensors",
+              metadata={METADATA_KEY: json.dumps(table.metadata())})
+    opened = TagTable.open(tmp_path / "nan.safetensors")  # opening does not scan the rows
+    encode(opened, ["red circle"])
+    with pytest.raises(TableFileError, match="data of 'cat' holds NaN or infinite values"):
+        encode(opened, ["cat"])
