@@ -30,6 +30,9 @@ def _run(argv: list[str] | None) -> int:
     if argv[:1] == ["import"]:
         args = _import_parser().parse_args(argv[1:])
         print(_import(args))
+    elif argv[:1] == ["export"]:
+        args = _export_parser().parse_args(argv[1:])
+        print(_export(args))
     else:
         args = _parser().parse_args(argv)
         print(_bootstrap(args))
@@ -38,7 +41,8 @@ def _run(argv: list[str] | None) -> int:
 
 def _parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                              epilog=f"To import embedding files into a table: {PROG} import --help")
+                              epilog=f"Embedding files into a table: {PROG} import --help; a tag out as a "
+                                     f"textual-inversion file: {PROG} export --help")
     p.add_argument("model", metavar="MODEL", help="diffusers folder, or a .safetensors checkpoint with --config")
     p.add_argument("-o", "--output", required=True, metavar="TABLE", help="the table to write (.safetensors)")
     p.add_argument("--tags", metavar="FILE", help="tags, one per line (# starts a comment)")
@@ -67,6 +71,48 @@ def _import_parser() -> OneLineArgumentParser:
     p.add_argument("--in-place", action="store_true", help="rewrite TABLE")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     return p
+
+
+def _export_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog=f"{PROG} export", description="Write a tag as a textual-inversion embedding "
+                              "(A1111 / Forge / ComfyUI / diffusers load_textual_inversion), found through the "
+                              "model's own text encoder; prints how close it got.")
+    p.add_argument("table", metavar="TABLE", help="the table holding the tag (vector mode)")
+    p.add_argument("tag", metavar="TAG", help="the tag to export")
+    p.add_argument("--model", required=True, metavar="MODEL", help="the model the table was built for, with its text "
+                   "encoder(s)")
+    p.add_argument("--config", metavar="DIR", help="for a single-file MODEL: a local diffusers folder of its kind")
+    p.add_argument("--format", default="ti", choices=("ti",), help="ti: textual inversion (SDXL: clip_l + clip_g)")
+    p.add_argument("--steps", type=int, default=400, help="optimisation steps (default 400)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the embedding to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+    return p
+
+
+def _export(args) -> str:
+    if not args.output.endswith(".safetensors"):
+        raise UsageError(f"export: -o must be a .safetensors file, got {args.output!r}")
+    if os.path.exists(args.output) and not args.force:
+        raise UsageError(f"export: output {args.output!r} already exists; pass --force to overwrite it")
+    if not 1 <= args.steps <= 100_000:
+        raise UsageError(f"export: --steps must be between 1 and 100000, got {args.steps}")
+    import torch
+    from safetensors.torch import save_file
+
+    from bootstrap.export import export_embedding, modelspec
+    from bootstrap.load import load_model
+    from conditioner.fileio import atomic_path
+    from conditioner.table import TagTable
+
+    table = TagTable.load(args.table)
+    model = load_model(args.model, config=args.config)
+    tensors, report = export_embedding(model, table, args.tag, steps=args.steps)
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise UsageError("export: the optimisation diverged (non-finite embedding); nothing written")
+    with atomic_path(args.output) as tmp:
+        save_file(tensors, tmp, metadata=modelspec(model, args.tag))
+    return (f"wrote {args.output}: {args.tag!r} as textual inversion ({', '.join(tensors)}); its encoding is within "
+            f"{report.relative_error:.1%} of the tag's vector (cosine {report.cosine:.4f})")
 
 
 def _read_tags(args) -> list[str]:

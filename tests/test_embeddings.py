@@ -314,3 +314,43 @@ def test_xti_blocks_name_every_attn2_of_an_sd15_unet_in_order():
     forward_order = [n for n in attn2 if n.startswith("down")] + [n for n in attn2 if n.startswith("mid")] + [
         n for n in attn2 if n.startswith("up")]
     assert [f"{block}.transformer_blocks.0.attn2" for block in XTI_DIFFUSERS_BLOCKS.values()] == forward_order
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_exported_tag_loads_with_stock_load_textual_inversion(tmp_path, family, capsys):
+    """condvec-bootstrap export → diffusers' own load_textual_inversion → the encoder's output at the new token's
+    position is within the reported error of the tag's vector."""
+    import re
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+    from standins import make_sd15, make_sdxl
+
+    from bootstrap.cli import main
+    from bootstrap.load import load_model
+    from bootstrap.table import bootstrap_table
+
+    folder = (make_sd15 if family == "sd15" else make_sdxl)(tmp_path / "model")
+    table = bootstrap_table(load_model(folder), ["red", "blue hair"], groups="layers", progress=False)
+    table.save(tmp_path / "t.safetensors")
+    out = tmp_path / "blue.safetensors"
+    assert main(["export", str(tmp_path / "t.safetensors"), "blue hair", "--model", str(folder), "-o", str(out),
+                 "--steps", "300"]) == 0
+    line = capsys.readouterr().out
+    error = float(re.search(r"within ([\d.]+)% of the tag's vector", line).group(1)) / 100
+    tensors = load_file(out)
+    assert set(tensors) == ({"emb_params"} if family == "sd15" else {"clip_l", "clip_g"})
+    cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
+    pipe = cls.from_pretrained(folder, local_files_only=True, **({"safety_checker": None} if family == "sd15" else {}))
+    if family == "sd15":
+        pipe.load_textual_inversion(str(out), token="<blue>")
+    else:
+        pipe.load_textual_inversion(tensors["clip_l"], token="<blue>", text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(tensors["clip_g"], token="<blue>", text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    embeds = pipe.encode_prompt("<blue>", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    got, want = embeds[0, 1].float(), table.data[table.row("blue hair"), 0].reshape(len(table.group_names), -1)[0]
+    relative = float((got - want).norm() / want.norm())
+    assert relative <= error + 1e-3, (relative, error)
+    assert error < 0.5, f"the export got only within {error:.0%}"

@@ -1,0 +1,130 @@
+"""Concepts that leave condvec: a tag as a textual-inversion embedding for A1111 / Forge / ComfyUI / diffusers.
+
+A textual-inversion embedding is an *input* vector of the text encoder; a condvec tag is an *output* vector (what
+the UNet's cross-attention reads). :func:`export_embedding` finds the input embedding whose encoding — the prompt made
+of that one new token, through the model's own text encoder(s), exactly the path :func:`bootstrap.text.tag_vectors`
+reads tags from — comes closest to the tag's vector, by gradient descent on the embedding alone (the encoder is
+frozen), and reports how close it got. A per-layer table's groups are matched on average (one embedding feeds every
+layer); SDXL fits the ``clip_l`` and ``clip_g`` halves through their own encoders.
+
+Files: SD1.x / SD2.x ``{"emb_params": (1, H)}`` (the A1111 / kohya safetensors layout that diffusers'
+``load_textual_inversion`` reads too), SDXL ``{"clip_l": (1, 768), "clip_g": (1, 1280)}``; safetensors with
+ModelSpec metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from bootstrap.load import BaseModel
+from conditioner.errors import CondvecError
+from conditioner.table import TagTable
+
+
+@dataclass
+class ExportReport:
+    """How close the exported embedding's encoding is to the tag's vector."""
+
+    relative_error: float  # ||encoding - target|| / ||target||, over every part
+    cosine: float  # cosine similarity of encoding and target
+    steps: int
+
+
+def _target(table: TagTable, tag: str) -> torch.Tensor:
+    if table.mode != "vector":
+        raise CondvecError("only vector-mode tables export as textual inversion (a kv row holds each layer's K and "
+                           "V, not an encoder output): export from the vector table it was made from")
+    name = table.tags[table.row(tag)]
+    if table.vectors.get(name, 1) > 1:
+        raise CondvecError(f"{tag!r} has {table.vectors[name]} vectors; exporting multi-vector tags is not supported")
+    row = table.value_source(name) if table.is_split(name) else table.data[table.row(name)]
+    groups = row.float().mean(0).reshape(len(table.group_names), table.dim)  # anchors averaged: (G, D)
+    return groups.mean(0)  # one embedding feeds every layer: the groups' mean is what it can match best
+
+
+def _encode_one(encoder, ids: torch.Tensor, embedding: torch.Tensor, penultimate: bool) -> torch.Tensor:
+    """The encoder's output at position 1 for ``[BOS, <embedding>, EOS, pad…]``."""
+    token_embedding = encoder.get_input_embeddings()
+
+    def put(module, args, out):
+        out = out.clone()
+        out[:, 1] = embedding
+        return out
+
+    handle = token_embedding.register_forward_hook(put)
+    try:
+        out = encoder(ids, output_hidden_states=penultimate)
+    finally:
+        handle.remove()
+    states = out.hidden_states[-2] if penultimate else out[0]
+    return states[0, 1]
+
+
+def export_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 400, lr: float = 0.05,
+                     seed: int = 0) -> tuple[dict[str, torch.Tensor], ExportReport]:
+    """A textual-inversion embedding for ``tag`` of ``table`` (bootstrapped from, or trained on, ``model``).
+
+    Returns:
+        `(tensors, report)`: the file's tensors and how close their encoding is to the tag's vector.
+    """
+    if not model.text_encoders:
+        raise CondvecError("exporting a tag as textual inversion needs the model's text encoder(s): load the model "
+                           "folder with its text_encoder/ and tokenizer/")
+    target = _target(table, tag)
+    sdxl = model.family == "sdxl"
+    penultimate = sdxl
+    widths = [enc.config.hidden_size for enc in model.text_encoders]
+    if sum(widths) != target.numel() and widths[0] != target.numel():
+        raise CondvecError(f"the table's vectors are {target.numel()} wide, the model's encoder(s) give "
+                           f"{'+'.join(map(str, widths))}: export with the model the table was built for")
+    parts = torch.split(target, widths) if sdxl else [target]
+    gen = torch.Generator().manual_seed(seed)
+    tensors, errors, dots, norms = {}, [], [], []
+    for tokenizer, encoder, goal, key in zip(model.tokenizers, model.text_encoders, parts,
+                                             ("clip_l", "clip_g") if sdxl else ("emb_params",)):
+        encoder.requires_grad_(False)
+        length = tokenizer.model_max_length
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([[tokenizer.bos_token_id, pad, tokenizer.eos_token_id] + [pad] * (length - 3)])
+        # [BOS, x, EOS, pad…] as the tokenizer writes a one-token prompt; position 1 takes the embedding
+        weight = encoder.get_input_embeddings().weight.detach()
+        start = weight.mean(0) + 0.01 * weight.std(0) * torch.randn(weight.shape[1], generator=gen)
+        embedding = start.clone().requires_grad_(True)
+        opt = torch.optim.Adam([embedding], lr=lr * float(weight.std()))
+        goal = goal.to(weight.dtype)
+        for step in range(steps):
+            for group in opt.param_groups:  # cosine decay to a tenth
+                group["lr"] = lr * float(weight.std()) * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(
+                    step / steps * torch.pi)).item()))
+            out = _encode_one(encoder, ids, embedding, penultimate)
+            loss = (out - goal).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out = _encode_one(encoder, ids, embedding, penultimate)
+        errors.append(float((out - goal).pow(2).sum()))
+        norms.append(float(goal.pow(2).sum()))
+        dots.append((out, goal))
+        tensors[key] = embedding.detach().reshape(1, -1).contiguous()
+    out_all = torch.cat([o for o, _ in dots])
+    goal_all = torch.cat([g for _, g in dots])
+    report = ExportReport(relative_error=(sum(errors) / max(sum(norms), 1e-12)) ** 0.5,
+                          cosine=float(torch.nn.functional.cosine_similarity(out_all, goal_all, dim=0)), steps=steps)
+    return tensors, report
+
+
+def modelspec(model: BaseModel, tag: str) -> dict[str, str]:
+    """ModelSpec metadata (``modelspec.*``) for an exported embedding, as model browsers read it."""
+    import datetime
+
+    architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                    "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}.get(model.family,
+                                                                                                    model.family)
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/textual-inversion",
+            "modelspec.implementation": "https://github.com/AUTOMATIC1111/stable-diffusion-webui",
+            "modelspec.title": tag, "modelspec.date": datetime.date.today().isoformat(),
+            "condvec.source": json.dumps({"base": model.name, "tag": tag})}
