@@ -144,7 +144,7 @@ def build(cfg, acc: Accelerator) -> Setup:
     sample_prompts = list(cfg.output.sample_prompts) or _frequent_captions(items)
     if not cfg.output.sample_prompts:
         say(f"samples: no output.sample_prompts, so the grids show the dataset's most frequent captions: "
-            f"{shown(sample_prompts)}", flush=True)
+            f"{' | '.join(sample_prompts)}", flush=True)
     return Setup(unet, vae, noise_scheduler, table, existing_rows, train_special, unet_params, items, captions,
                  cache, resume_path, sample_prompts)
 
