@@ -30,6 +30,11 @@ def _next_steps(cfg, result: dict) -> str:
     out = cfg.output.dir
     lines = ["", "done. next (in the environment: source .venv/bin/activate):"]
     tags = [t for t in TagTable.load(table).tags if "#" not in t] if table else []
+    if table:  # the concepts the run's sample prompts lead with come first (they are what the run was about)
+        from conditioner.parse import parse_prompt
+
+        leading = [parse_prompt(p)[0].name for p in cfg.output.sample_prompts if parse_prompt(p)]
+        tags = [t for t in dict.fromkeys(leading) if t in tags] + [t for t in tags if t not in leading]
     if model and table:
         prompt = (list(cfg.output.sample_prompts) or [", ".join(tags[:2])])[0]
         extra = "" if result.get("model") else f" --table {table}"
