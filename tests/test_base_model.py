@@ -14,14 +14,17 @@ import torch
 from demo.detector import ATTRIBUTES, check_one, detect, match_two
 
 BASE = Path(__file__).resolve().parents[1] / "models" / "mini-sd"
-N = 8
+N = 8  # samples per one-object prompt
+N_TWO = 16  # samples per two-object prompt
 ONE = [("red", "circle", "large", "center", "white"), ("blue", "square", "small", "left", "black"),
        ("yellow", "triangle", "large", "right", "gray"), ("green", "circle", "small", "right", "white")]
 TWO = [((("red", "circle", "large", "left"), ("blue", "square", "small", "right")), "white"),
        ((("cyan", "square", "large", "left"), ("magenta", "triangle", "small", "right")), "gray")]
-# What the shipped model reaches on these prompts and seeds (measured: BENCHMARKS.md), with a margin of one or two
-# samples; a retrained model that falls below them fails here.
-MIN_SHAPE, MIN_ATTRIBUTE, MIN_ALL, MIN_BOUND = 0.80, 0.80, 0.60, 0.25
+# One-object prompts: the thresholds the model was built to (shape >= 90%, every attribute >= 85%); the shipped model
+# gets all 32 samples right. Two-object binding: the shipped model binds both colour-shape pairs in 14 of these 32
+# samples (44%; 48% over the benchmark's 48): short of the 70% it was aimed at (BENCHMARKS.md, "Miniature SD"), so
+# this guards the level it reached, with a margin of four samples.
+MIN_SHAPE, MIN_ATTRIBUTE, MIN_ALL, MIN_BOUND = 0.90, 0.85, 0.85, 10 / 32
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +38,8 @@ def pipe():
     return pipe
 
 
-def _sample(pipe, prompt):
-    return pipe(prompt, num_inference_steps=25, guidance_scale=3.0, num_images_per_prompt=N,
+def _sample(pipe, prompt, num: int = N):
+    return pipe(prompt, num_inference_steps=25, guidance_scale=3.0, num_images_per_prompt=num,
                 generator=torch.Generator().manual_seed(0)).images
 
 
@@ -79,7 +82,7 @@ def test_stock_pipeline_binds_colours_to_shapes_in_two_object_scenes(pipe):
         prompt = ", ".join(f"{c} {s}, {z} {s}, {s} on {p}" for c, s, z, p in objects)
         prompt += f", two objects, {background} background"
         wanted = [dict(zip(("colour", "shape", "size", "position"), o)) for o in objects]
-        for image in _sample(pipe, prompt):
+        for image in _sample(pipe, prompt, N_TWO):
             total += 1
             found = detect(image)
             if len(found["objects"]) == 2 and found["background"] == background:
