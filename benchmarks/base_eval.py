@@ -1,6 +1,6 @@
 """Attribute accuracy of a base model on prompts of known tags, read back by the detector.
 
-    python -m benchmarks.base_eval [--model models/tiny-base] [--guidance 3] [--steps 25] [--num 8]
+    python -m benchmarks.base_eval [--model models/mini-sd] [--table T] [--three-way WORK] [--guidance 3] [--num 8]
 
 One-object prompts: fraction of samples with each attribute right (and all of them). Two-object prompts: fraction
 of samples with two objects, and with both objects right in every attribute (binding: ``red circle, blue square``
@@ -127,6 +127,8 @@ def recovery(model: str, starts: list[float], num: int, guidance: float, steps: 
     Returns ``{start: {attribute: fraction kept}}``; start 0 is the images themselves.
     """
     pipe = TagDiffusionPipeline.from_pretrained(model)
+    if pipe.vae is not None:
+        raise SystemExit("--recovery noises images in pixel space: it runs on pixel-space bases (models/tiny-base)")
     unet, table = pipe.unet, pipe.table
     with tempfile.TemporaryDirectory() as tmp:
         records = generate_demo_dataset(tmp, num, size=unet.config.sample_size, seed=7, two_object_prob=0.0)
@@ -188,7 +190,7 @@ def three_way(model: str, guidance: float, steps: int, num: int, finetune_steps:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.base_eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="models/tiny-base")
+    parser.add_argument("--model", default="models/mini-sd")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--num", type=int, default=8)
