@@ -120,3 +120,25 @@ def test_ip_adapter_loaded_after_install_is_refused_in_one_line(setup):
     _load_ip_adapter(unet)
     with pytest.raises(ValueError, match="load_ip_adapter"):
         _run(unet, x, cond, added_cond_kwargs={"image_embeds": [torch.randn(2, 1, 12)]})
+
+
+def test_processors_replaced_after_install_run_plain_conditioning_and_refuse_packed(setup):
+    """The user's own processors (attention slicing, set_attn_processor) just run conditioning they can read; only
+    condvec-packed conditioning they would misread (per-layer groups, bias channel) is refused in one line."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet, table, cond, x = setup
+    single = TagTable.create(discover(unet), tags=["red", "blue"], groups="single", init_std=1.0, pad_to=6)
+    plain = encode(single, ["red, blue", ""])  # no weights: exactly cross_attention_dim wide
+    assert plain.shape[-1] == unet.config.cross_attention_dim
+    stock = _run(unet, x, plain)  # the unpatched UNet on that sequence
+    install(unet, table)
+    unet.set_attn_processor(AttnProcessor())  # on purpose, after install
+    assert not is_installed(unet)
+    torch.testing.assert_close(_run(unet, x, plain), stock, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot read this packed conditioning"):
+        _run(unet, x, cond)
+    unet.set_attention_slice(1)
+    torch.testing.assert_close(_run(unet, x, plain), stock, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="attention slicing: call unet_patch.install"):
+        _run(unet, x, cond)

@@ -76,7 +76,7 @@ def install(unet: torch.nn.Module, table: TagTable) -> None:
         processors[layer.name] = CondvecAttnProcessor(slices[layer.name], **_taken_over(attn.processor))
     _set(unet, processors)
     if _GUARD not in unet.__dict__:
-        unet.__dict__[_GUARD] = unet.register_forward_pre_hook(_guard)
+        unet.__dict__[_GUARD] = unet.register_forward_pre_hook(_guard, with_kwargs=True)
         # diffusers' own method refuses unknown processors with a message that names AttnProcessor2_0; say why
         unet.__dict__["set_default_attn_processor"] = _refuse_default
 
@@ -111,16 +111,28 @@ _HINTS = {
 
 
 def _guard(unet: torch.nn.Module, args, kwargs=None) -> None:
-    """Refuse to run a UNet on which condvec was installed and then silently replaced in some layers."""
-    replaced = [(name, attn.processor) for name, attn in _attn2_modules(unet).items() if not _is_condvec(attn)]
+    """Refuse to run condvec-packed conditioning through layers whose condvec processor was replaced since install.
+
+    Only what would be misread is refused: conditioning exactly ``cross_attention_dim`` wide (a single-group, tied
+    table without a bias channel, or any plain sequence) means the same to any processor, so the user's own
+    processors just run it (and :func:`is_installed` says false); wider, packed conditioning (per-layer groups, a
+    value part, the bias channel) is one line saying what to do.
+    """
+    replaced = [(name, attn) for name, attn in _attn2_modules(unet).items() if not _is_condvec(attn)]
     if not replaced:
         return
+    hidden = (kwargs or {}).get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    if isinstance(hidden, tuple):
+        hidden = hidden[0]
+    if torch.is_tensor(hidden) and all(hidden.shape[-1] == attn.to_k.in_features for _, attn in replaced):
+        return
+    replaced = [(name, attn.processor) for name, attn in replaced]
     name, processor = replaced[0]
     hint = next((h for cls, h in _HINTS.items() if isinstance(processor, cls)),
                 "set_attn_processor / set_default_attn_processor replaced them: call unet_patch.remove(unet) to use "
                 "the UNet without condvec, or unet_patch.install(unet, table) again")
     raise CondvecError(f"condvec's processors were replaced on {len(replaced)} attn2 layer(s) (first: {name} → "
-                     f"{type(processor).__name__}) — {hint}")
+                       f"{type(processor).__name__}), which cannot read this packed conditioning — {hint}")
 
 
 def remove(unet: torch.nn.Module) -> None:
