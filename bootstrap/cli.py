@@ -82,7 +82,8 @@ def _export_parser() -> OneLineArgumentParser:
     p.add_argument("--model", required=True, metavar="MODEL", help="the model the table was built for, with its text "
                    "encoder(s)")
     p.add_argument("--config", metavar="DIR", help="for a single-file MODEL: a local diffusers folder of its kind")
-    p.add_argument("--format", default="ti", choices=("ti",), help="ti: textual inversion (SDXL: clip_l + clip_g)")
+    p.add_argument("--format", default="ti", choices=("ti", "xti"),
+                   help="ti: textual inversion (SDXL: clip_l + clip_g); xti: kohya XTI, one embedding per block")
     p.add_argument("--steps", type=int, default=400, help="optimisation steps (default 400)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the embedding to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite an existing FILE")
@@ -106,12 +107,13 @@ def _export(args) -> str:
 
     table = TagTable.load(args.table)
     model = load_model(args.model, config=args.config)
-    tensors, report = export_embedding(model, table, args.tag, steps=args.steps)
+    tensors, report = export_embedding(model, table, args.tag, steps=args.steps, format=args.format)
     if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
         raise UsageError("export: the optimisation diverged (non-finite embedding); nothing written")
     with atomic_path(args.output) as tmp:
         save_file(tensors, tmp, metadata=modelspec(model, args.tag))
-    return (f"wrote {args.output}: {args.tag!r} as textual inversion ({', '.join(tensors)}); its encoding is within "
+    kind = "kohya XTI" if args.format == "xti" else "textual inversion"
+    return (f"wrote {args.output}: {args.tag!r} as {kind} ({len(tensors)} part(s)); its encoding is within "
             f"{report.relative_error:.1%} of the tag's vector (cosine {report.cosine:.4f})")
 
 

@@ -8,17 +8,20 @@ frozen), and reports how close it got. A per-layer table's groups are matched on
 layer); SDXL fits the ``clip_l`` and ``clip_g`` halves through their own encoders.
 
 Files: SD1.x / SD2.x ``{"emb_params": (1, H)}`` (the A1111 / kohya safetensors layout that diffusers'
-``load_textual_inversion`` reads too), SDXL ``{"clip_l": (1, 768), "clip_g": (1, 1280)}``; safetensors with
-ModelSpec metadata.
+``load_textual_inversion`` reads too), SDXL ``{"clip_l": (1, 768), "clip_g": (1, 1280)}``, kohya XTI
+``{"IN01": (1, H), …, "OUT11": (1, H)}`` (one embedding per cross-attention block, fitted to that block's vector);
+safetensors with ModelSpec metadata.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
 
+from bootstrap.embeddings import XTI_LAYERS
 from bootstrap.load import BaseModel
 from conditioner.errors import CondvecError
 from conditioner.table import TagTable
@@ -41,8 +44,7 @@ def _target(table: TagTable, tag: str) -> torch.Tensor:
     if table.vectors.get(name, 1) > 1:
         raise CondvecError(f"{tag!r} has {table.vectors[name]} vectors; exporting multi-vector tags is not supported")
     row = table.value_source(name) if table.is_split(name) else table.data[table.row(name)]
-    groups = row.float().mean(0).reshape(len(table.group_names), table.dim)  # anchors averaged: (G, D)
-    return groups.mean(0)  # one embedding feeds every layer: the groups' mean is what it can match best
+    return row.float().mean(0).reshape(len(table.group_names), table.dim)  # anchors averaged: (G, D)
 
 
 def _encode_one(encoder, ids: torch.Tensor, embedding: torch.Tensor, penultimate: bool) -> torch.Tensor:
@@ -63,58 +65,82 @@ def _encode_one(encoder, ids: torch.Tensor, embedding: torch.Tensor, penultimate
     return states[0, 1]
 
 
+def _fit(tokenizer, encoder, goal: torch.Tensor, steps: int, lr: float, gen: torch.Generator,
+         penultimate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input embedding whose one-token prompt encodes closest to ``goal``, and that encoding."""
+    encoder.requires_grad_(False)
+    length = tokenizer.model_max_length
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[tokenizer.bos_token_id, pad, tokenizer.eos_token_id] + [pad] * (length - 3)])
+    # [BOS, x, EOS, pad…] as the tokenizer writes a one-token prompt; position 1 takes the embedding
+    weight = encoder.get_input_embeddings().weight.detach()
+    start = weight.mean(0) + 0.01 * weight.std(0) * torch.randn(weight.shape[1], generator=gen)
+    embedding = start.clone().requires_grad_(True)
+    base_lr = lr * float(weight.std())
+    opt = torch.optim.Adam([embedding], lr=base_lr)
+    goal = goal.to(weight.dtype)
+    for step in range(steps):
+        for group in opt.param_groups:  # cosine decay to a tenth
+            group["lr"] = base_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        loss = (_encode_one(encoder, ids, embedding, penultimate) - goal).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = _encode_one(encoder, ids, embedding, penultimate)
+    return embedding.detach().reshape(1, -1).contiguous(), out
+
+
+def _report(pairs: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> ExportReport:
+    out = torch.cat([o.flatten() for o, _ in pairs])
+    goal = torch.cat([g.flatten().to(o.dtype) for o, g in pairs])
+    return ExportReport(relative_error=float((out - goal).norm() / goal.norm().clamp_min(1e-12)),
+                        cosine=float(torch.nn.functional.cosine_similarity(out, goal, dim=0)), steps=steps)
+
+
 def export_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 400, lr: float = 0.05,
-                     seed: int = 0) -> tuple[dict[str, torch.Tensor], ExportReport]:
-    """A textual-inversion embedding for ``tag`` of ``table`` (bootstrapped from, or trained on, ``model``).
+                     seed: int = 0, format: str = "ti") -> tuple[dict[str, torch.Tensor], ExportReport]:  # noqa: A002
+    """A textual-inversion (``format="ti"``) or kohya XTI (``"xti"``) embedding for ``tag`` of ``table``.
+
+    ``ti``: one embedding for every layer (a per-layer tag is matched on its groups' mean; SDXL fits ``clip_l``
+    and ``clip_g``). ``xti``: one embedding per kohya block (``IN01`` … ``OUT11``, SD1.x / SD2.x UNets with kohya's
+    16 cross-attention blocks), each fitted to the vector of that block's layer.
 
     Returns:
-        `(tensors, report)`: the file's tensors and how close their encoding is to the tag's vector.
+        `(tensors, report)`: the file's tensors and how close their encoding is to the tag's vectors.
     """
     if not model.text_encoders:
         raise CondvecError("exporting a tag as textual inversion needs the model's text encoder(s): load the model "
                            "folder with its text_encoder/ and tokenizer/")
-    target = _target(table, tag)
+    if format not in ("ti", "xti"):
+        raise CondvecError(f"export format must be 'ti' or 'xti', got {format!r}")
+    groups = _target(table, tag)  # (G, D)
     sdxl = model.family == "sdxl"
-    penultimate = sdxl
     widths = [enc.config.hidden_size for enc in model.text_encoders]
-    if sum(widths) != target.numel() and widths[0] != target.numel():
-        raise CondvecError(f"the table's vectors are {target.numel()} wide, the model's encoder(s) give "
+    if sum(widths) != groups.shape[1]:
+        raise CondvecError(f"the table's vectors are {groups.shape[1]} wide, the model's encoder(s) give "
                            f"{'+'.join(map(str, widths))}: export with the model the table was built for")
-    parts = torch.split(target, widths) if sdxl else [target]
     gen = torch.Generator().manual_seed(seed)
-    tensors, errors, dots, norms = {}, [], [], []
-    for tokenizer, encoder, goal, key in zip(model.tokenizers, model.text_encoders, parts,
-                                             ("clip_l", "clip_g") if sdxl else ("emb_params",)):
-        encoder.requires_grad_(False)
-        length = tokenizer.model_max_length
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = torch.tensor([[tokenizer.bos_token_id, pad, tokenizer.eos_token_id] + [pad] * (length - 3)])
-        # [BOS, x, EOS, pad…] as the tokenizer writes a one-token prompt; position 1 takes the embedding
-        weight = encoder.get_input_embeddings().weight.detach()
-        start = weight.mean(0) + 0.01 * weight.std(0) * torch.randn(weight.shape[1], generator=gen)
-        embedding = start.clone().requires_grad_(True)
-        opt = torch.optim.Adam([embedding], lr=lr * float(weight.std()))
-        goal = goal.to(weight.dtype)
-        for step in range(steps):
-            for group in opt.param_groups:  # cosine decay to a tenth
-                group["lr"] = lr * float(weight.std()) * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(
-                    step / steps * torch.pi)).item()))
-            out = _encode_one(encoder, ids, embedding, penultimate)
-            loss = (out - goal).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            out = _encode_one(encoder, ids, embedding, penultimate)
-        errors.append(float((out - goal).pow(2).sum()))
-        norms.append(float(goal.pow(2).sum()))
-        dots.append((out, goal))
-        tensors[key] = embedding.detach().reshape(1, -1).contiguous()
-    out_all = torch.cat([o for o, _ in dots])
-    goal_all = torch.cat([g for _, g in dots])
-    report = ExportReport(relative_error=(sum(errors) / max(sum(norms), 1e-12)) ** 0.5,
-                          cosine=float(torch.nn.functional.cosine_similarity(out_all, goal_all, dim=0)), steps=steps)
-    return tensors, report
+    tensors, pairs = {}, []
+    if format == "xti":
+        if sdxl:
+            raise CondvecError("kohya XTI exists for SD1.x / SD2.x UNets only; export SDXL tags with --format ti")
+        blocks = {("MID" if layer.kohya == "M00" else layer.kohya): li for li, layer in enumerate(table.layers)}
+        if set(blocks) != set(XTI_LAYERS):
+            raise CondvecError("kohya XTI needs kohya's 16 cross-attention blocks (IN01 … OUT11); this UNet has "
+                               f"{len(table.layers)} attn2 layers named otherwise: export with --format ti")
+        for name in XTI_LAYERS:
+            goal = groups[table.layer_group[blocks[name]]]
+            tensors[name], out = _fit(model.tokenizers[0], model.text_encoders[0], goal, steps, lr, gen, False)
+            pairs.append((out, goal))
+        return tensors, _report(pairs, steps)
+    target = groups.mean(0)  # one embedding feeds every layer: the groups' mean is what it can match best
+    parts = torch.split(target, widths) if sdxl else [target]
+    keys = ("clip_l", "clip_g") if sdxl else ("emb_params",)
+    for tokenizer, encoder, goal, key in zip(model.tokenizers, model.text_encoders, parts, keys):
+        tensors[key], out = _fit(tokenizer, encoder, goal, steps, lr, gen, sdxl)
+        pairs.append((out, goal))
+    return tensors, _report(pairs, steps)
 
 
 def modelspec(model: BaseModel, tag: str) -> dict[str, str]:

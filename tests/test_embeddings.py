@@ -354,3 +354,33 @@ def test_exported_tag_loads_with_stock_load_textual_inversion(tmp_path, family, 
     relative = float((got - want).norm() / want.norm())
     assert relative <= error + 1e-3, (relative, error)
     assert error < 0.5, f"the export got only within {error:.0%}"
+
+
+def test_exported_xti_imports_back_within_the_reported_error(tmp_path, capsys):
+    """--format xti writes kohya's 16 blocks; importing that file back through the same encoder gives each layer's
+    vector within the reported error of the tag's own."""
+    import re
+
+    from standins import make_sd15
+
+    from bootstrap.cli import main
+    from bootstrap.load import load_model
+    from bootstrap.table import bootstrap_table
+    from conditioner.table import TagTable
+
+    folder = make_sd15(tmp_path / "model")
+    table = bootstrap_table(load_model(folder), ["red", "blue hair"], groups="layers", progress=False)
+    rows = table.row("blue hair")
+    table.data[rows] += 0.3 * torch.randn(table.data[rows].shape, generator=torch.Generator().manual_seed(0))
+    table.save(tmp_path / "t.safetensors")
+    out = tmp_path / "blue-xti.safetensors"
+    assert main(["export", str(tmp_path / "t.safetensors"), "blue hair", "--model", str(folder), "--format", "xti",
+                 "-o", str(out), "--steps", "300"]) == 0
+    error = float(re.search(r"within ([\d.]+)% of the tag's vector", capsys.readouterr().out).group(1)) / 100
+    assert main(["import", str(tmp_path / "t.safetensors"), str(out), "--name", "blue again", "--model", str(folder),
+                 "-o", str(tmp_path / "back.safetensors")]) == 0
+    back = TagTable.load(tmp_path / "back.safetensors")
+    got, want = back.data[back.row("blue again")], table.data[rows]
+    relative = float((got - want).norm() / want.norm())
+    assert relative <= error + 1e-3, (relative, error)
+    assert error < 0.5
