@@ -182,7 +182,10 @@ def _restore_optimizer(opt: torch.optim.Optimizer, params: list[torch.nn.Paramet
                             "step": torch.tensor(float(tensors[f"opt.{i}.step"][0]))}
 
 
-def _latest(folder: Path) -> Path | None:
+def _latest(folder: Path, create: bool = False) -> Path | None:
+    """The folder's newest checkpoint (``create``: make the folder first)."""
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     found = sorted(folder.glob("step-*.safetensors"))
     return found[-1] if found else None
 
@@ -218,9 +221,7 @@ def train_vae(work: Path, steps: int, batch: int, lr: float, num: int, kl_weight
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     folder = work / "vae"
-    folder.mkdir(parents=True, exist_ok=True)
-    start = 0
-    last = _latest(folder)
+    start, last = 0, _latest(folder, create=True)
     if last is not None:
         tensors, meta = _load_state(last)
         vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -373,15 +374,12 @@ def train_unet(work: Path, steps: int, batch: int, lr: float, lr_text: float, nu
     ema = [p.detach().clone() for p in params]
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one",)})
     alphas = sched.alphas_cumprod
-    folder = work / "unet"
-    snaps = work / "snapshots"
-    folder.mkdir(parents=True, exist_ok=True)
-    start = 0
-    last = _latest(folder)
+    folder, snaps = work / "unet", work / "snapshots"
+    start, last = 0, _latest(folder, create=True)
     if last is not None:
         tensors, meta = _load_state(last)
         unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
-        text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")}, strict=False)
+        text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
         for i, e in enumerate(ema):
             e.copy_(tensors[f"ema.{i}"])
         _restore_optimizer(opt, params, tensors)
@@ -451,7 +449,7 @@ def export(work: Path, out: Path, ema: bool = True, checkpoint: Path | None = No
     tokenizer = load_tokenizer(work / "tokenizer")
     unet, text = build_unet_and_text(len(tokenizer), unet_config(work))
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
-    text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")}, strict=False)
+    text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
     if ema:
         with torch.no_grad():
             for p, i in zip([*unet.parameters(), *text.parameters()], range(10**9)):
