@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_unet
 from safetensors.torch import save_file
+from testkit import make_unet
 
 from conditioner.safefile import TableFileError, check_safetensors
 from conditioner.table import FORMAT_VERSION, METADATA_KEY, TagTable

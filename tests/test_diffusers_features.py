@@ -3,9 +3,9 @@ Each one works with a per-layer table or is refused in one line — never a sile
 
 import pytest
 import torch
-from conftest import make_unet
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection
+from testkit import make_unet
 
 from conditioner import TagTable, encode
 from unet_patch import discover, install, is_installed, remove

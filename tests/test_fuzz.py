@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_unet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testkit import make_unet
 
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.safefile import TableFileError

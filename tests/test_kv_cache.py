@@ -1,7 +1,7 @@
 """Constant conditioning: K and V projected once per call give the same outputs as recomputing them."""
 
 import torch
-from conftest import make_unet
+from testkit import make_unet
 
 from conditioner import TagTable, encode
 from unet_patch import TagDiffusionPipeline, discover, patched

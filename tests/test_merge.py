@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import capture_kv_inputs, make_unet
+from testkit import capture_kv_inputs, make_unet
 
 from conditioner import TagTable, encode
 from merge import blend, combine, drop, extract, mix, parse_weights, rename, select_groups, swap

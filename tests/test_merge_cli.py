@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_unet
+from testkit import make_unet
 
 from conditioner import TagTable
 from merge import blend, combine, drop, extract, mix, rename, swap

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_unet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testkit import make_unet
 
 from conditioner import TagTable
 from conditioner.safefile import TableFileError

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import capture_kv_inputs, make_unet
+from testkit import capture_kv_inputs, make_unet
 
 from conditioner import TableMismatchError, encode
 from unet_patch import discover, install, is_installed, patched, remove, table_for_unet

@@ -4,8 +4,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_unet
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
+from testkit import make_unet
 
 from conditioner import TagTable
 from unet_patch import TagDiffusionPipeline, is_installed, table_for_unet

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_unet
+from testkit import make_unet
 
 from conditioner import TagTable, encode
 from conditioner.encode import encode_pooled

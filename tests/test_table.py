@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_unet
 from safetensors.torch import save_file
+from testkit import make_unet
 
 from conditioner import TagNormalization, TagTable, encode, tokenize
 from unet_patch import discover, table_for_unet
