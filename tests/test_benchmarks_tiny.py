@@ -1,0 +1,13 @@
+"""The benchmarks behind BENCHMARKS.md run at a tiny size, so they cannot rot."""
+
+import json
+
+
+def test_open_speed_runs_and_open_reads_less_than_load(tmp_path, capsys):
+    from benchmarks.open_speed import main
+
+    assert main(["--tags", "2000", "--layers", "4", "--dim", "2048", "--dir", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["open"]["shape"] == result["load"]["shape"]
+    assert result["open"]["peak_rss_mib"] + 30 < result["load"]["peak_rss_mib"]  # a 31 MiB file: load holds it twice
+    assert not list(tmp_path.iterdir()), "the synthetic table is removed"
