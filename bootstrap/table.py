@@ -113,9 +113,8 @@ def _check_distinct_ids(model: BaseModel, names: list[str]) -> None:
         ids = tuple(tokenizer(name, truncation=True, max_length=tokenizer.model_max_length).input_ids)
         if ids in seen:
             raise CondvecError(f"the model's tokenizer gives {seen[ids]!r} and {name!r} the same token ids "
-                               f"{list(ids)}: "
-                             "they would get the same vector; is the tokenizer (vocab.json, merges.txt) the model's "
-                             "own?")
+                               f"{list(ids)}: they would get the same vector; is the tokenizer (vocab.json, "
+                               "merges.txt) the model's own?")
         seen[ids] = name
 
 
@@ -157,7 +156,7 @@ def import_embedding(table: TagTable, embedding: Embedding, name: str, model: Ba
         return rows
     if model is None:
         raise CondvecError(f"{embedding.format} holds input-space vectors: they must go through the model's text "
-                         "encoder (pass the model, --model MODEL)")
+                           "encoder (pass the model, --model MODEL)")
     if embedding.kind == "input":
         vectors = _through_encoders(model, [embedding.clip_l, embedding.clip_g])
         rows = table.add_tags([name], vectors=vectors.shape[0])
@@ -172,10 +171,10 @@ def _through_encoders(model: BaseModel, inputs: list[torch.Tensor | None]) -> to
     needed = 2 if sdxl else 1
     if len(model.text_encoders) < needed:
         raise CondvecError(f"model {model.name!r} was loaded without its text encoder(s): they are needed to import "
-                         "input-space embeddings")
+                           "input-space embeddings")
     if sum(v is not None for v in inputs[:needed]) != needed:
         raise CondvecError("an SDXL model needs both clip_l and clip_g vectors" if sdxl else
-                         "this embedding has no vectors for the model's text encoder (clip_l)")
+                           "this embedding has no vectors for the model's text encoder (clip_l)")
     outs = [encode_input_embedding(enc, tok, vec, hidden_layer=-2 if sdxl else None)
             for enc, tok, vec in zip(model.text_encoders, model.tokenizers, inputs[:needed])]
     return torch.cat(outs, -1).float()
@@ -187,7 +186,7 @@ def _import_xti(table: TagTable, embedding: Embedding, name: str, model: BaseMod
     for layer in table.layers:
         if layer.kohya not in by_kohya:
             raise CondvecError(f"XTI file has no vectors for layer {layer.short} (kohya {layer.kohya}); it fits "
-                             "SD1.x UNets, whose 16 layers are IN01 … OUT11")
+                               "SD1.x UNets, whose 16 layers are IN01 … OUT11")
         per_layer.append(_through_encoders(model, [by_kohya[layer.kohya], None]))  # (N, D)
     count = per_layer[0].shape[0]
     rows = table.add_tags([name], vectors=count)

@@ -93,9 +93,9 @@ def _check_encoders(model: BaseModel) -> None:
     expected = 2 if model.family == "sdxl" else 1
     if len(model.text_encoders) != expected or len(model.tokenizers) != expected:
         raise CondvecError(f"model {model.name!r} ({model.family}) has {len(model.text_encoders)} text encoder(s) "
-                         f"loaded, {expected} needed to bootstrap: load it with with_text_encoders=True from a folder "
-                         "(or config folder) that has text_encoder/ + tokenizer/"
-                         + (" and text_encoder_2/ + tokenizer_2/" if expected == 2 else ""))
+                           f"loaded, {expected} needed to bootstrap: load it with with_text_encoders=True from a "
+                           "folder (or config folder) that has text_encoder/ + tokenizer/"
+                           + (" and text_encoder_2/ + tokenizer_2/" if expected == 2 else ""))
 
 
 def _tokenize(tokenizer, prompts: list[str]) -> dict:
@@ -125,7 +125,7 @@ def _encode(model: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.T
         ids.append(inputs.input_ids)
     if pooled is None:
         raise CondvecError(f"model {model.name!r}: neither SDXL text encoder has a projection (text_embeds); "
-                         "text_encoder_2 must be a CLIPTextModelWithProjection")
+                           "text_encoder_2 must be a CLIPTextModelWithProjection")
     embeds = torch.cat(states, dim=-1).to(dtype=model.text_encoders[-1].dtype)
     return embeds, pooled, ids
 
@@ -221,7 +221,7 @@ def tag_vectors(model: BaseModel, tags: list[str], tokens_per_tag: int = 1, batc
         eos = [(tok_ids[:, 1:] == eos_id).int().argmax(dim=1) + 1 for tok_ids, eos_id in zip(ids, eos_ids)]
         if any(not torch.equal(eos[0], other) for other in eos[1:]):
             raise CondvecError(f"model {model.name!r}: its two tokenizers split some of these tags into different "
-                             "numbers of tokens; the SDXL tokenizers must share a vocabulary")
+                               "numbers of tokens; the SDXL tokenizers must share a vocabulary")
         batch_positions = torch.tensor([tag_positions(int(e) - 1, tokens_per_tag) for e in eos[0]],
                                        dtype=torch.long).reshape(len(batch), tokens_per_tag)
         rows = torch.arange(len(batch)).unsqueeze(1)  # (B, 1)

@@ -60,7 +60,7 @@ def comfy_layers(diffusion_model: torch.nn.Module) -> dict[BlockKey, LayerSpec]:
     needed = ("input_blocks", "output_blocks", "num_res_blocks")
     if not all(hasattr(diffusion_model, name) for name in needed):
         raise CondvecError(f"condvec needs a UNet model (SD1.x / SD2.x / SDXL); this MODEL's diffusion model is a "
-                         f"{type(diffusion_model).__name__}")
+                           f"{type(diffusion_model).__name__}")
     res_blocks = list(diffusion_model.num_res_blocks)
     places: dict[tuple[str, int], str] = {}  # (kind, id) → diffusers attention prefix
     block_id = 0
@@ -153,7 +153,7 @@ class CondvecAttn2Patch:
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
             raise CondvecError("this condvec table has timestep anchors, but ComfyUI passed no sigmas to the "
-                             "attention: sample through a KSampler (or pass transformer_options['sigmas'])")
+                               "attention: sample through a KSampler (or pass transformer_options['sigmas'])")
         return self.model_sampling.timestep(sigmas).float()
 
     def __call__(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
@@ -161,8 +161,7 @@ class CondvecAttn2Patch:
         reader = self.readers.get(key)
         if reader is None:
             raise CondvecError(f"condvec: ComfyUI attention block {key} is not in the table's layers; "
-                               "re-apply condvec "
-                             "to this model")
+                               "re-apply condvec to this model")
         layer_slice: LayerSlice = reader.slice
         packed = context
         if len(self.anchors) > 1:

@@ -155,8 +155,7 @@ def _jsonl_captions(root: Path, images: list[str]) -> dict[str, str]:
                 raise CondvecError(f"{where}: file_name {record['file_name']!r} does not exist in "
                                    f"{root}")
             raise CondvecError(f"{where}: file_name {record['file_name']!r} is not an image with one of the "
-                               "extensions "
-                             f"{', '.join(IMAGE_EXTENSIONS)}")
+                               f"extensions {', '.join(IMAGE_EXTENSIONS)}")
         first_line[rel] = lineno
         captions[rel] = record["text"].strip()
     return captions

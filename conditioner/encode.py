@@ -263,7 +263,7 @@ def encode_pooled(table: TagTable, prompts: list[str] | str, lenient: bool = Fal
     """
     if table.pooled is None:
         raise CondvecError("this table has no pooled vectors: only SDXL-family tables (bootstrapped from an SDXL "
-                         "model or built for an SDXL UNet) carry them")
+                           "model or built for an SDXL UNet) carry them")
     return pack_pooled(tokenize(table, prompts, lenient=lenient, pad_to=None), table=table)
 
 

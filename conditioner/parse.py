@@ -145,7 +145,7 @@ def _scan(prompt: str) -> tuple[list[tuple[str, bool]], list[float]]:
             want = "(" if ch == ")" else "["
             if not stack or stack[-1][0][-1] != want:
                 raise CondvecError(f"unbalanced bracket {ch!r} at character {i + 1} of {prompt!r}: escape literal "
-                                 f"brackets as '\\{ch}'")
+                                   f"brackets as '\\{ch}'")
             kind, start = stack.pop()
             if kind.startswith("lit"):
                 chars.append((ch, False))
@@ -158,11 +158,11 @@ def _scan(prompt: str) -> tuple[list[tuple[str, bool]], list[float]]:
                 rest = prompt[i + 1:].lstrip(" ")
                 if rest and rest[0] not in ",)]:" and not rest.startswith("BREAK"):
                     raise CondvecError(f"emphasis must enclose whole tags: {prompt!r} continues a tag after "
-                                     f"'{ch}' at character {i + 1} (condvec weighs tags, not words)")
+                                       f"'{ch}' at character {i + 1} (condvec weighs tags, not words)")
         elif ch == ",":
             if stack and stack[-1][0].startswith("lit"):
                 raise CondvecError(f"unbalanced bracket {stack[-1][0][-1]!r} in a tag of {prompt!r}: escape literal "
-                                 "brackets as '\\(' and '\\)'")
+                                   "brackets as '\\(' and '\\)'")
             chars.append(_SEP)
             weights.append(1.0)
         else:
@@ -171,7 +171,7 @@ def _scan(prompt: str) -> tuple[list[tuple[str, bool]], list[float]]:
         i += 1
     if stack:
         raise CondvecError(f"unbalanced bracket {stack[-1][0][-1]!r} in {prompt!r}: close it, or escape literal "
-                         "brackets as '\\(' and '\\)'")
+                           "brackets as '\\(' and '\\)'")
     return chars, weights
 
 
@@ -182,7 +182,7 @@ def _group_weight(chars: list[tuple[str, bool]], start: int, kind: str, prompt: 
     if kind == "[":
         if colons or any(c == "|" and not esc for c, esc in inner):
             raise CondvecError(f"A1111 prompt editing '[a:b:when]' and alternation '[a|b]' are not supported in "
-                             f"condvec prompts: {prompt!r}")
+                               f"condvec prompts: {prompt!r}")
         return 1.0 / EMPHASIS
     if colons:
         text = "".join(c for c, _ in inner[colons[-1] + 1:]).strip()
@@ -220,8 +220,9 @@ def parse_prompt(prompt: str, normalization: TagNormalization | None = None) -> 
         raise CondvecError(f"a prompt must be a string, got {type(prompt).__name__}")
     network = _NETWORK.search(prompt)
     if network:
-        raise CondvecError(f"{network.group(0)!r}: condvec has no LoRA / network loader in prompts; load LoRA weights "
-                         "into the UNet with diffusers' pipe.load_lora_weights(...) and leave them out of the prompt")
+        raise CondvecError(f"{network.group(0)!r}: condvec has no LoRA / network loader in prompts; load LoRA "
+                           "weights into the UNet with diffusers' pipe.load_lora_weights(...) and leave them out of "
+                           "the prompt")
     if _BREAK.search(prompt):
         if not _said_break:
             warnings.warn("BREAK (A1111's 75-token chunk break) only separates tags here: condvec prompts have no "
@@ -249,7 +250,7 @@ def parse_prompt(prompt: str, normalization: TagNormalization | None = None) -> 
         weight = tag_weights[0]
         if any(abs(w - weight) > 1e-12 * weight for w in tag_weights):
             raise CondvecError(f"emphasis must enclose whole tags: {body!r} has parts of different weights "
-                             "(condvec weighs tags, not words)")
+                               "(condvec weighs tags, not words)")
         if body.lower().startswith("embedding:") and not piece[9][1]:  # ComfyUI's syntax names a tag
             body = re.sub(r"\.(pt|safetensors|bin)$", "", body[len("embedding:"):].strip())
         name = normalization.apply(body)

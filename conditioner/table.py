@@ -169,13 +169,13 @@ class TagTable:
             raise CondvecError(f"table data has shape {tuple(self.data.shape)}, layout needs {expected}")
         if self.special.dim() != 3 or self.special.shape[0] < 2 or tuple(self.special.shape[1:]) != expected[1:]:
             raise CondvecError(f"special rows have shape {tuple(self.special.shape)}, expected (S >= 2, "
-                             f"{expected[1]}, {expected[2]})")
+                               f"{expected[1]}, {expected[2]})")
         if (self.pooled is None) != (self.null_pooled is None):
             raise CondvecError("pooled vectors need both per-tag rows and the null prompt's")
         if self.pooled is not None and (self.pooled.dim() != 2 or self.pooled.shape[0] != len(self.tags)
                                         or tuple(self.null_pooled.shape) != (self.pooled.shape[1],)):
             raise CondvecError(f"pooled vectors have shape {tuple(self.pooled.shape)} (null "
-                             f"{tuple(self.null_pooled.shape)}), expected ({len(self.tags)}, P) and (P,)")
+                               f"{tuple(self.null_pooled.shape)}), expected ({len(self.tags)}, P) and (P,)")
         if self.values and self.mode != "vector":
             raise CondvecError("split (key ≠ value) tags exist only in vector mode; a kv row holds its own K and V")
 
@@ -219,7 +219,7 @@ class TagTable:
         if mode == "vector" and len({layer.cross_dim for layer in layers}) > 1:
             dims = sorted({layer.cross_dim for layer in layers})
             raise CondvecError(f"vector mode needs one cross_attention_dim for all layers, this UNet has {dims}: "
-                             "use mode='kv'")
+                               "use mode='kv'")
         if mode == "kv":
             group_names, layer_group, kind = [layer.short for layer in layers], list(range(len(layers))), "kv"
         else:
@@ -394,8 +394,8 @@ class TagTable:
             owner = self.vector_owner(self.normalization.apply(n))
             if owner is not None:
                 raise CondvecError(f"{n!r} is one vector of the multi-vector tag {owner!r} "
-                                 f"({self.vectors[owner]} vectors): {verb} {owner!r} instead, its vectors move "
-                                 "together")
+                                   f"({self.vectors[owner]} vectors): {verb} {owner!r} instead, its vectors move "
+                                   "together")
 
     def remove_tags(self, names: list[str]) -> None:
         """Remove tags and all their data (rows of every vector, split value sources, counts).
@@ -565,7 +565,7 @@ class TagTable:
             too_big = [name for name, t in parts.items() if t.numel() and float(t.detach().abs().max()) > 65504.0]
             if too_big:
                 raise CondvecError(f"table {too_big[0]} holds values beyond fp16's range (±65504): save with "
-                                 "dtype='bf16' or 'fp32'")
+                                   "dtype='bf16' or 'fp32'")
         tensors = {name: t.detach().to("cpu", storage).contiguous() for name, t in parts.items()}
         meta = {METADATA_KEY: json.dumps(self.metadata())}
         with atomic_path(path) as tmp:

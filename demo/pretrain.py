@@ -182,6 +182,11 @@ def _restore_optimizer(opt: torch.optim.Optimizer, params: list[torch.nn.Paramet
                             "step": torch.tensor(float(tensors[f"opt.{i}.step"][0]))}
 
 
+def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One model's state dict out of a checkpoint: the tensors named ``PREFIX.…``, without the prefix."""
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
 def _latest(folder: Path, create: bool = False) -> Path | None:
     """The folder's newest checkpoint (``create``: make the folder first)."""
     if create:
@@ -224,7 +229,7 @@ def train_vae(work: Path, steps: int, batch: int, lr: float, num: int, kl_weight
     start, last = 0, _latest(folder, create=True)
     if last is not None:
         tensors, meta = _load_state(last)
-        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        vae.load_state_dict(_part(tensors, "model"))
         _restore_optimizer(opt, params, tensors)
         start = meta["step"]
         log(f"vae: resumed at step {start} from {last.name}")
@@ -266,7 +271,7 @@ def load_trained_vae(work: Path):
         raise CondvecError(f"no VAE checkpoint in {work / 'vae'}; run `python -m demo.pretrain vae` first")
     tensors, meta = _load_state(last)
     vae = build_vae()
-    vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    vae.load_state_dict(_part(tensors, "model"))
     vae.requires_grad_(False).eval()
     if "scaling_factor" in meta:
         vae.register_to_config(scaling_factor=meta["scaling_factor"])
@@ -294,7 +299,7 @@ def unet_config(work: Path, channels: tuple[int, ...] | None = None) -> dict:
         saved = json.loads(path.read_text())
         if channels is not None and tuple(saved["block_out_channels"]) != tuple(channels):
             raise CondvecError(f"{work} was started with --channels {','.join(map(str, saved['block_out_channels']))}"
-                             f"; use a new --work folder for other widths")
+                               f"; use a new --work folder for other widths")
         return UNET_CONFIG | saved
     config = dict(UNET_CONFIG)
     if channels is not None:
@@ -378,8 +383,8 @@ def train_unet(work: Path, steps: int, batch: int, lr: float, lr_text: float, nu
     start, last = 0, _latest(folder, create=True)
     if last is not None:
         tensors, meta = _load_state(last)
-        unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
-        text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
+        unet.load_state_dict(_part(tensors, "unet"))
+        text.load_state_dict(_part(tensors, "text"))
         for i, e in enumerate(ema):
             e.copy_(tensors[f"ema.{i}"])
         _restore_optimizer(opt, params, tensors)
@@ -448,11 +453,11 @@ def export(work: Path, out: Path, ema: bool = True, checkpoint: Path | None = No
     tensors, meta = _load_state(checkpoint)
     tokenizer = load_tokenizer(work / "tokenizer")
     unet, text = build_unet_and_text(len(tokenizer), unet_config(work))
-    unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
-    text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
+    unet.load_state_dict(_part(tensors, "unet"))
+    text.load_state_dict(_part(tensors, "text"))
     if ema:
         with torch.no_grad():
-            for p, i in zip([*unet.parameters(), *text.parameters()], range(10**9)):
+            for i, p in enumerate([*unet.parameters(), *text.parameters()]):
                 p.copy_(tensors[f"ema.{i}"])
     vae, _ = load_trained_vae(work)
     with atomic_dir(out) as tmp_name:

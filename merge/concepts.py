@@ -75,15 +75,15 @@ def blend(
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise CondvecError(f"tag {', '.join(map(repr, repeated))} appears more than once in the blend; "
-                         "give each tag once with its total weight")
+                           "give each tag once with its total weight")
     weights = [weight for _, weight in terms]
     if slerp:
         if len(terms) != 2:
             raise CondvecError(f"slerp interpolates between exactly two tags, got {len(terms)} terms; "
-                             "use a linear blend for more")
+                               "use a linear blend for more")
         if not math.isclose(weights[0] + weights[1], 1.0, abs_tol=1e-6):
             raise CondvecError(f"slerp weights must sum to 1 ((1 - t)*a + t*b), got {weights[0]:g} + {weights[1]:g} = "
-                             f"{weights[0] + weights[1]:g}; use a linear blend to scale")
+                               f"{weights[0] + weights[1]:g}; use a linear blend to scale")
     groups = select_groups(table, layers)
     out, new_name = _output(table, new, overwrite)
     keys = [table.data[table.row(n)] for n in names]  # each (A, W)
@@ -161,7 +161,7 @@ def swap(
     if rest == "tied" and table.mode == "kv":
         raise CondvecError("rest='tied' ties the key concept's key source to to_v, which exists only in vector "
                            "mode; in "
-                         "key/value mode every row holds its own K and V: use rest='key' or rest='value'")
+                           "key/value mode every row holds its own K and V: use rest='key' or rest='value'")
     key_name, value_name = _resolve(table, [key, value])
     groups = select_groups(table, layers)
     out, new_name = _output(table, new, overwrite)
@@ -272,7 +272,7 @@ def _output(table: TagTable, new: str, overwrite: bool) -> tuple[TagTable, str]:
         raise CondvecError("the new tag name must not be empty")
     if name in table and not overwrite:
         raise CondvecError(f"tag {name!r} already exists (pass overwrite=True, or --force on the command line, to "
-                         "replace it)")
+                           "replace it)")
     return table.copy(), name
 
 

@@ -98,18 +98,18 @@ def _resolve_item(table: TagTable, item: str) -> tuple[set[int], set[int]]:
             raise CondvecError(f"layer spec range {item!r} runs backwards; write it low-high, e.g. '{hi}-{lo}'")
         if hi >= num_groups:
             raise CondvecError(f"layer spec item {item!r}: group index {hi} is out of range, this table has groups "
-                             f"0-{num_groups - 1}")
+                               f"0-{num_groups - 1}")
         return set(range(lo, hi + 1)), set()
 
     ends = [part.strip() for part in item.split("-")]
     if len(ends) == 2 and all(_KOHYA.match(end) for end in ends):
         if not all(layer.kohya for layer in table.layers):
             raise CondvecError(f"layer spec item {item!r}: this table's layers have no kohya names (only SD1.x-shaped "
-                             f"UNets with one transformer block per attention have them); {_describe(table)}")
+                               f"UNets with one transformer block per attention have them); {_describe(table)}")
         lo, hi = (_kohya_key(end) for end in ends)
         if lo > hi:
             raise CondvecError(f"layer spec range {item!r} runs backwards; kohya order is IN00 … IN11, M00, "
-                             f"OUT00 … OUT11")
+                               f"OUT00 … OUT11")
         return set(), {i for i, layer in enumerate(table.layers) if lo <= _kohya_key(layer.kohya) <= hi}
 
     whole = {g for g, name in enumerate(table.group_names) if _glob(name, item)}

@@ -113,8 +113,7 @@ def rename(table: TagTable, old: str, new: str, overwrite: bool = False) -> TagT
     if new_name in table:
         if not overwrite:
             raise CondvecError(f"tag {new_name!r} already exists (pass overwrite=True, or --force on the command "
-                               f"line, "
-                             "to replace it)")
+                               "line, to replace it)")
         out.remove_tags([new_name])
     out.rename_tag(old_name, new_name)
     out.provenance.append({"op": "rename", "inputs": [old_name], "result": new_name, "old": old_name, "new": new_name})

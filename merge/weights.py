@@ -65,11 +65,11 @@ def _term(term: str, expression: str) -> tuple[str, float]:
     if len(parts) == 1:
         if parse_number(parts[0]) is not None:
             raise CondvecError(f"weight expression {expression!r}: term {term!r} is a number without a tag; "
-                             "write WEIGHT*TAG")
+                               "write WEIGHT*TAG")
         return parts[0], 1.0
     if len(parts) > 2:
         raise CondvecError(f"weight expression {expression!r}: term {term!r} has more than one '*'; write WEIGHT*TAG "
-                         "(to subtract, put spaces around '-': 'a - 0.5*b')")
+                           "(to subtract, put spaces around '-': 'a - 0.5*b')")
     left, right = parts
     left_number, right_number = parse_number(left), parse_number(right)
     if left_number is not None and right and right_number is None:
@@ -78,7 +78,7 @@ def _term(term: str, expression: str) -> tuple[str, float]:
         number, weight, name = right, right_number, left
     else:
         raise CondvecError(f"weight expression {expression!r}: term {term!r} must be WEIGHT*TAG with a finite number "
-                         "as WEIGHT and a tag name")
+                           "as WEIGHT and a tag name")
     if not math.isfinite(weight):
         raise CondvecError(f"weight expression {expression!r}: weight {number!r} is not a finite number")
     return name, weight

@@ -89,8 +89,8 @@ def check_fingerprint(path: str, cfg, world_size: int) -> None:
     if changed:
         shown = ", ".join(f"{k} ({saved.get(k)!r} → {now.get(k)!r})" for k in changed[:4])
         raise CondvecError(f"cannot resume {path}: the config changed: {shown}"
-                         + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
-                         + "; only output.* and training.steps (with lr_schedule=constant) may change on resume")
+                           + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+                           + "; only output.* and training.steps (with lr_schedule=constant) may change on resume")
 
 
 def resolve_resume(run_dir: str, resume: str) -> str:
@@ -214,7 +214,7 @@ def _check_finite_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CondvecError(f"checkpoint file {path!r} is damaged: {name} holds NaN or infinite values; resume "
-                             "from an earlier checkpoint (output.resume=PATH) or start the run again")
+                               "from an earlier checkpoint (output.resume=PATH) or start the run again")
 
 
 def save_trainer(trainer) -> str | None:
@@ -260,7 +260,7 @@ def restore_trainer(trainer, path: str) -> None:
                                            unet_optimizer=trainer.unet_optimizer)
     if table.tags != trainer.table.tags:
         raise CondvecError(f"checkpoint {path} has other tags than this run's data and table: "
-                         "resume with the same config and dataset")
+                           "resume with the same config and dataset")
     device = trainer.device
     trainer.table.data.copy_(table.data.to(device))
     trainer.table.special.copy_(table.special.to(device))

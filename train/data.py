@@ -121,8 +121,7 @@ def _repeats_of(rel: str, explicit: dict[str, int], default_repeats: int) -> int
             count = int(match.group(1))
             if count < 1:
                 raise CondvecError(f"repeat folder {folder!r} asks for {count} repeats; rename it "
-                                   "(N_name with N >= 1) "
-                                 f"or set repeats={{{folder!r}: N}}")
+                                   f"(N_name with N >= 1) or set repeats={{{folder!r}: N}}")
             return count
     return default_repeats
 
@@ -243,7 +242,7 @@ def scan_dataset(
     images = _find_images(base)
     if not images:
         raise CondvecError(f"no images found in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}, "
-                         "any case); check the path")
+                           "any case); check the path")
 
     use_jsonl = metadata == "jsonl" or (metadata == "auto" and (base / METADATA_FILE).is_file())
     jsonl_captions = _jsonl_captions(base, images) if use_jsonl else {}
@@ -255,7 +254,7 @@ def scan_dataset(
         if folder != "." and folder not in folders:
             shown = ", ".join(folders[:20]) + (f" and {len(folders) - 20} more" if len(folders) > 20 else "")
             raise CondvecError(f"repeats key {key!r} matches no folder with images in {root}; folders: "
-                             f"{shown or '(none: every image is directly in the root)'}")
+                               f"{shown or '(none: every image is directly in the root)'}")
         explicit[folder] = _check_repeat_count(value, f"repeats[{key!r}]")
 
     if use_jsonl:
@@ -284,7 +283,7 @@ def scan_dataset(
             if on_bad_image == "error":
                 hint = caption_hint if bad.category == _NO_CAPTION else "fix or remove the file"
                 raise CondvecError(f"image {rel} in {base}: {bad.reason}; {hint}, or set on_bad_image='skip' "
-                                 "(data.on_bad_image) to skip bad images") from None
+                                   "(data.on_bad_image) to skip bad images") from None
             logger.warning("skipping image %s: %s", rel, bad.reason)
             skipped[bad.category] += 1
             first_bad = first_bad or f"{rel}: {bad.reason}"
@@ -294,7 +293,7 @@ def scan_dataset(
     if not items:
         hint = caption_hint if set(skipped) == {_NO_CAPTION} else "fix the files named in the warnings"
         raise CondvecError(f"no usable images in {root}: all {len(images)} skipped ({_skip_counts(skipped)}; first "
-                         f"{first_bad}); {hint}")
+                           f"{first_bad}); {hint}")
     if skipped:
         logger.warning("skipped %d of %d images in %s: %s", sum(skipped.values()), len(images), base,
                        _skip_counts(skipped))

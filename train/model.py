@@ -162,8 +162,7 @@ def load_base(model_cfg, seed: int = 0) -> Base:
         noise_scheduler.register_to_config(prediction_type=str(model_cfg.prediction_type))
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise CondvecError(f"prediction_type {noise_scheduler.config.prediction_type!r} of the scheduler config "
-                           f"is not "
-                         "supported: set model.prediction_type to epsilon or v_prediction")
+                           "is not supported: set model.prediction_type to epsilon or v_prediction")
     return Base(unet, vae, noise_scheduler, table, name, text)
 
 
@@ -201,10 +200,10 @@ def load_single_file(path: str, config_dir: str) -> UNet2DConditionModel:
             missing, unexpected = unet.load_state_dict(load_file(path), strict=False)
         except RuntimeError as err:
             raise CondvecError(f"{path!r} does not match {config_dir}/config.json: "
-                             f"{str(err).splitlines()[-1].strip()}") from None
+                               f"{str(err).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise CondvecError(f"{path!r} does not match {config_dir}/config.json: {len(missing)} missing and "
-                             f"{len(unexpected)} unexpected keys (first: {(missing or unexpected)[0]})")
+                               f"{len(unexpected)} unexpected keys (first: {(missing or unexpected)[0]})")
         return unet
     return UNet2DConditionModel.from_single_file(path, config=config_dir, local_files_only=True)
 

@@ -108,7 +108,7 @@ def build(cfg, acc: Accelerator) -> Setup:
         base.text.free_text_encoders()  # bootstrap is over: CLIP is never run again
     if unet.config.get("addition_embed_type") == "text_time" and table.pooled is None:
         raise CondvecError("an SDXL UNet needs pooled vectors, and this table has none: start from the model folder "
-                         "with its text encoders (table.bootstrap: true) or from a table bootstrapped from it")
+                           "with its text encoders (table.bootstrap: true) or from a table bootstrapped from it")
     for prompt in cfg.output.sample_prompts:
         try:
             tokenize(table, [prompt])
@@ -220,12 +220,12 @@ def _generate_demo(cfg, acc: Accelerator) -> None:
                             attributes[key] = word
                 if len(attributes) != 3:
                     raise CondvecError(f"data.demo_concepts {concept!r}: name a size ({', '.join(demo_data.SIZES)}), "
-                                     f"a colour ({', '.join(demo_data.COLOURS)}) and a shape "
-                                     f"({', '.join(demo_data.SHAPES)})")
+                                       f"a colour ({', '.join(demo_data.COLOURS)}) and a shape "
+                                       f"({', '.join(demo_data.SHAPES)})")
                 folder = tag.replace(" ", "_")
                 if not folder or folder in (".", "..") or any(c in folder for c in "/\\") or ":" in folder:
                     raise CondvecError(f"data.demo_concepts tag {tag!r} names its folder below data.path: use a plain "
-                                     "name (no '/', '\\', ':' or '..')")
+                                       "name (no '/', '\\', ':' or '..')")
                 demo_data.generate_concept_dataset(os.path.join(d.path, folder), tag, attributes,
                                                    d.generate_demo, size=size, seed=cfg.training.seed + k)
         else:
@@ -276,7 +276,7 @@ def _convert_mode(cfg, table: TagTable, unet, log) -> TagTable:
         return table
     if str(wanted) == "vector":
         raise CondvecError("table.mode=vector, but the table is in key/value mode: its rows are each layer's K and V "
-                         "and cannot become vectors again; drop table.mode or start a new table")
+                           "and cannot become vectors again; drop table.mode or start a new table")
     log("table: converted to key/value mode through each layer's projections (table.mode=kv)", flush=True)
     return kv_table(table, unet)
 

@@ -43,7 +43,7 @@ def trackers(report_to: str) -> list[str]:
         package, available = _PACKAGES[name]
         if not available():
             raise CondvecError(f"output.report_to={report_to} needs the {package} package: pip install {package} "
-                             "(or set output.report_to=none)")
+                               "(or set output.report_to=none)")
     return names
 
 

@@ -83,7 +83,7 @@ def install(unet: torch.nn.Module, table: TagTable) -> None:
 
 def _refuse_default(*args, **kwargs):
     raise CondvecError("condvec is installed on this UNet: call unet_patch.remove(unet) first (it restores the "
-                     "processors that were there before), then set_default_attn_processor()")
+                       "processors that were there before), then set_default_attn_processor()")
 
 
 def _taken_over(processor) -> dict:
@@ -97,7 +97,7 @@ def _taken_over(processor) -> dict:
     if isinstance(processor, FusedAttnProcessor2_0):
         raise CondvecError("fused QKV projections (fuse_qkv_projections) cannot carry condvec's key and value "
                            "sources: "
-                         "call unet.unfuse_qkv_projections() first")
+                           "call unet.unfuse_qkv_projections() first")
     return {}
 
 

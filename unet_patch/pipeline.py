@@ -31,12 +31,12 @@ def check_device(device: str) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise CondvecError(f"--device {device!r} is not a torch device ({str(err).splitlines()[0]}); "
-                         "use cpu, cuda, cuda:1 or mps") from None
+                           "use cpu, cuda, cuda:1 or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if not available.get(dev.type, False):
         raise CondvecError(f"--device {device!r}: this torch build ({torch.__version__}) has no usable {dev.type} "
-                         "device; use --device cpu")
+                           "device; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise CondvecError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
 
@@ -146,7 +146,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
         if table.pooled is None:
             raise CondvecError("this UNet is SDXL-family (it needs pooled text embeddings) but the table has no "
                                "pooled "
-                             "vectors: bootstrap the table from the SDXL model (condvec-bootstrap)")
+                               "vectors: bootstrap the table from the SDXL model (condvec-bootstrap)")
         pooled = encode_pooled(table, prompts, lenient=lenient)  # (B, P)
         time_ids = torch.tensor([list(original_size or (height, width)) + list(crops_coords_top_left)
                                  + list(target_size or (height, width))], dtype=pooled.dtype)  # (1, 6)
@@ -159,7 +159,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
         expected = self.unet.add_embedding.linear_1.in_features - pooled.shape[1]
         if time_ids.shape[1] * self.unet.config.addition_time_embed_dim != expected:
             raise CondvecError(f"the table's pooled vectors have width {pooled.shape[1]}, which does not fit this "
-                             "UNet's add_embedding: use a table bootstrapped from this model")
+                               "UNet's add_embedding: use a table bootstrapped from this model")
         return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
 
     def _initial_latents(self, image, strength: float, shape, generator, device, dtype, num_inference_steps: int):
@@ -381,7 +381,7 @@ def load_components(model_dir: str, torch_dtype: torch.dtype | None = None):
         class_name = json.load(f).get("_class_name", "DDIMScheduler")
     if class_name not in SCHEDULER_CLASSES:
         raise CondvecError(f"scheduler class {class_name!r} in {config_path} is not one condvec runs; use one of "
-                         f"{', '.join(SCHEDULER_CLASSES)}")
+                           f"{', '.join(SCHEDULER_CLASSES)}")
     scheduler_cls = getattr(diffusers, class_name)
     scheduler = scheduler_cls.from_pretrained(scheduler_dir, local_files_only=True)
     vae = None

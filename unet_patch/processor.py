@@ -136,8 +136,8 @@ class CondvecAttnProcessor:
             encoder_hidden_states, ip_hidden_states = encoder_hidden_states
             if self.ip_adapter is None:
                 raise CondvecError("the UNet got IP-Adapter image embeddings, but condvec was installed before the "
-                                 "IP-Adapter was loaded: call unet_patch.install(unet, table) again after "
-                                 "load_ip_adapter")
+                                   "IP-Adapter was loaded: call unet_patch.install(unet, table) again after "
+                                   "load_ip_adapter")
             if ip_adapter_masks is not None:
                 raise CondvecError("IP-Adapter masks are not supported with condvec: leave ip_adapter_masks unset")
         residual = hidden_states
