@@ -127,8 +127,6 @@ def recovery(model: str, starts: list[float], num: int, guidance: float, steps: 
     Returns ``{start: {attribute: fraction kept}}``; start 0 is the images themselves.
     """
     pipe = TagDiffusionPipeline.from_pretrained(model)
-    if pipe.vae is not None:
-        raise SystemExit("--recovery noises images in pixel space: it runs on pixel-space bases (models/tiny-base)")
     unet, table = pipe.unet, pipe.table
     with tempfile.TemporaryDirectory() as tmp:
         records = generate_demo_dataset(tmp, num, size=unet.config.sample_size, seed=7, two_object_prob=0.0)
@@ -201,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="score CLIP, bootstrapped tables and fine-tuned tables (runs under WORK)")
     parser.add_argument("--finetune-steps", type=int, default=400)
     args = parser.parse_args(argv)
+    if args.recovery and (Path(args.model) / "vae").is_dir():
+        parser.error("--recovery noises images in pixel space: run it on a pixel-space base (--model "
+                     "models/tiny-base)")
     if args.three_way:
         print(json.dumps(three_way(args.model, args.guidance, args.steps, args.num, args.finetune_steps,
                                    args.three_way)))
