@@ -29,8 +29,11 @@ SCHEDULER_CLASSES = (
 )
 
 
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x epsilon", "sd2-v": "SD2.x v-prediction", "sdxl": "SDXL"}
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "pixel")
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x epsilon", "sd2-v": "SD2.x v-prediction", "sdxl": "SDXL",
+                "pixel": "pixel-space UNet"}
+#: Where a model folder keeps its own condvec table (condvec's CLIP-free models, ``TagDiffusionPipeline`` saves).
+TABLE_FILE = os.path.join("table", "table.safetensors")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # SD's training schedule, used when a model has no scheduler/ config (the same for SD1.x, SD2.x and SDXL).
 SD_DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -92,6 +95,9 @@ class BaseModel:
         path (`str`): the folder or checkpoint it was loaded from.
         force_zeros_for_empty_prompt (`bool`): the pipeline uses zeros (not the encoding of `""`) as the negative
             conditioning when no negative prompt is given (SDXL base's `model_index.json` setting).
+        table (`TagTable | None`): the folder's own condvec table (:data:`TABLE_FILE`), if it has one.
+        has_scheduler (`bool`): the folder has its own ``scheduler/`` config (otherwise ``scheduler`` is SD's
+            default schedule).
     """
 
     unet: Any
@@ -103,6 +109,8 @@ class BaseModel:
     name: str = ""
     path: str = ""
     force_zeros_for_empty_prompt: bool = False
+    table: Any | None = None
+    has_scheduler: bool = True
 
     @property
     def prediction_type(self) -> str:
@@ -128,7 +136,9 @@ def detect_family(unet_config: dict, scheduler_config: dict | None = None) -> st
       (real SDXL: cross-attention 2048 = CLIP-L 768 + OpenCLIP-bigG 1280);
     - otherwise `use_linear_projection=True` → SD2.x (real: cross-attention 1024), `"sd2-v"` when the scheduler
       predicts `v_prediction`, else `"sd2"`;
-    - otherwise → `"sd1"` (real: cross-attention 768, conv projections in the transformers).
+    - otherwise → `"sd1"` (real: cross-attention 768, conv projections in the transformers);
+    - a UNet with cross-attention from RGB to RGB (`in_channels == out_channels == 3`, no VAE) → `"pixel"`:
+      condvec's own CLIP-free pixel-space models (`models/tiny-base`, the built-ins).
 
     Args:
         unet_config (`dict`): the UNet's `config.json` (or `unet.config`).
@@ -152,6 +162,8 @@ def detect_family(unet_config: dict, scheduler_config: dict | None = None) -> st
         raise UnsupportedModelError("the UNet has no cross-attention blocks, so there is nothing for tags to "
                                     "condition; condvec supports SD1.x, SD2.x and SDXL text-to-image UNets")
     in_channels = config.get("in_channels", 4)
+    if in_channels == 3 and config.get("out_channels", 4) == 3 and config.get("addition_embed_type") is None:
+        return "pixel"
     if in_channels != 4:
         what = _IN_CHANNELS.get(in_channels, f"a UNet with in_channels={in_channels}")
         raise UnsupportedModelError(f"the model is {what}; condvec supports 4-channel latent text-to-image "
@@ -309,7 +321,7 @@ def _refuse_other_denoiser(folder: str) -> None:
 
 
 def load_model(path: str | os.PathLike, config: str | os.PathLike | None = None, with_text_encoders: bool = True,
-               torch_dtype: torch.dtype | None = None) -> BaseModel:
+               torch_dtype: torch.dtype | None = None, with_table: bool = True) -> BaseModel:
     """Load an SD1.x / SD2.x / SDXL base model from local files, never from the hub.
 
     Args:
@@ -322,6 +334,8 @@ def load_model(path: str | os.PathLike, config: str | os.PathLike | None = None,
         with_text_encoders (`bool`, *optional*, defaults to `True`): load the text encoders and tokenizers (needed
             to bootstrap a table; training and generation never run them).
         torch_dtype (`torch.dtype`, *optional*): dtype for the UNet, VAE and text encoders (default: as stored).
+        with_table (`bool`, *optional*, defaults to `True`): load the folder's own condvec table (:data:`TABLE_FILE`)
+            when it has one.
 
     Returns:
         `BaseModel`, with `family` from :func:`detect_family`.
@@ -349,10 +363,11 @@ def load_model(path: str | os.PathLike, config: str | os.PathLike | None = None,
         return _load_single_file(path, config, with_text_encoders, torch_dtype)
     if config is not None:
         raise ModelLoadError(f"config= is only for single-file checkpoints; {path!r} is a folder with its own configs")
-    return _load_folder(path, with_text_encoders, torch_dtype)
+    return _load_folder(path, with_text_encoders, torch_dtype, with_table)
 
 
-def _load_folder(folder: str, with_text_encoders: bool, torch_dtype: torch.dtype | None) -> BaseModel:
+def _load_folder(folder: str, with_text_encoders: bool, torch_dtype: torch.dtype | None,
+                 with_table: bool = True) -> BaseModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     _refuse_other_denoiser(folder)
@@ -373,10 +388,16 @@ def _load_folder(folder: str, with_text_encoders: bool, torch_dtype: torch.dtype
                                                 local_files_only=True)
     scheduler = _load_scheduler(folder)
     encoders, tokenizers = _load_text_encoders(folder, family, torch_dtype) if with_text_encoders else ([], [])
+    table = None
+    if with_table and os.path.isfile(os.path.join(folder, TABLE_FILE)):
+        from conditioner.table import TagTable
+
+        table = TagTable.load(os.path.join(folder, TABLE_FILE))
     return BaseModel(unet=unet.eval(), vae=vae.eval() if vae is not None else None, scheduler=scheduler,
                      text_encoders=encoders, tokenizers=tokenizers, family=family,
                      name=os.path.basename(os.path.normpath(folder)), path=folder,
-                     force_zeros_for_empty_prompt=_force_zeros(folder, family))
+                     force_zeros_for_empty_prompt=_force_zeros(folder, family), table=table,
+                     has_scheduler=scheduler_config is not None)
 
 
 def _has_weights(folder: str) -> bool:
@@ -416,7 +437,8 @@ def _load_single_file(path: str, config: str | os.PathLike | None, with_text_enc
             keys = list(f.keys())
             conv_in = next((k for k in ("model.diffusion_model.input_blocks.0.0.weight", "conv_in.weight")
                             if k in keys), None)
-            in_channels = f.get_slice(conv_in).get_shape()[1] if conv_in else None
+            shape = f.get_slice(conv_in).get_shape() if conv_in else []
+            in_channels = shape[1] if len(shape) == 4 else None
     if conv_in is None:
         if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
             raise UnsupportedModelError(f"{path!r} is a Stable Diffusion 3 checkpoint (MMDiT); condvec supports "
@@ -425,7 +447,7 @@ def _load_single_file(path: str, config: str | os.PathLike | None, with_text_enc
             raise UnsupportedModelError(f"{path!r} is a Flux checkpoint; condvec supports SD1.x, SD2.x and SDXL")
         raise ModelLoadError(f"{path!r} holds no UNet weights (no model.diffusion_model.input_blocks.0.0.weight or "
                              "conv_in.weight)")
-    if in_channels != unet_config.get("in_channels", 4):
+    if in_channels is not None and in_channels != unet_config.get("in_channels", 4):
         detect_family(dict(unet_config, in_channels=in_channels))  # names inpainting etc.
     if conv_in == "conv_in.weight":
         from safetensors.torch import load_file
@@ -458,7 +480,8 @@ def _load_single_file(path: str, config: str | os.PathLike | None, with_text_enc
             encoders, tokenizers = _load_text_encoders(root, family, torch_dtype)
     return BaseModel(unet=unet.eval(), vae=vae.eval() if vae is not None else None, scheduler=scheduler,
                      text_encoders=encoders, tokenizers=tokenizers, family=family, name=os.path.basename(path),
-                     path=path, force_zeros_for_empty_prompt=_force_zeros(root, family))
+                     path=path, force_zeros_for_empty_prompt=_force_zeros(root, family),
+                     has_scheduler=scheduler_config is not None)
 
 
 def _text_encoders_from_checkpoint(path: str, root: str, family: str, unet, torch_dtype: torch.dtype | None):

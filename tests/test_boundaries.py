@@ -86,3 +86,13 @@ def test_the_checks_see_violations():
               "help_text = 'also trains attn2 to_k/to_v'\n")
     assert _imports(source) == [(1, "merge"), (2, "train")]
     assert sorted(_projection_uses(source)) == [(4, "'attn2.to_v.weight'"), (4, ".to_k"), (5, "to_v_weight")]
+
+
+def test_one_model_loader():
+    """Only ``bootstrap/load.py`` reads model weights from disk (``from_pretrained`` / ``from_single_file`` of a
+    diffusers or transformers class): trainer, pipeline, CLIs and ComfyUI nodes all load through ``load_model``."""
+    loaders = re.compile(r"\b(?!TagDiffusionPipeline)\w+\.(from_pretrained|from_single_file)\(")
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for package in PACKAGES if package != "benchmarks"
+                 for path in _modules(package) if path != ROOT / "bootstrap" / "load.py"
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if loaders.search(line)]
+    assert offenders == []

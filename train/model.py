@@ -1,4 +1,4 @@
-"""Loading the base model for a run: a diffusers folder, a single-file UNet, or a built-in config."""
+"""The base model of a run: loaded through ``bootstrap.load`` (folders, single files), or built (built-ins)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from bootstrap.load import BaseModel, load_model
 from conditioner.errors import CondvecError
 from conditioner.table import TagTable
-from unet_patch.pipeline import TABLE_FILE, load_components
 
 # A small pixel-space UNet: 32 px images, cross-attention at 16 and 8 px only (attention at 32 px costs ~3×).
 TINY_UNET = dict(
@@ -66,22 +63,6 @@ def diffusers_config(configured) -> dict:
     return {key: value for key, value in dict(configured.config).items() if not key.startswith("_")}
 
 
-def _load_folder(model_dir: str):
-    """``(unet, scheduler | None, vae | None, table | None)`` of a diffusers folder; ``scheduler/`` is optional."""
-    if os.path.isfile(os.path.join(model_dir, "scheduler", "scheduler_config.json")):
-        return load_components(model_dir)
-    unet_dir = os.path.join(model_dir, "unet")
-    if not os.path.isfile(os.path.join(unet_dir, "config.json")):
-        raise FileNotFoundError(f"{model_dir!r} has no unet/config.json: expected a diffusers-layout model folder")
-    print(f"model: {model_dir!r} has no scheduler/: using Stable Diffusion's noise schedule", flush=True)
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True)
-    vae_dir = os.path.join(model_dir, "vae")
-    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True) if os.path.isfile(
-        os.path.join(vae_dir, "config.json")) else None
-    table_path = os.path.join(model_dir, TABLE_FILE)
-    return unet, None, vae, TagTable.load(table_path) if os.path.isfile(table_path) else None
-
-
 def build_builtin(name: str, seed: int = 0) -> UNet2DConditionModel:
     """A built-in UNet, freshly initialised (seeded)."""
     if name not in BUILTIN:
@@ -109,19 +90,15 @@ class Base:
     text: BaseModel | None = None
 
 
-def _has_text_encoder(folder: str | None) -> bool:
-    return bool(folder) and os.path.isfile(os.path.join(folder, "text_encoder", "config.json"))
-
-
 def load_base(model_cfg, seed: int = 0) -> Base:
     """Load a run's base model from its ``model`` section.
 
-    A diffusers folder (or a single file whose config folder) has ``text_encoder/`` is loaded as an SD1.x / SD2.x /
-    SDXL model with its text encoders (``bootstrap.load.load_model``); other folders, single files, built-ins and
-    UNet configs load the UNet (and VAE) only.
+    Folders and single files load through :func:`bootstrap.load.load_model` (the one loader: offline, pickles
+    refused, family detected, unsupported architectures named); built-ins and ``model.unet_config`` are built here,
+    freshly initialised. A model with text encoders keeps them in ``text`` (new tables and tags start from its CLIP).
 
     Raises:
-        FileNotFoundError / ValueError: with a one-line message saying which path or field is wrong.
+        CondvecError / FileNotFoundError: with a one-line message saying which path or field is wrong.
     """
     vae, table, scheduler, text = None, None, None, None
     if model_cfg.builtin:
@@ -130,28 +107,18 @@ def load_base(model_cfg, seed: int = 0) -> Base:
     elif model_cfg.unet_config:
         unet = build_from_config(model_cfg.unet_config, seed)
         name = model_cfg.name or os.path.splitext(os.path.basename(model_cfg.unet_config))[0]
-    elif model_cfg.pretrained and _has_text_encoder(model_cfg.pretrained):
-        text = load_model(model_cfg.pretrained)
-        unet, vae, scheduler = text.unet, text.vae, text.scheduler
-        table_path = os.path.join(model_cfg.pretrained, TABLE_FILE)
-        table = TagTable.load(table_path) if os.path.isfile(table_path) else None
-        name = model_cfg.name or text.name
-    elif model_cfg.pretrained:
-        unet, scheduler, vae, table = _load_folder(model_cfg.pretrained)
-        name = model_cfg.name or os.path.basename(os.path.normpath(model_cfg.pretrained))
-    elif _has_text_encoder(model_cfg.single_file_config):
-        text = load_model(model_cfg.single_file, config=model_cfg.single_file_config)
-        unet, vae, scheduler = text.unet, text.vae, text.scheduler
-        name = model_cfg.name or os.path.basename(model_cfg.single_file)
     else:
-        path, config = model_cfg.single_file, model_cfg.single_file_config
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"model.single_file {path!r} does not exist")
-        config_dir = os.path.dirname(config) if config.endswith(".json") else config
-        if not os.path.isfile(os.path.join(config_dir, "config.json")):
-            raise FileNotFoundError(f"model.single_file_config {config!r} has no config.json")
-        unet = load_single_file(path, config_dir)
-        name = model_cfg.name or os.path.basename(path)
+        if model_cfg.pretrained:
+            loaded = load_model(model_cfg.pretrained)
+        else:
+            if not os.path.isfile(model_cfg.single_file):
+                raise FileNotFoundError(f"model.single_file {model_cfg.single_file!r} does not exist")
+            loaded = load_model(model_cfg.single_file, config=model_cfg.single_file_config)
+        unet, vae, table, name = loaded.unet, loaded.vae, loaded.table, model_cfg.name or loaded.name
+        scheduler = loaded.scheduler if loaded.has_scheduler else None
+        text = loaded if loaded.text_encoders else None
+        if scheduler is None:
+            print(f"model: {loaded.path!r} has no scheduler/: using Stable Diffusion's noise schedule", flush=True)
     if scheduler is None:
         from_scratch = model_cfg.builtin or model_cfg.unet_config
         schedule = PIXEL_SCHEDULE if from_scratch else SD_SCHEDULE
@@ -182,30 +149,6 @@ def build_from_config(path: str, seed: int = 0) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(config)
     except (TypeError, ValueError) as err:
         raise CondvecError(f"model.unet_config {path!r}: {str(err).splitlines()[0]}") from None
-
-
-def load_single_file(path: str, config_dir: str) -> UNet2DConditionModel:
-    """A UNet from one ``.safetensors`` file plus a local ``config.json``.
-
-    Files with diffusers key names (``conv_in.weight`` …) are loaded directly into a UNet built from the config;
-    original LDM/kohya-format checkpoints (``model.diffusion_model.…``) go through diffusers' converter.
-    """
-    if not path.endswith(".safetensors"):
-        raise CondvecError(f"model.single_file {path!r} must be a .safetensors file (pickled checkpoints are refused)")
-    with safe_open(path, framework="pt") as f:
-        keys = list(f.keys())
-    if "conv_in.weight" in keys:
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir))
-        try:
-            missing, unexpected = unet.load_state_dict(load_file(path), strict=False)
-        except RuntimeError as err:
-            raise CondvecError(f"{path!r} does not match {config_dir}/config.json: "
-                               f"{str(err).splitlines()[-1].strip()}") from None
-        if missing or unexpected:
-            raise CondvecError(f"{path!r} does not match {config_dir}/config.json: {len(missing)} missing and "
-                               f"{len(unexpected)} unexpected keys (first: {(missing or unexpected)[0]})")
-        return unet
-    return UNet2DConditionModel.from_single_file(path, config=config_dir, local_files_only=True)
 
 
 def describe(unet: torch.nn.Module) -> str:

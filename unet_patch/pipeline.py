@@ -15,14 +15,12 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from bootstrap.load import SCHEDULER_CLASSES
+from bootstrap.load import TABLE_FILE, load_model
 from conditioner.encode import Rows, encode_pooled, pack, tokenize
 from conditioner.errors import CondvecError
 from conditioner.table import TagTable
 from unet_patch.patch import patched
 from unet_patch.processor import cached_kv
-
-TABLE_FILE = os.path.join("table", "table.safetensors")
 
 
 def check_device(device: str) -> None:
@@ -354,7 +352,8 @@ class TagDiffusionPipeline(DiffusionPipeline):
             table (`TagTable | str`, *optional*): a table or table file to use instead of the folder's own.
             torch_dtype (`torch.dtype`, *optional*): dtype for the UNet and VAE.
         """
-        unet, scheduler, vae, folder_table = load_components(os.fspath(pretrained_model_name_or_path), torch_dtype)
+        unet, scheduler, vae, folder_table = load_components(os.fspath(pretrained_model_name_or_path), torch_dtype,
+                                                             with_table=table is None)
         if isinstance(table, (str, os.PathLike)):
             table = TagTable.load(table)
         table = table or folder_table
@@ -365,29 +364,13 @@ class TagDiffusionPipeline(DiffusionPipeline):
         return cls(unet=unet, scheduler=scheduler, vae=vae, table=table)
 
 
-def load_components(model_dir: str, torch_dtype: torch.dtype | None = None):
-    """Load ``(unet, scheduler, vae | None, table | None)`` from a local diffusers-layout folder, offline."""
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model folder {model_dir!r} does not exist")
-    unet_dir = os.path.join(model_dir, "unet")
-    if not os.path.isfile(os.path.join(unet_dir, "config.json")):
-        raise FileNotFoundError(f"{model_dir!r} has no unet/config.json: expected a diffusers-layout model folder")
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch_dtype, local_files_only=True)
-    scheduler_dir = os.path.join(model_dir, "scheduler")
-    config_path = os.path.join(scheduler_dir, "scheduler_config.json")
-    if not os.path.isfile(config_path):
+def load_components(model_dir: str, torch_dtype: torch.dtype | None = None, with_table: bool = True):
+    """Load ``(unet, scheduler, vae | None, table | None)`` from a local diffusers-layout folder, offline.
+
+    Loads through :func:`bootstrap.load.load_model` (the same checks and family detection as training and
+    bootstrap), without text encoders; generation needs the folder's own ``scheduler/``.
+    """
+    model = load_model(model_dir, with_text_encoders=False, torch_dtype=torch_dtype, with_table=with_table)
+    if not model.has_scheduler:
         raise FileNotFoundError(f"{model_dir!r} has no scheduler/scheduler_config.json")
-    with open(config_path) as f:
-        class_name = json.load(f).get("_class_name", "DDIMScheduler")
-    if class_name not in SCHEDULER_CLASSES:
-        raise CondvecError(f"scheduler class {class_name!r} in {config_path} is not one condvec runs; use one of "
-                           f"{', '.join(SCHEDULER_CLASSES)}")
-    scheduler_cls = getattr(diffusers, class_name)
-    scheduler = scheduler_cls.from_pretrained(scheduler_dir, local_files_only=True)
-    vae = None
-    if os.path.isfile(os.path.join(model_dir, "vae", "config.json")):
-        vae = AutoencoderKL.from_pretrained(os.path.join(model_dir, "vae"), torch_dtype=torch_dtype,
-                                            local_files_only=True)
-    table_path = os.path.join(model_dir, TABLE_FILE)
-    table = TagTable.load(table_path) if os.path.isfile(table_path) else None
-    return unet, scheduler, vae, table
+    return model.unet, model.scheduler, model.vae, model.table
