@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from testkit import micro_config
 
 import train.checkpoint as ckpt
 from demo.data import generate_demo_dataset
@@ -22,11 +23,7 @@ def demo_dir(tmp_path_factory):
 
 
 def _cfg(demo_dir, out, *extra):
-    return load_config(None, [
-        "model.builtin=micro", f"data.path={demo_dir}", "data.resolution=16", "data.bucketing=false",
-        "training.steps=4", "training.batch_size=4", "training.lr=0.05", f"output.dir={out}", "output.save_every=2",
-        "output.sample_every=0", "output.progress=false", *extra,
-    ])
+    return micro_config(demo_dir, out, "training.lr=0.05", *extra)
 
 
 @pytest.mark.parametrize("schedule", [SD_SCHEDULE, PIXEL_SCHEDULE], ids=["sd", "zero-terminal-snr"])
@@ -65,8 +62,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(demo_dir, tmp_path, cap
     poison = trainer.unet.conv_out.register_forward_hook(lambda module, args, out: out * float("nan"))
 
     def tensors():
-        return [trainer.table.data, trainer.table.special, trainer.row_opt.exp_avg, trainer.row_opt.exp_avg_sq,
-                trainer.row_opt.steps, trainer.special_opt.exp_avg, trainer.ema.average,
+        rows, special = trainer.param("data"), trainer.param("special")
+        return [trainer.table.data, trainer.table.special, rows.optimizer.exp_avg, rows.optimizer.exp_avg_sq,
+                rows.optimizer.steps, special.optimizer.exp_avg, rows.ema.average,
                 *trainer.unet.state_dict().values(),
                 *[v for s in trainer.unet_optimizer.state.values() for v in s.values()]]
 

@@ -226,20 +226,9 @@ def save_trainer(trainer) -> str | None:
     path = None
     if trainer.acc.is_main_process:
         cfg = trainer.cfg
-        tensors = trainer.row_opt.state_tensors("rows") | trainer.special_opt.state_tensors("special")
-        if trainer.pooled_opt is not None:
-            tensors |= trainer.pooled_opt.state_tensors("pooled")
-        if trainer.unet_ema is not None:
-            tensors |= {f"unet_ema.{i}": p.detach().cpu().contiguous()
-                        for i, p in enumerate(trainer.unet_ema.shadow_params)}
-        if trainer.ema is not None:
-            tensors |= trainer.ema.state_tensors("ema") | trainer.ema_special.state_tensors("ema_special")
-        if trainer.ema_pooled is not None:
-            tensors |= trainer.ema_pooled.state_tensors("ema_pooled")
-        info = {"existing_rows": trainer.existing_rows, "bad_steps": trainer.bad_steps,
-                "unet_ema_step": None if trainer.unet_ema is None else trainer.unet_ema.optimization_step,
-                "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                **fingerprint_info(cfg, trainer.world)}
+        tensors, info = trainer.checkpoint_state()
+        info |= {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                 **fingerprint_info(cfg, trainer.world)}
         trained = trainer.unet_optimizer is not None
         path = save_checkpoint(cfg.output.dir, trainer.state.step, trainer.table, tensors, info,
                                unet=trainer.acc.unwrap_model(trainer.model) if trained else None,
@@ -261,28 +250,7 @@ def restore_trainer(trainer, path: str) -> None:
     if table.tags != trainer.table.tags:
         raise CondvecError(f"checkpoint {path} has other tags than this run's data and table: "
                            "resume with the same config and dataset")
-    device = trainer.device
-    trainer.table.data.copy_(table.data.to(device))
-    trainer.table.special.copy_(table.special.to(device))
-    if trainer.pooled_opt is not None:
-        trainer.table.pooled.copy_(table.pooled.to(device))
-    trainer.table.counts = table.counts
-    trainer.existing_rows, trainer.bad_steps = info["existing_rows"], info.get("bad_steps", 0)
-    tensors = {k: v.to(device) for k, v in tensors.items()}
-    trainer.row_opt.load_state_tensors(tensors, "rows")
-    trainer.special_opt.load_state_tensors(tensors, "special")
-    if trainer.pooled_opt is not None:
-        trainer.pooled_opt.load_state_tensors(tensors, "pooled")
-    if trainer.unet_ema is not None:
-        for i, shadow in enumerate(trainer.unet_ema.shadow_params):
-            shadow.copy_(tensors[f"unet_ema.{i}"])
-        trainer.unet_ema.optimization_step = info["unet_ema_step"]
-    if trainer.ema is not None:
-        trainer.ema.load_state_tensors(tensors, "ema")
-        trainer.ema_special.load_state_tensors(tensors, "ema_special")
-    if trainer.ema_pooled is not None:
-        trainer.ema_pooled.load_state_tensors(tensors, "ema_pooled")
-    trainer.state.step = info["step"]
+    trainer.restore_state(table, tensors, info)
     metrics_path = os.path.join(trainer.cfg.output.dir, "metrics.jsonl")
     if os.path.isfile(metrics_path):
         with open(metrics_path) as f:
@@ -294,13 +262,12 @@ def restore_trainer(trainer, path: str) -> None:
 
 def ema_table(trainer) -> TagTable | None:
     """A ``train.loop.Trainer``'s table with every row's EMA caught up to the current step; `None` without EMA."""
-    if trainer.ema is None:
+    averaged = [p for p in trainer.params if p.ema is not None]
+    if not averaged:
         return None
     table = trainer.table.copy()
-    table.data = trainer.ema.read(trainer.table.data, trainer.state.step)
-    table.special = trainer.ema_special.read(trainer.table.special, trainer.state.step)
-    if trainer.ema_pooled is not None:
-        table.pooled = trainer.ema_pooled.read(trainer.table.pooled, trainer.state.step)
+    for p in averaged:
+        setattr(table, p.attr, p.averaged(trainer.table, trainer.state.step))
     return table
 
 
@@ -310,7 +277,7 @@ def export_trainer(trainer) -> dict:
     if trainer.acc.is_main_process:
         out["table"] = os.path.join(folder, "table.safetensors")
         trainer.table.save(out["table"])
-        if trainer.ema is not None:
+        if any(p.ema is not None for p in trainer.params):
             out["table_ema"] = os.path.join(folder, "table-ema.safetensors")
             ema_table(trainer).save(out["table_ema"])
         if trainer.unet_optimizer is not None:

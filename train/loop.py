@@ -26,7 +26,7 @@ from train import checkpoint as ckpt
 from train.batches import Plan, Planner, sample_generator
 from train.data import micro_conditioning
 from train.model import min_snr_weights
-from train.optim import RowSparseAdamW, SparseEMA, default_lr, lr_at
+from train.optim import RowSparseAdamW, SparseEMA, SparseParam, default_lr, lr_at
 from train.sampling import sample_grid
 from train.setup import build, make_accelerator
 from train.tracking import RunLog, shown
@@ -56,25 +56,37 @@ class Trainer:
             optimizer = torch.optim.AdamW(self.unet_params, lr=tr.lr_unet, betas=(tr.beta1, tr.beta2), eps=tr.eps,
                                           weight_decay=tr.weight_decay_unet)
             self.model, self.unet_optimizer = self.acc.prepare(self.unet.train(), optimizer)
-        shape, betas, home = (self.table.num_anchors, self.table.width), (tr.beta1, tr.beta2), self.table.data.device
-        self.row_opt = RowSparseAdamW(len(self.table), shape, betas, tr.eps, tr.weight_decay, device=home)
-        self.special_opt = RowSparseAdamW(self.table.special.shape[0], shape, betas, tr.eps, 0.0, device=home)
-        # SDXL: each tag's pooled vector trains with its rows; each sample's size and crop give its time ids
-        self.sdxl = self.table.pooled is not None
         self.lr = default_lr(self.table) if tr.lr is None else tr.lr
         if tr.lr is None and self.acc.is_main_process:
             print(f"training: table lr {self.lr:g}, the default for this layout (set training.lr)", flush=True)
-        self.pooled_opt = RowSparseAdamW(len(self.table), self.table.pooled.shape[1:], betas, tr.eps, tr.weight_decay,
-                                         device=home) if self.sdxl else None
-        self.time_ids = torch.tensor([micro_conditioning(item) for item in self.items],
-                                     dtype=torch.float32) if self.sdxl else None  # (items, 6)
-        self.ema = SparseEMA(self.table.data, tr.ema_decay) if tr.ema_decay > 0 else None
+        self.params = self._sparse_params()  # the table's learnable tensors: stepped, clipped, saved in one loop
+        self.time_ids = torch.tensor([micro_conditioning(item) for item in self.items], dtype=torch.float32) \
+            if self.table.pooled is not None else None  # (items, 6), SDXL
         self.unet_ema = EMAModel(self.unet_params, decay=tr.ema_unet_decay) if tr.ema_unet_decay > 0 else None
-        self.ema_special = SparseEMA(self.table.special, tr.ema_decay) if tr.ema_decay > 0 else None
-        self.ema_pooled = SparseEMA(self.table.pooled, tr.ema_decay) if tr.ema_decay > 0 and self.sdxl else None
         self.state, self.bad_steps = SimpleNamespace(step=0, metrics=[]), 0  # metrics: one dict per step taken
         if self.resume_path:
             ckpt.restore_trainer(self, self.resume_path)
+
+    def _sparse_params(self) -> list[SparseParam]:
+        """Tag rows, special rows and (SDXL) pooled rows, each with its row-sparse AdamW and optional EMA."""
+        tr, table = self.cfg.training, self.table
+        betas, home, decay = (tr.beta1, tr.beta2), table.data.device, tr.ema_decay
+
+        def entry(attr, name, ema_name, decay_weight, per_tag, trainable=True):
+            data = getattr(table, attr)
+            opt = RowSparseAdamW(data.shape[0], tuple(data.shape[1:]), betas, tr.eps, decay_weight, device=home)
+            return SparseParam(attr, name, ema_name, opt, SparseEMA(data, decay) if decay > 0 else None, per_tag,
+                               trainable)
+
+        params = [entry("data", "rows", "ema", tr.weight_decay, True),
+                  entry("special", "special", "ema_special", 0.0, False, self.train_special)]
+        if table.pooled is not None:
+            params.append(entry("pooled", "pooled", "ema_pooled", tr.weight_decay, True))
+        return params
+
+    def param(self, attr: str) -> SparseParam:
+        """The learnable table tensor ``attr`` (``data``, ``special``, ``pooled``)."""
+        return next(p for p in self.params if p.attr == attr)
 
     def _loss(self, plans: list[Plan], tokens: TokenBatch, rows: Rows) -> torch.Tensor:
         """Min-SNR-weighted diffusion loss of this rank's samples, conditioned on ``rows``."""
@@ -86,7 +98,7 @@ class Trainer:
             else noise
         cond = pack(self.table, tokens, t.float(), rows=rows)  # (b, N, W')
         added = None
-        if self.sdxl:
+        if self.time_ids is not None:
             added = {"text_embeds": pack_pooled(tokens, rows),  # (b, P)
                      "time_ids": self.time_ids[[p.index for p in plans]].to(self.device)}  # (b, 6)
         with self.acc.autocast():
@@ -111,18 +123,18 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimiser step (``grad_accum`` micro-steps); returns its metrics."""
         tr, table, started = self.cfg.training, self.table, time.perf_counter()
-        touched, touched_grads, counts = [], [], Counter()  # per micro-step: rows (K,), gradients (K, A, W)
-        pooled_grads = []  # SDXL, per micro-step: (K, P)
-        special_grad = torch.zeros(table.special.shape, device=self.device)  # (S, A, W)
+        touched, counts = [], Counter()  # per micro-step: the batch's rows (K,)
+        grads = {p.attr: [] if p.per_tag else torch.zeros(p.tensor(table).shape, device=self.device)
+                 for p in self.params}  # per-tag: one (K, …) gradient per micro-step; others: summed
         loss = torch.zeros((), device=self.device)
         for micro in range(tr.grad_accum):
             plans = self.planner.plan(self.state.step * tr.grad_accum + micro)
             counts.update(tag.name for p in plans for tag in p.tags)
             tokens = tokenize(table, [p.tags for p in plans])  # the global batch, once
             ids = tokens.rows.to(table.data.device)  # (K,) rows of the global batch, where the table lives
-            rows = Rows(ids=ids.to(self.device), data=self._to_device(table.data[ids]).requires_grad_(True),
-                        special=self._to_device(table.special).requires_grad_(self.train_special),
-                        pooled=self._to_device(table.pooled[ids]).requires_grad_(True) if self.sdxl else None,
+            live = {p.attr: self._to_device(p.tensor(table)[ids] if p.per_tag else p.tensor(table)).requires_grad_(
+                p.trainable) for p in self.params}
+            rows = Rows(ids=ids.to(self.device), data=live["data"], special=live["special"], pooled=live.get("pooled"),
                         null_pooled=None if table.null_pooled is None else self._to_device(table.null_pooled))
             last = micro == tr.grad_accum - 1  # UNet gradients are all-reduced once, on the last micro-step
             with nullcontext() if last else self.acc.no_sync(self.model):
@@ -131,28 +143,28 @@ class Trainer:
                 if micro_loss.requires_grad:  # dropped captions with frozen special rows: nothing to learn
                     self.acc.backward(micro_loss)
             touched.append(rows.ids)
-            touched_grads.append(self._mean_over_ranks(
-                rows.data.grad if rows.data.grad is not None else torch.zeros_like(rows.data)))
-            if rows.special.grad is not None:
-                special_grad += self._mean_over_ranks(rows.special.grad)
-            if self.sdxl:
-                pooled_grads.append(self._mean_over_ranks(
-                    rows.pooled.grad if rows.pooled.grad is not None else torch.zeros_like(rows.pooled)))
+            for p in self.params:
+                grad = live[p.attr].grad
+                if p.per_tag:
+                    grads[p.attr].append(self._mean_over_ranks(grad if grad is not None else torch.zeros_like(
+                        live[p.attr])))
+                elif grad is not None:
+                    grads[p.attr] += self._mean_over_ranks(grad)
             loss += micro_loss.detach()
         loss = self._mean_over_ranks(loss)
 
-        # sum the micro-steps' gradients per row: (U, A, W) over the sorted union of touched rows
         row_ids, inverse = torch.unique(torch.cat(touched), return_inverse=True)
-        row_grad = torch.zeros(row_ids.numel(), *table.data.shape[1:], device=self.device)
-        row_grad.index_add_(0, inverse, torch.cat(touched_grads))
-        pooled_grad = torch.zeros(row_ids.numel(), table.pooled.shape[1], device=self.device).index_add_(
-            0, inverse, torch.cat(pooled_grads)) if self.sdxl else torch.zeros(0, device=self.device)  # (U, P)
-        if self.cfg.table.freeze_existing:
-            keep = row_ids >= self.existing_rows
-            row_ids, row_grad = row_ids[keep], row_grad[keep]
-            pooled_grad = pooled_grad[keep] if self.sdxl else pooled_grad
+        keep = row_ids >= self.existing_rows if self.cfg.table.freeze_existing else slice(None)
+        steps = {}  # attr -> (rows, gradient) of this step
+        for p in self.params:
+            if p.per_tag:
+                grad = torch.zeros(row_ids.numel(), *p.tensor(table).shape[1:], device=self.device)
+                grad.index_add_(0, inverse, torch.cat(grads[p.attr]))
+                steps[p.attr] = (row_ids[keep], grad[keep])
+            else:
+                steps[p.attr] = (torch.arange(p.tensor(table).shape[0], device=self.device), grads[p.attr])
         unet_grads = [p.grad for p in self.unet_params if p.grad is not None]
-        grad_norm = float((row_grad.pow(2).sum() + special_grad.pow(2).sum() + pooled_grad.pow(2).sum()
+        grad_norm = float((sum(g.pow(2).sum() for _, g in steps.values())
                            + sum(g.pow(2).sum() for g in unet_grads)).sqrt())
         self.state.step += 1
         if not (math.isfinite(float(loss)) and math.isfinite(grad_norm)):  # before any row, moment or weight moves
@@ -160,30 +172,18 @@ class Trainer:
         self.bad_steps = 0
         if 0 < tr.max_grad_norm < grad_norm:
             scale = tr.max_grad_norm / (grad_norm + 1e-6)
-            row_grad, special_grad, pooled_grad = row_grad * scale, special_grad * scale, pooled_grad * scale
+            steps = {attr: (ids, g * scale) for attr, (ids, g) in steps.items()}
             for g in unet_grads:
                 g.mul_(scale)
         lr = lr_at(self.state.step - 1, self.lr, tr.lr_schedule, tr.warmup_steps, tr.steps)
         home = table.data.device  # where the table and its optimiser state live (host or accelerator)
-        row_ids, row_grad, special_grad, pooled_grad = (x.to(home) for x in (row_ids, row_grad, special_grad,
-                                                                             pooled_grad))
-        rows_before, special_before = table.data[row_ids].clone(), table.special.clone()
-        self.row_opt.step(table.data, row_ids, row_grad, lr)
-        if self.sdxl:
-            pooled_before = table.pooled[row_ids].clone()
-            self.pooled_opt.step(table.pooled, row_ids, pooled_grad, lr)
-            if self.ema_pooled is not None:
-                self.ema_pooled.update(pooled_before, table.pooled, row_ids, self.state.step)
-        if self.train_special:
-            every = torch.arange(table.special.shape[0], device=home)
-            self.special_opt.step(table.special, every, special_grad, lr)
-            if self.ema_special is not None:
-                self.ema_special.update(special_before, table.special, every, self.state.step)
-        if not bool(torch.isfinite(table.data[row_ids]).all()) or not bool(torch.isfinite(table.special).all()):
-            raise NonFiniteError(f"step {self.state.step}: the optimiser step made table rows non-finite (lr {lr:g}); "
-                                 "stopped, the last checkpoint is untouched: lower training.lr")
-        if self.ema is not None:
-            self.ema.update(rows_before, table.data, row_ids, self.state.step)
+        for p in self.params:
+            if p.trainable:
+                ids, grad = (x.to(home) for x in steps[p.attr])
+                p.step(table, ids, grad, lr, self.state.step)
+                if not bool(torch.isfinite(p.tensor(table)[ids]).all()):
+                    raise NonFiniteError(f"step {self.state.step}: the optimiser step made table rows non-finite "
+                                         f"(lr {lr:g}); stopped, the last checkpoint is untouched: lower training.lr")
         if self.unet_optimizer is not None:
             for group in self.unet_optimizer.param_groups:
                 group["lr"] = lr_at(self.state.step - 1, tr.lr_unet, tr.lr_schedule, tr.warmup_steps, tr.steps)
@@ -194,8 +194,35 @@ class Trainer:
         for name, count in counts.items():
             table.counts[name] = table.counts.get(name, 0) + count
         return {"step": self.state.step, "loss": float(loss), "lr": lr, "grad_norm": grad_norm,
-                "tags_in_batch": len(counts), "rows_updated": row_ids.numel(),
+                "tags_in_batch": len(counts), "rows_updated": steps["data"][0].numel(),
                 "step_time": time.perf_counter() - started}
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a checkpoint holds besides the table and UNet: optimiser / EMA tensors and run info."""
+        tensors = {}
+        for p in self.params:
+            tensors |= p.state_tensors()
+        if self.unet_ema is not None:
+            tensors |= {f"unet_ema.{i}": p.detach().cpu().contiguous()
+                        for i, p in enumerate(self.unet_ema.shadow_params)}
+        info = {"existing_rows": self.existing_rows, "bad_steps": self.bad_steps,
+                "unet_ema_step": None if self.unet_ema is None else self.unet_ema.optimization_step}
+        return tensors, info
+
+    def restore_state(self, table, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        """Put back what :meth:`checkpoint_state` saved, with the checkpoint's ``table``."""
+        for p in self.params:
+            p.tensor(self.table).copy_(p.tensor(table).to(self.device))
+        self.table.counts = table.counts
+        self.existing_rows, self.bad_steps = info["existing_rows"], info.get("bad_steps", 0)
+        tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        for p in self.params:
+            p.load_state_tensors(tensors)
+        if self.unet_ema is not None:
+            for i, shadow in enumerate(self.unet_ema.shadow_params):
+                shadow.copy_(tensors[f"unet_ema.{i}"])
+            self.unet_ema.optimization_step = info["unet_ema_step"]
+        self.state.step = info["step"]
 
     def _skip(self, loss: float, counts: Counter) -> dict:
         """Drop a step whose loss or gradient is not finite; stop after ``training.max_bad_steps`` in a row."""

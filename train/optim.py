@@ -14,6 +14,7 @@ state is dense per parameter), hence the hand-written optimiser.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -208,7 +209,7 @@ def default_lr(table) -> float:
     reached at lr 5e-2 in 20 steps what per-layer rows reach at 1e-2 to 2e-2 (BENCHMARKS.md, "Concept fidelity per
     table mode").
     """
-    return 5e-2 if table.mode == "kv" or len(table.group_names) == 1 else 1e-2
+    return 5e-2 if table.mode_spec.direct_kv or len(table.group_names) == 1 else 1e-2
 
 
 def lr_at(step: int, base_lr: float, schedule: str, warmup: int, total: int) -> float:
@@ -307,3 +308,57 @@ class SparseEMA:
         if rows is None:  # dense: one average per row
             rows = torch.arange(average.shape[0])
         self._slots.load(rows, {"average": average})
+
+
+@dataclass
+class SparseParam:
+    """One learnable tensor of the table, stepped row-sparsely, with its AdamW state and optional EMA.
+
+    The trainer keeps a list of these (tag rows, special rows, SDXL's pooled rows) and steps, clips, averages,
+    checkpoints and restores them in one loop.
+
+    Attributes:
+        attr (`str`): the ``TagTable`` attribute it trains (``data``, ``special``, ``pooled``), also its field of
+            ``conditioner.encode.Rows``.
+        name (`str`): checkpoint prefix of its optimiser state; ``ema_name`` that of its EMA.
+        optimizer (`RowSparseAdamW`): its AdamW state, per row.
+        ema (`SparseEMA | None`): its EMA (``training.ema_decay``), or `None`.
+        per_tag (`bool`): its rows are tag rows gathered per batch (and subject to ``table.freeze_existing``);
+            otherwise every row of the tensor is in every step (the special rows).
+        trainable (`bool`): stepped at all (the special rows may stay frozen).
+    """
+
+    attr: str
+    name: str
+    ema_name: str
+    optimizer: RowSparseAdamW
+    ema: SparseEMA | None
+    per_tag: bool
+    trainable: bool = True
+
+    def tensor(self, table) -> torch.Tensor:
+        """This parameter's tensor in ``table``."""
+        return getattr(table, self.attr)
+
+    def step(self, table, rows: torch.Tensor, grad: torch.Tensor, lr: float, step: int) -> None:
+        """AdamW on ``rows`` of this tensor in ``table`` (and their EMA)."""
+        data = self.tensor(table)
+        before = data[rows].clone() if self.ema is not None else None
+        self.optimizer.step(data, rows, grad, lr)
+        if self.ema is not None:
+            self.ema.update(before, data, rows, step)
+
+    def averaged(self, table, step: int) -> torch.Tensor:
+        """The EMA of this tensor, caught up to ``step`` (requires ``ema``)."""
+        return self.ema.read(self.tensor(table), step)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Optimiser and EMA state, for a checkpoint."""
+        out = self.optimizer.state_tensors(self.name)
+        return (out | self.ema.state_tensors(self.ema_name)) if self.ema is not None else out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` saved."""
+        self.optimizer.load_state_tensors(tensors, self.name)
+        if self.ema is not None:
+            self.ema.load_state_tensors(tensors, self.ema_name)
