@@ -37,7 +37,7 @@ class ExportReport:
 
 
 def _target(table: TagTable, tag: str) -> torch.Tensor:
-    if table.mode != "vector":
+    if table.mode_spec.direct_kv:
         raise CondvecError("only vector-mode tables export as textual inversion (a kv row holds each layer's K and "
                            "V, not an encoder output): export from the vector table it was made from")
     name = table.tags[table.row(tag)]

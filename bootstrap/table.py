@@ -17,6 +17,7 @@ from bootstrap.embeddings import Embedding, encode_input_embedding
 from bootstrap.load import BaseModel
 from bootstrap.text import null_sequence, tag_vectors
 from conditioner.errors import CondvecError
+from conditioner.modes import table_mode
 from conditioner.parse import TagNormalization
 from conditioner.regroup import regroup
 from conditioner.table import TagTable
@@ -69,7 +70,7 @@ def bootstrap_table(
                           progress=progress)
     if groups != "single":
         table = regroup(table, groups)
-    return kv_table(table, model.unet) if mode == "kv" else table
+    return kv_table(table, model.unet) if table_mode(mode).direct_kv else table
 
 
 def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], tokens_per_tag: int = 1,
@@ -79,7 +80,7 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
     Every group of a vector table gets the same vectors; a key/value table gets each layer's K and V of them; SDXL
     tables also get each tag's pooled vector.
     """
-    if table.mode == "kv":
+    if table.mode_spec.direct_kv:
         names = [n for n in dict.fromkeys(table.normalization.apply(t) for t in tags) if n and n not in table]
         if not names:
             return []
@@ -143,7 +144,7 @@ def import_embedding(table: TagTable, embedding: Embedding, name: str, model: Ba
     Returns:
         `list[int]`: the rows of the new tag.
     """
-    if table.mode != "vector":
+    if table.mode_spec.direct_kv:
         raise CondvecError("import embeddings into a vector-mode table, then convert it with unet_patch.kv_table")
     name = table.normalization.apply(name)
     if name in table:

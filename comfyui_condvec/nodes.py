@@ -67,7 +67,7 @@ def encode_conditioning(table: TagTable, prompt: str, lenient: bool = False, zer
     if table.pooled is not None:
         pooled = encode_pooled(table, [prompt], lenient=lenient)  # (1, P)
         extras["pooled_output"] = torch.zeros_like(pooled) if zeros else pooled
-    if packed.shape[-1] != table.dim or table.mode == "kv":
+    if packed.shape[-1] != table.dim or table.mode_spec.direct_kv:
         extras["cross_attn_controlnet"] = _plain(table, packed)
     return [[packed, extras]]
 
@@ -76,7 +76,7 @@ def _plain(table: TagTable, packed: torch.Tensor) -> torch.Tensor:
     """A ``(B, N, cross_attention_dim)`` sequence for models that read plain text conditioning (ControlNets)."""
     batch, n, width = packed.shape
     dim = table.layers[0].cross_dim
-    if table.mode == "kv":
+    if table.mode_spec.direct_kv:
         return packed.new_zeros(batch, n, dim)
     per_anchor = packed.view(batch, n, table.num_anchors, width // table.num_anchors)  # (B, N, A, W')
     keys = per_anchor[..., : table.width].reshape(batch, n, table.num_anchors, len(table.group_names), dim)

@@ -21,20 +21,17 @@ each sample's timestep, converted from the sigma ComfyUI passes (``extra_options
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import torch
 
 from conditioner.encode import anchor_weights
 from conditioner.errors import CondvecError
-from conditioner.layout import LayerSlice, LayerSpec
+from conditioner.layout import LayerSpec
+from conditioner.modes import sources
 from conditioner.table import TagTable
-from unet_patch.processor import CondvecAttnProcessor
 
 EXTRA_KEY = "condvec"  # extra_options key: what the attn2 patch hands to the attention replacement
-_NAME = re.compile(r"^(?:down_blocks\.(?P<di>\d+)|mid_block|up_blocks\.(?P<ui>\d+))\.attentions\.(?P<j>\d+)"
-                   r"\.transformer_blocks\.(?P<k>\d+)\.attn2$")
 
 BlockKey = tuple[str, int, int]  # ComfyUI's (block kind, block id, transformer index): ("input", 4, 0)
 
@@ -141,7 +138,7 @@ class CondvecAttn2Patch:
 
     def __init__(self, table: TagTable, layers: dict[BlockKey, LayerSpec], model_sampling):
         slices = table.layer_slices()
-        self.readers = {key: CondvecAttnProcessor(slices[spec.name]) for key, spec in layers.items()}
+        self.slices = {key: slices[spec.name] for key, spec in layers.items()}
         self.cross_dims = {key: spec.cross_dim for key, spec in layers.items()}
         self.anchors = list(table.anchors)
         self.model_sampling = model_sampling
@@ -158,17 +155,16 @@ class CondvecAttn2Patch:
 
     def __call__(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
         key = (extra_options["block"][0], int(extra_options["block"][1]), int(extra_options.get("block_index", 0)))
-        reader = self.readers.get(key)
-        if reader is None:
+        layer_slice = self.slices.get(key)
+        if layer_slice is None:
             raise CondvecError(f"condvec: ComfyUI attention block {key} is not in the table's layers; "
                                "re-apply condvec to this model")
-        layer_slice: LayerSlice = reader.slice
         packed = context
         if len(self.anchors) > 1:
             packed = mix_anchors(packed, len(self.anchors), layer_slice.base_width, self._timesteps(extra_options),
                                  self.anchors)
-        key_src, value_src, bias = reader._sources(packed)  # the processor's own slicing: the same math
-        if layer_slice.mode == "kv":
+        key_src, value_src, bias = sources(layer_slice, packed)  # the processor's own slicing: the same math
+        if layer_slice.direct_kv:
             # K and V are given: hand them to the replacement; the block's to_k / to_v run on one zero token only
             extra_options[EXTRA_KEY] = {"key": key_src, "value": value_src, "bias": bias}
             dummy = n.new_zeros(n.shape[0], 1, self.cross_dims[key])

@@ -48,8 +48,9 @@ class LayerSlice:
     and V from ``[value_start, value_start + (key_end - key_start))`` directly.
     """
 
-    mode: str  # "vector" or "kv"
+    mode: str  # the table's mode name (conditioner.modes)
     key_start: int
     key_end: int
     value_start: int
     base_width: int
+    direct_kv: bool = False  # K and V are given (key/value mode), not sources for to_k / to_v

@@ -38,7 +38,7 @@ def regroup(table: TagTable, groups) -> TagTable:
     Raises:
         ValueError: the table is in key/value mode (its rows are per-layer K and V, which cannot be regrouped).
     """
-    if table.mode != "vector":
+    if not table.mode_spec.groupable:
         raise CondvecError("a key/value-mode table cannot be regrouped: its rows are each layer's own K and V")
     names, layer_group = resolve_groups(table.layers, groups)
     mix = group_mixing(table, layer_group, len(names))
@@ -50,11 +50,8 @@ def regroup(table: TagTable, groups) -> TagTable:
         out = torch.einsum("ng,...gd->...nd", mix.to(x.device), grouped)  # (..., G_new, D)
         return out.reshape(*x.shape[:-1], len(names) * dim).to(x.dtype)
 
-    out = table.copy()
-    out.group_names, out.layer_group = names, layer_group
-    out.group_kind = groups if isinstance(groups, str) else "custom"
-    out.data, out.special = convert(table.data), convert(table.special)
-    out.values = {name: convert(value) for name, value in table.values.items()}
-    out.provenance = out.provenance + [{"op": "regroup", "from": table.group_kind, "to": out.group_kind}]
-    out.__post_init__()  # re-check the shapes against the new layout
-    return out
+    kind = groups if isinstance(groups, str) else "custom"
+    return table.copy().replace(
+        group_names=names, layer_group=layer_group, group_kind=kind, data=convert(table.data),
+        special=convert(table.special), values={name: convert(value) for name, value in table.values.items()},
+        provenance=table.provenance + [{"op": "regroup", "from": table.group_kind, "to": kind}])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from conditioner.errors import CondvecError
+from conditioner.modes import MODES
 
 #: Longest fixed sequence a table may pad to (SD uses 77; A1111's chunked prompts use multiples of 75 + 2).
 MAX_PAD_TO = 1024
@@ -21,7 +22,6 @@ MAX_VECTORS = 1024
 MAX_DIM = 1 << 16
 #: Tensor dtypes a table file may store (everything is computed in float32).
 TABLE_DTYPES = ("F32", "F16", "BF16")
-MODES = ("vector", "kv")
 
 
 def _is_int(v) -> bool:
@@ -53,7 +53,7 @@ _LAYER_FIELDS = {
 #: field → (required, (check, what it must be)).
 FIELDS = {
     "format_version": (True, (_is_int, "an integer")),
-    "mode": (True, (lambda v: v in MODES, " or ".join(repr(m) for m in MODES))),
+    "mode": (True, (lambda v: isinstance(v, str) and v in MODES, " or ".join(repr(m) for m in MODES))),
     "group_kind": (False, _STR),
     "group_names": (True, _list_of(lambda v: isinstance(v, str), "strings", nonempty=True)),
     "layer_group": (True, _list_of(_is_int, "integers", nonempty=True)),

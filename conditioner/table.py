@@ -20,11 +20,12 @@ Data layout (``R`` tags, ``A`` timestep anchors, ``W`` packed width):
 
 from __future__ import annotations
 
+import copy as _copy
 import difflib
 import fnmatch
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,6 +34,7 @@ from safetensors.torch import save_file
 from conditioner.errors import CondvecError, UnknownTagError
 from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
+from conditioner.modes import TableMode, table_mode
 from conditioner.parse import TagNormalization
 from conditioner.safefile import TableFileError, check_safetensors, check_table
 from conditioner.schema import TABLE_DTYPES, check_metadata
@@ -162,8 +164,7 @@ class TagTable:
                 raise CondvecError(f"multi-vector tag {name!r} lacks its row(s) {', '.join(map(repr, missing))}")
         if len(self._index) != len(self.tags):
             raise CondvecError("duplicate tag names in table")
-        if self.mode not in ("vector", "kv"):
-            raise CondvecError(f"mode must be 'vector' or 'kv', got {self.mode!r}")
+        table_mode(self.mode)  # raises for an unknown mode
         expected = (len(self.tags), len(self.anchors), self.width)
         if tuple(self.data.shape) != expected:
             raise CondvecError(f"table data has shape {tuple(self.data.shape)}, layout needs {expected}")
@@ -176,7 +177,7 @@ class TagTable:
                                         or tuple(self.null_pooled.shape) != (self.pooled.shape[1],)):
             raise CondvecError(f"pooled vectors have shape {tuple(self.pooled.shape)} (null "
                                f"{tuple(self.null_pooled.shape)}), expected ({len(self.tags)}, P) and (P,)")
-        if self.values and self.mode != "vector":
+        if self.values and not self.mode_spec.splittable:
             raise CondvecError("split (key ≠ value) tags exist only in vector mode; a kv row holds its own K and V")
 
     # ----------------------------------------------------------------- construction
@@ -216,12 +217,10 @@ class TagTable:
             special_std (`float`, defaults to 0.02): std of the normal init of the sink and padding rows.
             seed (`int`, defaults to 0): seed for the initialisation.
         """
-        if mode == "vector" and len({layer.cross_dim for layer in layers}) > 1:
-            dims = sorted({layer.cross_dim for layer in layers})
-            raise CondvecError(f"vector mode needs one cross_attention_dim for all layers, this UNet has {dims}: "
-                               "use mode='kv'")
-        if mode == "kv":
-            group_names, layer_group, kind = [layer.short for layer in layers], list(range(len(layers))), "kv"
+        spec = table_mode(mode)
+        spec.check_layers(layers)
+        if not spec.groupable:  # one group per layer, named by the mode
+            group_names, layer_group, kind = [layer.short for layer in layers], list(range(len(layers))), spec.name
         else:
             group_names, layer_group = resolve_groups(layers, groups)
             kind = groups if isinstance(groups, str) else "custom"
@@ -236,7 +235,7 @@ class TagTable:
                 raise CondvecError(f"explicit anchors must be strictly ascending timesteps, got {anchors}")
         normalization = normalization or TagNormalization()
         names = [normalization.apply(t) for t in (tags or [])]
-        width = _width(mode, layers, len(group_names))
+        width = spec.width(layers, len(group_names))
         gen = torch.Generator().manual_seed(seed)
         special = torch.randn(2, len(anchor_list), width, generator=gen) * special_std
         table = cls(
@@ -252,7 +251,12 @@ class TagTable:
     @property
     def width(self) -> int:
         """Packed width of the key part (no value part, no bias)."""
-        return _width(self.mode, self.layers, len(self.group_names))
+        return self.mode_spec.width(self.layers, len(self.group_names))
+
+    @property
+    def mode_spec(self) -> TableMode:
+        """What this table's mode decides (``conditioner.modes``): its columns, how layers read them."""
+        return table_mode(self.mode)
 
     @property
     def dim(self) -> int:
@@ -265,26 +269,11 @@ class TagTable:
 
     def group_columns(self, group: int) -> slice:
         """Columns of ``data`` that hold one group (vector mode) or one layer's K and V (kv mode)."""
-        if self.mode == "vector":
-            return slice(group * self.dim, (group + 1) * self.dim)
-        start = sum(2 * layer.inner_dim for layer in self.layers[:group])
-        return slice(start, start + 2 * self.layers[group].inner_dim)
+        return self.mode_spec.group_columns(self.layers, group)
 
     def layer_slices(self) -> dict[str, LayerSlice]:
         """Where every layer reads its inputs in a packed tensor, keyed by layer name."""
-        out = {}
-        offset = 0
-        for li, layer in enumerate(self.layers):
-            if self.mode == "vector":
-                g = self.layer_group[li]
-                start, end = g * self.dim, (g + 1) * self.dim
-                out[layer.name] = LayerSlice("vector", start, end, start, self.width)
-            else:
-                out[layer.name] = LayerSlice(
-                    "kv", offset, offset + layer.inner_dim, offset + layer.inner_dim, self.width
-                )
-                offset += 2 * layer.inner_dim
-        return out
+        return self.mode_spec.layer_slices(self.layers, self.layer_group, self.width)
 
     # ----------------------------------------------------------------- tags
     def __len__(self) -> int:
@@ -449,8 +438,8 @@ class TagTable:
         if value is None:
             self.values.pop(key, None)
             return
-        if self.mode != "vector":
-            raise CondvecError("separate value sources exist only in vector mode")
+        if not self.mode_spec.splittable:
+            raise CondvecError(f"separate value sources do not exist in {self.mode} mode (only in vector mode)")
         if tuple(value.shape) != (self.num_anchors, self.width):
             raise CondvecError(f"value source must be {(self.num_anchors, self.width)}, got {tuple(value.shape)}")
         self.values[key] = value.detach().to(self.data.dtype).clone()
@@ -471,19 +460,13 @@ class TagTable:
         return self
 
     def copy(self) -> TagTable:
-        """A deep copy (tensors cloned)."""
-        return TagTable(
-            layers=list(self.layers), mode=self.mode, group_names=list(self.group_names),
-            layer_group=list(self.layer_group), anchors=list(self.anchors), tags=list(self.tags),
-            data=self.data.clone(), special=self.special.clone(),
-            values={k: v.clone() for k, v in self.values.items()}, use_sink=self.use_sink, pad_to=self.pad_to,
-            normalization=TagNormalization.from_dict(self.normalization.to_dict()),
-            base_model=json.loads(json.dumps(self.base_model)), counts=dict(self.counts),
-            provenance=json.loads(json.dumps(self.provenance)), group_kind=self.group_kind,
-            pooled=None if self.pooled is None else self.pooled.clone(),
-            null_pooled=None if self.null_pooled is None else self.null_pooled.clone(),
-            negative_zeros=self.negative_zeros, vectors=dict(self.vectors),
-        )
+        """A deep copy: every field of the table, tensors cloned."""
+        return TagTable(**{f.name: _copy.deepcopy(getattr(self, f.name)) for f in fields(self)})
+
+    def replace(self, **changes) -> TagTable:
+        """A new table with ``changes`` to its fields, checked as a new table is; other fields are shared, not
+        copied (call :meth:`copy` first to keep the original independent)."""
+        return replace(self, **changes)
 
     # ----------------------------------------------------------------- compatibility
     def check_layers(self, layers: list[LayerSpec]) -> None:
@@ -511,26 +494,13 @@ class TagTable:
 
     # ----------------------------------------------------------------- save / load
     def metadata(self) -> dict:
-        """Everything but the tensors, as JSON-able data."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "mode": self.mode,
-            "group_kind": self.group_kind,
-            "group_names": self.group_names,
-            "layer_group": self.layer_group,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "anchors": self.anchors,
-            "tags": self.tags,
-            "split_tags": sorted(self.values),
-            "use_sink": self.use_sink,
-            "pad_to": self.pad_to,
-            "normalization": self.normalization.to_dict(),
-            "base_model": self.base_model,
-            "counts": self.counts,
-            "provenance": self.provenance,
-            "negative_zeros": self.negative_zeros,
-            "vectors": self.vectors,
-        }
+        """Everything but the tensors, as JSON-able data (the fields of :data:`_METADATA`)."""
+        meta = {"format_version": FORMAT_VERSION}
+        for name, (write, _, _) in _METADATA.items():
+            meta[name] = write(getattr(self, name))
+            if name == "tags":
+                meta["split_tags"] = sorted(self.values)
+        return meta
 
     def validate(self) -> None:
         """Check everything :meth:`load` checks (shapes, groups, anchors, sizes, finite values).
@@ -638,24 +608,15 @@ class TagTable:
         except ValueError as err:
             raise TableFileError(f"{path!r}: {err}") from None
         try:
-            layers = [LayerSpec.from_dict(d) for d in meta["layers"]]
             split = meta.get("split_tags", [])
             values = {}
             if split:
                 stacked = tensors["values"]
                 values = {name: stacked[i].clone() for i, name in enumerate(split)}
-            table = cls(
-                layers=layers, mode=meta["mode"], group_names=list(meta["group_names"]),
-                layer_group=[int(g) for g in meta["layer_group"]], anchors=[float(a) for a in meta["anchors"]],
-                tags=list(meta["tags"]), data=tensors["data"], special=tensors["special"], values=values,
-                use_sink=bool(meta["use_sink"]), pad_to=meta.get("pad_to"),
-                normalization=TagNormalization.from_dict(meta.get("normalization", {})),
-                base_model=meta.get("base_model", {}), counts={k: int(v) for k, v in meta.get("counts", {}).items()},
-                provenance=meta.get("provenance", []), group_kind=meta.get("group_kind", "layers"),
-                pooled=tensors.get("pooled"), null_pooled=tensors.get("null_pooled"),
-                negative_zeros=bool(meta.get("negative_zeros", False)),
-                vectors={k: int(v) for k, v in meta.get("vectors", {}).items()},
-            )
+            table = cls(data=tensors["data"], special=tensors["special"], values=values,
+                        pooled=tensors.get("pooled"), null_pooled=tensors.get("null_pooled"),
+                        **{name: read(meta[name] if default is _REQUIRED else meta.get(name, default))
+                           for name, (_, read, default) in _METADATA.items()})
         except KeyError as err:
             raise TableFileError(f"{path!r}: table is missing {err}: incomplete or not a condvec table") from None
         except (TypeError, AttributeError, IndexError, ValueError, OverflowError) as err:
@@ -670,6 +631,38 @@ class TagTable:
                 f"({self.group_kind}), anchors={self.num_anchors}, width={self.width}, split={len(self.values)}"
                 + (f", pooled={self.pooled.shape[1]}" if self.pooled is not None else "") + ")")
 
+
+_REQUIRED = object()
+
+
+def _same(value):
+    return value
+
+
+def _ints(mapping: dict) -> dict:
+    return {k: int(v) for k, v in mapping.items()}
+
+
+#: Every non-tensor field of a table, as its file stores it: field → (to JSON, from JSON, default when absent, or
+#: ``_REQUIRED``), in file order. ``metadata`` and ``load`` are derived from it; ``conditioner.schema`` checks the
+#: JSON before anything reads it.
+_METADATA = {
+    "mode": (_same, str, _REQUIRED),
+    "group_kind": (_same, str, "layers"),
+    "group_names": (_same, list, _REQUIRED),
+    "layer_group": (_same, lambda v: [int(g) for g in v], _REQUIRED),
+    "layers": (lambda v: [layer.to_dict() for layer in v], lambda v: [LayerSpec.from_dict(d) for d in v], _REQUIRED),
+    "anchors": (_same, lambda v: [float(a) for a in v], _REQUIRED),
+    "tags": (_same, list, _REQUIRED),
+    "use_sink": (_same, bool, _REQUIRED),
+    "pad_to": (_same, _same, None),
+    "normalization": (lambda v: v.to_dict(), TagNormalization.from_dict, {}),
+    "base_model": (_same, _same, {}),
+    "counts": (_same, _ints, {}),
+    "provenance": (_same, _same, []),
+    "negative_zeros": (_same, bool, False),
+    "vectors": (_same, _ints, {}),
+}
 
 _STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -701,10 +694,3 @@ def _mapped(path: str, header: dict, name: str) -> torch.Tensor:
 def extra_rows(name: str, count: int) -> list[str]:
     """Names of the rows a multi-vector tag owns besides its own: ``NAME#2`` … ``NAME#count``."""
     return [f"{name}#{k}" for k in range(2, count + 1)]
-
-
-def _width(mode: str, layers: list[LayerSpec], num_groups: int) -> int:
-    if mode == "kv":
-        return sum(2 * layer.inner_dim for layer in layers)
-    return num_groups * layers[0].cross_dim
-

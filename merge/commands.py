@@ -89,7 +89,7 @@ def _extract(args) -> str:
 def _regroup(args) -> str:
     out = _destination(args, args.table)
     table = TagTable.load(args.table)
-    if table.mode != "vector":
+    if not table.mode_spec.groupable:
         raise UsageError("regroup: a key/value-mode table holds each layer's own K and V and cannot be regrouped")
     result = regroup(table, args.groups)
     return _write(result, out, f"regrouped {table.group_kind} ({len(table.group_names)} groups) → {args.groups} "

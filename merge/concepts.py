@@ -87,7 +87,7 @@ def blend(
     groups = select_groups(table, layers)
     out, new_name = _output(table, new, overwrite)
     keys = [table.data[table.row(n)] for n in names]  # each (A, W)
-    split = table.mode == "vector" and any(table.is_split(n) for n in names)
+    split = table.mode_spec.splittable and any(table.is_split(n) for n in names)
 
     def combine(sources: list[torch.Tensor]) -> torch.Tensor:
         if slerp:
@@ -158,7 +158,7 @@ def swap(
     """
     if rest not in _REST:
         raise CondvecError(f"rest must be one of {', '.join(_REST)}, got {rest!r}")
-    if rest == "tied" and table.mode == "kv":
+    if rest == "tied" and table.mode_spec.direct_kv:
         raise CondvecError("rest='tied' ties the key concept's key source to to_v, which exists only in vector "
                            "mode; in "
                            "key/value mode every row holds its own K and V: use rest='key' or rest='value'")
@@ -168,7 +168,7 @@ def swap(
     mask = _group_mask(table, groups)
     key_row, value_row = table.data[table.row(key_name)], table.data[table.row(value_name)]
 
-    if table.mode == "kv":
+    if table.mode_spec.direct_kv:
         # the selected layers' K columns come from the key concept, their V columns from the value concept
         from_key = _kv_key_half_mask(table) | ~mask
         if rest == "value":
@@ -228,7 +228,7 @@ def mix(
     mask = _group_mask(table, groups)
     key_source = torch.where(mask, table.data[table.row(a_name)], table.data[table.row(b_name)])
     value_source = None
-    if table.mode == "vector" and (table.is_split(a_name) or table.is_split(b_name)):
+    if table.mode_spec.splittable and (table.is_split(a_name) or table.is_split(b_name)):
         value_source = torch.where(mask, table.value_source(a_name), table.value_source(b_name))
     _store(out, new_name, key_source, value_source)
     out.provenance.append({
@@ -307,7 +307,7 @@ def _kv_key_half_mask(table: TagTable) -> torch.Tensor:
 
 def _parts(table: TagTable) -> list[slice]:
     """Column ranges interpolated as one vector by slerp: a group (vector mode), a layer's K or V (key/value)."""
-    if table.mode == "vector":
+    if not table.mode_spec.direct_kv:
         return [table.group_columns(g) for g in range(len(table.group_names))]
     parts = []
     for g, layer in enumerate(table.layers):

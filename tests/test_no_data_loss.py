@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from testkit import make_unet
+from testkit import make_unet, micro_run
 
 from conditioner import TagTable
 from conditioner.safefile import TableFileError
@@ -216,9 +216,7 @@ def demo_dir(tmp_path_factory):
 
 
 def _args(demo_dir, out, *extra) -> list[str]:
-    return ["model.builtin=micro", f"data.path={demo_dir}", "data.resolution=16", "data.bucketing=false",
-            "training.steps=2", "training.batch_size=4", f"output.dir={out}", "output.save_every=1",
-            "output.sample_every=0", "output.progress=false", *extra]
+    return micro_run(demo_dir, out, *extra, steps=2, save_every=1)
 
 
 def test_a_corrupt_checkpoint_is_refused_and_the_runs_table_survives(demo_dir, tmp_path):

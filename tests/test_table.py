@@ -205,3 +205,24 @@ def test_open_maps_rows_and_encodes_like_load(tmp_path):
     encode(opened, ["red circle"])
     with pytest.raises(TableFileError, match="data of 'cat' holds NaN or infinite values"):
         encode(opened, ["cat"])
+
+
+def test_every_field_is_stored_once_and_copied_deeply(layers):
+    """The file codec names every non-tensor field of ``TagTable`` (so ``metadata``, ``load`` and ``copy`` cannot
+    forget one), and a copy shares nothing mutable with its original."""
+    from dataclasses import fields
+
+    from conditioner.table import _METADATA
+
+    tensors = {"data", "special", "values", "pooled", "null_pooled"}
+    assert set(_METADATA) | tensors == {f.name for f in fields(TagTable)}
+    table = TagTable.create(layers, groups="blocks")
+    table.add_tags(["a", "b"], init="normal", seed=1)
+    twin = table.copy()
+    _assert_tables_equal(table, twin)
+    twin.data.add_(1.0)
+    twin.tags.append("c")
+    twin.provenance.append({"op": "x"})
+    twin.base_model["name"] = "other"
+    assert "c" not in table.tags and table.provenance == [] and "name" not in table.base_model
+    assert not torch.equal(table.data, twin.data)

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from testkit import micro_config
 
 from conditioner import TagTable
 from demo.data import generate_demo_dataset
@@ -28,12 +29,8 @@ def demo_dir(tmp_path_factory):
 
 
 def _cfg(demo_dir, out, *extra):
-    return load_config(None, [
-        "model.builtin=micro", f"data.path={demo_dir}", "data.resolution=16", "data.bucketing=false",
-        "training.steps=6", "training.batch_size=4", "training.lr=0.05", "training.weight_decay=0.1",
-        f"output.dir={out}", "output.save_every=2", "output.sample_every=0", "output.progress=false",
-        "output.keep_last=2", *extra,
-    ])
+    return micro_config(demo_dir, out, "training.lr=0.05", "training.weight_decay=0.1", "output.keep_last=2", *extra,
+                        steps=6)
 
 
 def test_step_changes_only_rows_of_tags_in_the_batch(demo_dir, tmp_path):
@@ -235,7 +232,7 @@ def test_single_file_unet_with_local_config(tmp_path):
     save_file({"conv_in.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
     cfg = load_config(None, ["data.path=x", f"model.single_file={tmp_path / 'bad.safetensors'}",
                              f"model.single_file_config={tmp_path / 'cfg'}"])
-    with pytest.raises(ValueError, match="does not match .*config.json"):
+    with pytest.raises(ValueError, match="cannot load .*bad.safetensors with .*config.json"):
         load_base(cfg.model)
 
 

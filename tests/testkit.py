@@ -34,3 +34,18 @@ def capture_kv_inputs(unet):
                 seen[key] = args[0].detach().clone()
             handles.append(getattr(attn, proj).register_forward_hook(hook))
     return seen, handles
+
+
+def micro_run(data, out, *extra: str, steps: int = 4, save_every: int = 2) -> list[str]:
+    """``condvec-train`` overrides of a micro run: the built-in ``micro`` UNet on ``data`` at 16 px, batch 4, no
+    samples or progress bars, writing to ``out``; ``extra`` overrides come last and win."""
+    return ["model.builtin=micro", f"data.path={data}", "data.resolution=16", "data.bucketing=false",
+            f"training.steps={steps}", "training.batch_size=4", f"output.dir={out}", f"output.save_every={save_every}",
+            "output.sample_every=0", "output.progress=false", *extra]
+
+
+def micro_config(data, out, *extra: str, steps: int = 4, save_every: int = 2):
+    """The resolved config of :func:`micro_run`."""
+    from train.config import load_config
+
+    return load_config(None, micro_run(data, out, *extra, steps=steps, save_every=save_every))

@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from conditioner.errors import CondvecError
+from conditioner.modes import table_mode
 from conditioner.schema import MAX_PAD_TO, MAX_VECTORS
 
 #: Upper bounds on what a user sets: beyond them a run can only diverge or exhaust memory.
@@ -286,7 +287,7 @@ def validate(cfg: DictConfig) -> None:
     if tr.mixed_precision == "fp16":
         raise ConfigError("'training.mixed_precision' fp16 is not supported (the row-sparse optimiser does no loss "
                           "scaling): use bf16 or no")
-    if tr.train == "table+kv" and t.mode == "kv":
+    if tr.train == "table+kv" and t.mode is not None and table_mode(str(t.mode)).direct_kv:
         raise ConfigError("'training.train' table+kv trains the attn2 key/value projections, which table.mode=kv "
                           "bypasses: use train=table or mode=vector")
     if tr.num_threads < 0:

@@ -16,6 +16,7 @@ from bootstrap.load import describe
 from bootstrap.table import add_bootstrapped_tags, bootstrap_table
 from conditioner.encode import tokenize
 from conditioner.errors import CondvecError
+from conditioner.modes import table_mode
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.regroup import regroup
 from conditioner.table import TagTable
@@ -242,7 +243,7 @@ def _make_table(cfg, base: Base, log) -> TagTable:
         table = TagTable.load(t.start_from) if t.start_from else base.table
         log(f"table: continuing {t.start_from} ({len(table)} tags)" if t.start_from
             else f"table: the base model's own table ({len(table)} tags)", flush=True)
-        if groups is not None and groups != table.group_kind and table.mode == "vector":
+        if groups is not None and groups != table.group_kind and table.mode_spec.groupable:
             log(f"table: converted from {table.group_kind} to {groups if isinstance(groups, str) else 'custom'} "
                 "groups (table.groups)", flush=True)
             table = regroup(table, groups)
@@ -274,9 +275,9 @@ def _convert_mode(cfg, table: TagTable, unet, log) -> TagTable:
     wanted = cfg.table.mode
     if wanted is None or str(wanted) == table.mode:
         return table
-    if str(wanted) == "vector":
-        raise CondvecError("table.mode=vector, but the table is in key/value mode: its rows are each layer's K and V "
-                           "and cannot become vectors again; drop table.mode or start a new table")
+    if not table_mode(str(wanted)).direct_kv:
+        raise CondvecError(f"table.mode={wanted}, but the table is in key/value mode: its rows are each layer's K "
+                           "and V and cannot become vectors again; drop table.mode or start a new table")
     log("table: converted to key/value mode through each layer's projections (table.mode=kv)", flush=True)
     return kv_table(table, unet)
 

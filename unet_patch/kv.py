@@ -27,7 +27,7 @@ def kv_table(table: TagTable, unet: torch.nn.Module) -> TagTable:
         table (`TagTable`): a vector-mode table built for ``unet``.
         unet (`torch.nn.Module`): the UNet (its attn2 ``to_k`` / ``to_v`` weights are used).
     """
-    if table.mode == "kv":
+    if table.mode_spec.direct_kv:
         return table.copy()
     table.check_layers(discover(unet))
     out = TagTable.create(table.layers, mode="kv", anchors=table.anchors, use_sink=table.use_sink,
@@ -46,9 +46,7 @@ def kv_table(table: TagTable, unet: torch.nn.Module) -> TagTable:
             row = table.row(name)
             key, value = layer_key_value(attn, table.data[row, :, cols_in], table.values[name][:, cols_in])
             data[row, :, cols_out] = torch.cat([key, value], -1).to(data.dtype)
-    out.tags, out.data, out.special = list(table.tags), data, special
-    out.counts, out.pooled, out.null_pooled = dict(table.counts), table.pooled, table.null_pooled
-    out.negative_zeros, out.vectors = table.negative_zeros, dict(table.vectors)
-    out.provenance = table.provenance + [{"op": "kv_table", "from": table.group_kind}]
-    out.__post_init__()
-    return out
+    return out.replace(tags=list(table.tags), data=data, special=special, counts=dict(table.counts),
+                       pooled=table.pooled, null_pooled=table.null_pooled, negative_zeros=table.negative_zeros,
+                       vectors=dict(table.vectors),
+                       provenance=table.provenance + [{"op": "kv_table", "from": table.group_kind}])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conditioner.errors import CondvecError
 from conditioner.layout import LayerSlice
+from conditioner.modes import sources
 from unet_patch.kv import layer_key_value
 
 
@@ -53,7 +54,7 @@ class CondvecAttnProcessor:
             source, version, key, value = self.cache["entry"]
             if source() is encoder_hidden_states and version == encoder_hidden_states._version:
                 return key, value
-        if self.slice.mode == "kv":
+        if self.slice.direct_kv:
             key, value = key_src, value_src  # given directly
         else:
             key, value = layer_key_value(attn, key_src, None if value_src is key_src else value_src)
@@ -92,32 +93,6 @@ class CondvecAttnProcessor:
             hidden_states = hidden_states + scale * image.to(query.dtype)
         return hidden_states
 
-    def _sources(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        s = self.slice
-        width = packed.shape[-1]
-        base = s.base_width
-        if width == base:
-            split, bias = False, None
-        elif width == base + 1:
-            split, bias = False, packed[..., -1]
-        elif s.mode == "vector" and width == 2 * base:
-            split, bias = True, None
-        elif s.mode == "vector" and width == 2 * base + 1:
-            split, bias = True, packed[..., -1]
-        else:
-            raise CondvecError(
-                f"packed conditioning has width {width}, but this {s.mode}-mode table packs {base} columns "
-                f"(+{base} for split tags, +1 for the bias channel): encode prompts with the table that was installed"
-            )
-        key_src = packed[..., s.key_start : s.key_end]
-        if s.mode == "kv":
-            value_src = packed[..., s.value_start : s.value_start + (s.key_end - s.key_start)]
-        elif split:
-            value_src = packed[..., base + s.key_start : base + s.key_end]
-        else:
-            value_src = key_src
-        return key_src, value_src, bias
-
     def __call__(
         self,
         attn,
@@ -150,7 +125,7 @@ class CondvecAttnProcessor:
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
 
         batch_size, sequence_length, _ = encoder_hidden_states.shape
-        key_src, value_src, bias = self._sources(encoder_hidden_states)
+        key_src, value_src, bias = sources(self.slice, encoder_hidden_states)
 
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)

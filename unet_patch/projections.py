@@ -41,7 +41,7 @@ def bypassed_parameters(unet: torch.nn.Module, table: TagTable) -> list[torch.nn
         unet (`torch.nn.Module`): the UNet the table was built for.
         table (`TagTable`): the table.
     """
-    if table.mode != "kv":
+    if not table.mode_spec.direct_kv:
         return []
     return [p for module in kv_projections(unet, table) for p in module.parameters()]
 
@@ -66,7 +66,7 @@ def special_rows_from(base: TagTable, table: TagTable, unet: torch.nn.Module) ->
     Returns:
         `torch.Tensor | None`: ``(S, A, W)`` special rows for ``table``, or `None` when ``base`` is not vector mode.
     """
-    if base.mode != "vector":
+    if base.mode_spec.direct_kv:
         return None
     count = table.special.shape[0]
     pick = torch.arange(count).clamp(max=base.special.shape[0] - 1)
@@ -77,7 +77,7 @@ def special_rows_from(base: TagTable, table: TagTable, unet: torch.nn.Module) ->
         src = base.special[pick][:, :, base.group_columns(base.layer_group[li])]  # (S, A_base, D)
         src = src[:, :1].expand(-1, table.num_anchors, -1) if weights is None else torch.einsum(
             "na,sad->snd", weights.to(src.dtype), src)  # (S, A_new, D)
-        if table.mode == "kv":
+        if table.mode_spec.direct_kv:
             key, value = layer_key_value(unet.get_submodule(layer.name), src.to(table.special.dtype))  # (S, A, inner)
             special[:, :, table.group_columns(li)] = torch.cat([key, value], -1)
         else:
