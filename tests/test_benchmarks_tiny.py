@@ -11,3 +11,16 @@ def test_open_speed_runs_and_open_reads_less_than_load(tmp_path, capsys):
     assert result["open"]["shape"] == result["load"]["shape"]
     assert result["open"]["peak_rss_mib"] + 30 < result["load"]["peak_rss_mib"]  # a 31 MiB file: load holds it twice
     assert not list(tmp_path.iterdir()), "the synthetic table is removed"
+
+
+def test_gpu_benchmark_runs_at_a_tiny_size_on_cpu(tmp_path):
+    from benchmarks.gpu import main
+
+    out = tmp_path / "gpu.md"
+    assert main(["--size", "tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| sd")]
+    assert len(rows) == 12  # 6 measurements × (SD1.5, SDXL)
+    for row in rows:
+        seconds = float(row.split("|")[3])
+        assert seconds > 0, row
+    assert any("LoRA step (rank 4" in row for row in rows)
