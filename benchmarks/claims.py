@@ -76,7 +76,7 @@ class Settings:
     capacity_all_up_to: int = 100  # every method up to this N; above it only capacity_big_methods
     capacity_big_methods: tuple = ("condvec layers", "LoRA")
     exposures: int = 48  # images seen per concept in capacity and isolation runs (steps = N * exposures / batch,
-    # at least a quarter of ``steps``)
+    # at least ``steps``)
     rounds: int = 5
     per_round: int = 4
     isolation_methods: tuple = ("condvec layers", "textual inversion", "LoRA", "Custom Diffusion", "DreamBooth")
@@ -547,8 +547,9 @@ def study_one(base: Base, out: Path, settings: Settings) -> tuple[dict, dict]:
 
 
 def _steps(n: int, settings: Settings) -> int:
-    """Steps that show each of ``n`` concepts ``exposures`` images (at least a quarter of the one-concept steps)."""
-    return max(math.ceil(settings.steps / 4), math.ceil(n * settings.exposures / settings.batch))
+    """Steps that show each of ``n`` concepts ``exposures`` images, and at least the one-concept ``steps`` (a row
+    of a few concepts is updated in nearly every step, so fewer steps would leave it short of updates)."""
+    return max(settings.steps, math.ceil(n * settings.exposures / settings.batch))
 
 
 def study_capacity(base: Base, out: Path, settings: Settings, lrs: dict) -> tuple[dict, dict]:
@@ -782,6 +783,101 @@ def _grid(out: Path, base: Base, runs: dict, settings: Settings) -> None:
                   "(prompt: TAG, white background)", upscale=2).save(out / "capacity-samples.png")
 
 
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def render(report: dict) -> str:
+    """The studies of a ``claims.json`` report as markdown tables (what BENCHMARKS.md shows)."""
+    out = []
+    if "one concept" in report:
+        out += ["**Study 1 — one concept.** Fidelity after each number of steps, at each method's best learning rate "
+                "(sweep: final fidelity per lr).", "",
+                "| method | best lr | " + " | ".join(f"step {p['step']}" for p in
+                                                    next(iter(report["one concept"].values()))["curve"])
+                + " | sweep | s/step | numbers per concept | bytes per concept |",
+                "| --- | --- | " + "--- | " * len(next(iter(report["one concept"].values()))["curve"])
+                + "--- | --- | --- | --- |"]
+        for name, r in report["one concept"].items():
+            sweep = ", ".join(f"{lr}: {_pct(v)}" for lr, v in r["sweep"].items())
+            params = r["parameters"]
+            numbers = f"{params['per concept']:,}" + (f" + {params['shared']:,} shared" if params["shared"] else "")
+            out.append(f"| {name} | {r['best lr']:.2g} | " + " | ".join(_pct(p["fidelity"]) for p in r["curve"])
+                       + f" | {sweep} | {r['seconds per step']:.3f} | {numbers} | {r['bytes per concept']:,.0f} |")
+        out.append("")
+    if "capacity" in report:
+        ns = list(report["capacity"])
+        names = list(dict.fromkeys(m for n in ns for m in report["capacity"][n]))
+        out += ["**Study 2 — capacity.** Per-concept fidelity with N concepts learned together (steps · batch / N "
+                "images seen per concept in brackets).", "",
+                "| method | " + " | ".join(f"N = {n}" for n in ns) + " | bytes per concept at the largest N |",
+                "| --- | " + "--- | " * len(ns) + "--- |"]
+        for name in names:
+            cells = []
+            for n in ns:
+                r = report["capacity"][n].get(name)
+                cells.append("not run" if r is None else f"{_pct(r['fidelity'])} ({r['exposures per concept']:.0f})")
+            last = next(report["capacity"][n][name] for n in reversed(ns) if name in report["capacity"][n])
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {last['bytes per concept']:,.0f} |")
+        out.append("")
+    if "isolation" in report:
+        rounds = len(next(iter(report["isolation"].values()))["rounds"])
+        out += ["**Study 3 — isolation.** Fidelity of the first round's concepts after each round of new concepts, "
+                "and whether every earlier concept's own rows or tokens stayed bit-identical (checked).", "",
+                "| method | " + " | ".join(f"after round {i + 1}" for i in range(rounds))
+                + " | earlier rows bit-identical |", "| --- | " + "--- | " * rounds + "--- |"]
+        for name, r in report["isolation"].items():
+            same = [x["earlier rows bit-identical"] for x in r["rounds"][1:]]
+            shown = "n/a (shared weights only)" if all(v is None for v in same) else (
+                "yes, every round" if all(same) else "no")
+            if name in ("Custom Diffusion", "DreamBooth") and all(same):
+                shown = "tokens yes; the shared UNet weights are retrained every round"
+            out.append(f"| {name} | " + " | ".join(_pct(v) for v in r["first round by round"]) + f" | {shown} |")
+        out.append("")
+    if "bleeding" in report:
+        out += ["**Study 4 — bleeding.** Prompts with two (`A, B, two objects, white background`) and three learned "
+                "concepts: all objects right, the right object count, and objects showing another concept's "
+                "attribute.", "",
+                "| method | 2: all right | 2: two objects | 2: crossed | 3: all right | 3: three objects "
+                "| 3: crossed |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in report["bleeding"].items():
+            cells = []
+            for k in (2, 3):
+                x = r.get(f"{k} concepts")
+                cells += ["–"] * 3 if x is None else [_pct(x["all right"]), _pct(x[f"{k} objects"]),
+                                                      _pct(x["objects with a crossed attribute"])]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    if "key/value" in report:
+        out += ["**Study 5 — key/value swaps** (`key = A, value = B` in the chosen layers): of the drawn objects, "
+                "how many take each attribute from the key concept, the value concept or neither.", "",
+                "| table | layers | prompt | shape key / value / other | colour key / value / other "
+                "| size key / value / other |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, per in report["key/value"].items():
+            if not isinstance(per, dict):
+                continue
+            for where, prompts in per.items():
+                for prompt, tally in prompts.items():
+                    cells = [" / ".join(str(tally[a][k]) for k in ("key", "value", "other"))
+                             for a in ("shape", "colour", "size")]
+                    out.append(f"| {name} | {where} | {prompt} | " + " | ".join(cells) + " |")
+        words = report["key/value"].get("base CLIP, key's shape and size in value's colour, in words")
+        if words is not None:
+            out += ["", f"The base's CLIP asked in words for the key concept's shape and size in the value concept's "
+                        f"colour: {_pct(words)} right."]
+        out.append("")
+    if "seeds" in report:
+        out += ["**Study 6 — seeds.** Fidelity per seed at each method's tuned learning rate.", "",
+                "| method | lr | steps | per seed | mean ± std |", "| --- | --- | --- | --- | --- |"]
+        for name, r in report["seeds"].items():
+            out.append(f"| {name} | {r['lr']:.2g} | {r['steps']} | "
+                       + ", ".join(_pct(v) for v in r["fidelity by seed"])
+                       + f" | {_pct(r['mean'])} ± {100 * r['std']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.claims", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -789,7 +885,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/claims"))
     parser.add_argument("--studies", default="1,2,3,4,5,6", help="comma-separated study numbers to run")
     parser.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--capacity", help="comma-separated concept counts of the capacity study (default: the "
+                        "preset's); its smallest set is what studies 4 and 5 prompt")
+    parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                        help="learning rate of a method when study 1 (the sweep) does not run, e.g. 'LoRA=0.003'")
+    parser.add_argument("--render", type=Path, metavar="CLAIMS_JSON",
+                        help="only print the markdown tables of an earlier run's claims.json")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
     settings = copy.deepcopy(PRESETS[args.preset])
     if args.methods:
         chosen = tuple(m.strip() for m in args.methods.split(","))
@@ -800,6 +905,14 @@ def main(argv: list[str] | None = None) -> int:
         settings.isolation_methods = tuple(m for m in settings.isolation_methods if m in chosen)
         settings.capacity_big_methods = tuple(m for m in settings.capacity_big_methods if m in chosen)
     studies = {int(s) for s in args.studies.split(",")}
+    if args.capacity:
+        settings.capacity = tuple(int(n) for n in args.capacity.split(","))
+    given = {}
+    for item in args.lr:
+        name, _, value = item.rpartition("=")
+        if name not in METHODS:
+            parser.error(f"--lr {item!r}: unknown method {name!r}; choose from {', '.join(METHODS)}")
+        given[name] = float(value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -816,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         timing[label] = round(time.perf_counter() - t, 1)
         return value
 
-    lrs = dict(CENTRE_LR)
+    lrs = dict(CENTRE_LR) | given
     if 1 in studies:
         report["one concept"], lrs = stage("one concept", study_one, base, args.out, settings)
     report["learning rates"] = lrs
@@ -836,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     if "one concept" in report and "capacity" in report:
         _plots(args.out, report)
     (args.out / "claims.json").write_text(json.dumps(report, indent=1, default=str))
+    (args.out / "claims.md").write_text(render(json.loads(json.dumps(report, default=str))))
     print(f"wrote {args.out / 'claims.json'} ({report['seconds']['total']:.0f} s)")
     return 0
 

@@ -44,5 +44,6 @@ def test_claims_tiny(tmp_path):
         assert 0.0 <= result["2 concepts"]["objects with a crossed attribute"] <= 1.0, name
     assert "condvec layers" in report["key/value"]
     assert len(report["seeds"]["condvec layers"]["fidelity by seed"]) == 2
+    assert "**Study 6" in (tmp_path / "claims.md").read_text()
     for png in ("one-concept.png", "capacity.png", "capacity-samples.png"):
         assert (tmp_path / png).stat().st_size > 1000
