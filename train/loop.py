@@ -47,7 +47,11 @@ class Trainer:
         self.world, self.rank, self.device = self.acc.num_processes, self.acc.process_index, self.acc.device
         if tr.batch_size % self.world:
             raise CondvecError(f"training.batch_size={tr.batch_size} must be divisible by the {self.world} processes")
-        vars(self).update(vars(build(cfg, self.acc)))  # unet, vae, noise_scheduler, table, items, cache, …: Setup
+        s = build(cfg, self.acc)  # train.setup.Setup: everything prepared before the first step
+        self.unet, self.vae, self.noise_scheduler, self.table = s.unet, s.vae, s.noise_scheduler, s.table
+        self.existing_rows, self.train_special, self.unet_params = s.existing_rows, s.train_special, s.unet_params
+        self.items, self.captions, self.cache = s.items, s.captions, s.cache
+        self.resume_path, self.sample_prompts = s.resume_path, s.sample_prompts
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.planner = Planner(self.items, self.captions, cfg.data, tr.batch_size, tr.seed,
                                self.noise_scheduler.config.num_train_timesteps)
