@@ -117,7 +117,7 @@ def tokenize(
         raise CondvecError("no prompts given: pass at least one prompt ('' is the null prompt)")
     if pad_to == "table":
         pad_to = table.pad_to
-    index = table._index
+    index = table.index
     parsed: list[list[Tag]] = []
     unknown: list[str] = []
     for prompt in prompts:

@@ -25,7 +25,9 @@ import difflib
 import fnmatch
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -281,6 +283,11 @@ class TagTable:
 
     def __contains__(self, name: str) -> bool:
         return self.normalization.apply(name) in self._index
+
+    @property
+    def index(self) -> Mapping[str, int]:
+        """Normalised tag name → row (read-only view; change tags through :meth:`add_tags` and friends)."""
+        return MappingProxyType(self._index)
 
     def row(self, name: str) -> int:
         """Row index of a tag; unknown names raise ``KeyError`` with close matches."""

@@ -29,7 +29,7 @@ from train.kohya import read_kohya_config
 from train.model import Base, load_base
 from train.model import describe as describe_unet
 from train.tracking import shown, trackers
-from unet_patch.discover import discover, table_for_unet
+from unet_patch.discover import discover, table_for_unet, takes_pooled
 from unet_patch.kv import kv_table
 from unet_patch.patch import install
 from unet_patch.pipeline import vae_scale_factor
@@ -107,7 +107,7 @@ def build(cfg, acc: Accelerator) -> Setup:
     table = _convert_mode(cfg, table, unet, log)
     if base.text is not None:
         base.text.free_text_encoders()  # bootstrap is over: CLIP is never run again
-    if unet.config.get("addition_embed_type") == "text_time" and table.pooled is None:
+    if takes_pooled(unet) and table.pooled is None:
         raise CondvecError("an SDXL UNet needs pooled vectors, and this table has none: start from the model folder "
                            "with its text encoders (table.bootstrap: true) or from a table bootstrapped from it")
     for prompt in cfg.output.sample_prompts:

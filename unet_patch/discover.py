@@ -81,6 +81,12 @@ def discover(unet: torch.nn.Module) -> list[LayerSpec]:
     return layers
 
 
+def takes_pooled(unet: torch.nn.Module) -> bool:
+    """Whether a UNet takes SDXL's pooled text vector and size/crop time ids (``addition_embed_type: text_time``):
+    the one test of "is this SDXL-shaped?" for UNets (a table's answer is ``table.pooled is not None``)."""
+    return getattr(unet, "config", {}).get("addition_embed_type") == "text_time"
+
+
 def base_model_identity(unet: torch.nn.Module, name: str | None = None) -> dict:
     """A small description of a base UNet recorded in tables: a name and a hash of its cross-attention layout."""
     layers = discover(unet)

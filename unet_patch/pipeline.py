@@ -19,6 +19,7 @@ from bootstrap.load import TABLE_FILE, load_model
 from conditioner.encode import Rows, encode_pooled, pack, tokenize
 from conditioner.errors import CondvecError
 from conditioner.table import TagTable
+from unet_patch.discover import takes_pooled
 from unet_patch.patch import patched
 from unet_patch.processor import cached_kv
 
@@ -126,7 +127,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
     @property
     def is_sdxl(self) -> bool:
         """Whether the UNet takes SDXL's pooled text embeddings and time ids (``addition_embed_type: text_time``)."""
-        return self.unet.config.get("addition_embed_type") == "text_time"
+        return takes_pooled(self.unet)
 
     def _step_kwargs(self, generator, eta: float) -> dict:
         params = set(inspect.signature(self.scheduler.step).parameters)
