@@ -665,8 +665,8 @@ def study_bleeding(base: Base, out: Path, settings: Settings, runs: dict, count_
                                        for a in ("shape", "colour", "size"))
             total = len(groups) * settings.samples * 2
             results[name][f"{k} concepts"] = {"all right": right / total, f"{k} objects": count / total,
-                                              "objects with a crossed attribute": crossed / max(objects, 1),
-                                              "samples": total}
+                                              "objects with a crossed attribute": crossed / objects if objects
+                                              else None, "samples": total}
     return results
 
 
@@ -845,8 +845,8 @@ def render(report: dict) -> str:
             cells = []
             for k in (2, 3):
                 x = r.get(f"{k} concepts")
-                cells += ["–"] * 3 if x is None else [_pct(x["all right"]), _pct(x[f"{k} objects"]),
-                                                      _pct(x["objects with a crossed attribute"])]
+                crossed = x and x["objects with a crossed attribute"] if x and x[f"{k} objects"] else None
+                cells += ["–"] * 3 if x is None else [_pct(x["all right"]), _pct(x[f"{k} objects"]), _pct(crossed)]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     if "key/value" in report:
@@ -878,6 +878,35 @@ def render(report: dict) -> str:
     return "\n".join(out)
 
 
+def combine(parts: list[dict]) -> dict:
+    """One report from runs that each did some of the studies (``--studies``, ``--capacity``): capacity results
+    merge by N, every other study must come from one run, and every run must have used study 1's learning rates."""
+    out: dict = {"commands": [p["command"] for p in parts], "machine": parts[0]["machine"],
+                 "settings": [p["settings"] for p in parts], "seconds": [p["seconds"] for p in parts],
+                 "capacity": {}}
+    tuned = next((p["learning rates"] for p in parts if "one concept" in p), None)
+    for part in parts:
+        if tuned is not None:
+            ran = {m for per in part.get("capacity", {}).values() for m in per}
+            ran |= {m for key in ("isolation", "bleeding", "seeds") for m in part.get(key, {})}
+            differ = sorted(m for m in ran if part["learning rates"].get(m) != tuned.get(m))
+            if differ:
+                raise SystemExit(f"{part['command']!r} used other learning rates than study 1 for {differ}")
+        for key, value in part.items():
+            if key == "capacity":
+                for n, per in value.items():
+                    if n in out["capacity"]:
+                        raise SystemExit(f"capacity N={n} is in two runs")
+                    out["capacity"][n] = per
+            elif key in ("one concept", "isolation", "bleeding", "key/value", "seeds"):
+                if key in out:
+                    raise SystemExit(f"study {key!r} is in two runs")
+                out[key] = value
+    out["capacity"] = dict(sorted(out["capacity"].items(), key=lambda kv: int(kv[0])))
+    out["learning rates"] = tuned or parts[0]["learning rates"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.claims", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -889,11 +918,22 @@ def main(argv: list[str] | None = None) -> int:
                         "preset's); its smallest set is what studies 4 and 5 prompt")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="learning rate of a method when study 1 (the sweep) does not run, e.g. 'LoRA=0.003'")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="CLAIMS_JSON",
+                        help="merge the claims.json of runs that each did some studies into --out (with plots)")
     parser.add_argument("--render", type=Path, metavar="CLAIMS_JSON",
                         help="only print the markdown tables of an earlier run's claims.json")
     args = parser.parse_args(argv)
     if args.render:
         print(render(json.loads(args.render.read_text())))
+        return 0
+    if args.combine:
+        report = combine([json.loads(p.read_text()) for p in args.combine])
+        args.out.mkdir(parents=True, exist_ok=True)
+        if "one concept" in report and report["capacity"]:
+            _plots(args.out, report)
+        (args.out / "claims.json").write_text(json.dumps(report, indent=1))
+        (args.out / "claims.md").write_text(render(report))
+        print(f"wrote {args.out / 'claims.json'} and claims.md from {len(args.combine)} runs")
         return 0
     settings = copy.deepcopy(PRESETS[args.preset])
     if args.methods:

@@ -47,3 +47,18 @@ def test_claims_tiny(tmp_path):
     assert "**Study 6" in (tmp_path / "claims.md").read_text()
     for png in ("one-concept.png", "capacity.png", "capacity-samples.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_combine_merges_capacity_and_refuses_other_learning_rates():
+    from benchmarks.claims import combine
+
+    one = {"command": "a", "machine": "m", "settings": {}, "seconds": {}, "learning rates": {"LoRA": 1e-3},
+           "one concept": {"LoRA": {}}, "capacity": {"10": {"LoRA": {"fidelity": 0.5}}}}
+    big = {"command": "b", "machine": "m", "settings": {}, "seconds": {}, "learning rates": {"LoRA": 1e-3},
+           "capacity": {"1000": {"LoRA": {"fidelity": 0.1}}}, "isolation": {"LoRA": {}}}
+    report = combine([one, big])
+    assert list(report["capacity"]) == ["10", "1000"] and "isolation" in report and report["commands"] == ["a", "b"]
+    with pytest.raises(SystemExit, match="other learning rates"):
+        combine([one, big | {"learning rates": {"LoRA": 3e-3}}])
+    with pytest.raises(SystemExit, match="capacity N=10 is in two runs"):
+        combine([one, big | {"capacity": {"10": {}}}])
