@@ -880,7 +880,8 @@ def render(report: dict) -> str:
 
 def combine(parts: list[dict]) -> dict:
     """One report from runs that each did some of the studies (``--studies``, ``--capacity``): capacity results
-    merge by N, every other study must come from one run, and every run must have used study 1's learning rates."""
+    merge by N, every other study must come from one run, and every run must have used study 1's learning rates
+    (to 1%: ``--lr`` values copied with two significant digits)."""
     out: dict = {"commands": [p["command"] for p in parts], "machine": parts[0]["machine"],
                  "settings": [p["settings"] for p in parts], "seconds": [p["seconds"] for p in parts],
                  "capacity": {}}
@@ -889,7 +890,7 @@ def combine(parts: list[dict]) -> dict:
         if tuned is not None:
             ran = {m for per in part.get("capacity", {}).values() for m in per}
             ran |= {m for key in ("isolation", "bleeding", "seeds") for m in part.get(key, {})}
-            differ = sorted(m for m in ran if part["learning rates"].get(m) != tuned.get(m))
+            differ = sorted(m for m in ran if not math.isclose(part["learning rates"][m], tuned[m], rel_tol=0.01))
             if differ:
                 raise SystemExit(f"{part['command']!r} used other learning rates than study 1 for {differ}")
         for key, value in part.items():

@@ -202,14 +202,16 @@ class RowSparseAdamW:
 
 
 def default_lr(table) -> float:
-    """The table learning rate when ``training.lr`` is unset, by layout.
-
-    Per-block and per-layer vector rows each serve few layers and move towards their target at once; one vector
-    shared by every layer, or direct key/value rows, need larger steps to get as far: on the tiny base a new concept
-    reached at lr 5e-2 in 20 steps what per-layer rows reach at 1e-2 to 2e-2 (BENCHMARKS.md, "Concept fidelity per
-    table mode").
+    """The table learning rate when ``training.lr`` is unset, by layout: the best measured on the users' path (a
+    table bootstrapped from the miniature SD's CLIP, 4 and 10 new concepts learned together, 200 steps of batch 16;
+    BENCHMARKS.md, "Learning rates on the users' path"): 0.3 for per-block / per-layer vector rows, 0.5 for one
+    vector shared by every layer, 0.15 for direct key/value rows. Bootstrapped rows have the scale of CLIP's
+    outputs, so the steps that move them are large; the earlier defaults (1e-2 / 5e-2) left 4–21% of such concepts
+    right where these get 70–86%.
     """
-    return 5e-2 if table.mode_spec.direct_kv or len(table.group_names) == 1 else 1e-2
+    if table.mode_spec.direct_kv:
+        return 0.15
+    return 0.5 if len(table.group_names) == 1 else 0.3
 
 
 def lr_at(step: int, base_lr: float, schedule: str, warmup: int, total: int) -> float:
