@@ -758,8 +758,8 @@ def _plots(out: Path, report: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     names = sorted({m for per in report["capacity"].values() for m in per})
     for name in names:
-        ns = [int(n) for n, per in report["capacity"].items() if name in per]
-        ax.plot(ns, [report["capacity"][n][name]["fidelity"] for n in ns], marker="o", label=name,
+        ns = [n for n, per in report["capacity"].items() if name in per]  # str keys after JSON, int before
+        ax.plot([int(n) for n in ns], [report["capacity"][n][name]["fidelity"] for n in ns], marker="o", label=name,
                 linestyle="-" if name.startswith("condvec") else "--")
     ax.set(xscale="log", xlabel="concepts learned together (N)", ylabel="per-concept fidelity", ylim=(-0.02, 1.02),
            title="capacity")

@@ -85,3 +85,12 @@ def test_setup_installs_cpu_torch_only_when_the_venv_has_none(tmp_path, has_torc
     assert calls[-1] == "-m pip install -q -e .[dev]"
     assert (venv / ".condvec-installed").exists()
     assert ("keeping torch 2.13.0+cu128" in result.stdout) == has_torch
+
+
+def test_readme_links_into_benchmarks_name_real_headings():
+    """Every ``BENCHMARKS.md#anchor`` the README links to is a heading there (GitHub's slug rule)."""
+    headings = (README.parent / "BENCHMARKS.md").read_text().splitlines()
+    slugs = {re.sub(r"[^\w\- ]", "", h.lstrip("#").strip().lower()).replace(" ", "-") for h in headings
+             if h.startswith("#")}
+    anchors = re.findall(r"\]\(BENCHMARKS\.md#([^)]+)\)", README.read_text())
+    assert anchors and all(a in slugs for a in anchors), sorted(set(anchors) - slugs)
