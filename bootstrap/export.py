@@ -24,7 +24,7 @@ import torch
 from bootstrap.embeddings import XTI_LAYERS
 from bootstrap.load import BaseModel
 from conditioner.errors import CondvecError
-from conditioner.table import TagTable
+from conditioner.table import MODELSPEC_ARCHITECTURES, TagTable
 
 
 @dataclass
@@ -147,9 +147,7 @@ def modelspec(model: BaseModel, tag: str) -> dict[str, str]:
     """ModelSpec metadata (``modelspec.*``) for an exported embedding, as model browsers read it."""
     import datetime
 
-    architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                    "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}.get(model.family,
-                                                                                                    model.family)
+    architecture = MODELSPEC_ARCHITECTURES.get(model.family, model.family)
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/textual-inversion",
             "modelspec.implementation": "https://github.com/AUTOMATIC1111/stable-diffusion-webui",
             "modelspec.title": tag, "modelspec.date": datetime.date.today().isoformat(),

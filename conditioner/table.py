@@ -42,6 +42,9 @@ from conditioner.safefile import TableFileError, check_safetensors, check_table
 from conditioner.schema import TABLE_DTYPES, check_metadata
 
 FORMAT_VERSION = 1
+#: ModelSpec architecture names of the base-model families (``modelspec.architecture``).
+MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                           "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
 METADATA_KEY = "condvec"
 SINK, PAD = 0, 1
 
@@ -509,6 +512,19 @@ class TagTable:
                 meta["split_tags"] = sorted(self.values)
         return meta
 
+    def modelspec(self, title: str) -> dict[str, str]:
+        """ModelSpec metadata (``modelspec.*``: title, architecture, date …) that model browsers show; written into
+        every table file beside condvec's own metadata, never read back."""
+        import datetime
+
+        family = self.base_model.get("family")
+        architecture = MODELSPEC_ARCHITECTURES.get(family, family or "unet")
+        return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/condvec-table",
+                "modelspec.implementation": "condvec", "modelspec.title": title,
+                "modelspec.date": datetime.date.today().isoformat(),
+                "modelspec.description": f"condvec tag table: {len(self.tags)} tags, {self.mode} mode, "
+                                         f"{len(self.group_names)} {self.group_kind} group(s)"}
+
     def validate(self) -> None:
         """Check everything :meth:`load` checks (shapes, groups, anchors, sizes, finite values).
 
@@ -544,7 +560,8 @@ class TagTable:
                 raise CondvecError(f"table {too_big[0]} holds values beyond fp16's range (±65504): save with "
                                    "dtype='bf16' or 'fp32'")
         tensors = {name: t.detach().to("cpu", storage).contiguous() for name, t in parts.items()}
-        meta = {METADATA_KEY: json.dumps(self.metadata())}
+        title = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        meta = {METADATA_KEY: json.dumps(self.metadata())} | self.modelspec(title)
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
 

@@ -226,3 +226,19 @@ def test_every_field_is_stored_once_and_copied_deeply(layers):
     twin.base_model["name"] = "other"
     assert "c" not in table.tags and table.provenance == [] and "name" not in table.base_model
     assert not torch.equal(table.data, twin.data)
+
+
+def test_table_files_carry_modelspec_metadata(layers, tmp_path):
+    """Model browsers read ``modelspec.*``: every saved table has a title, an architecture and a date."""
+    from safetensors import safe_open
+
+    table = TagTable.create(layers, groups="blocks", base_model={"name": "x", "family": "sdxl"})
+    table.add_tags(["a"])
+    table.save(tmp_path / "my concepts.safetensors")
+    with safe_open(tmp_path / "my concepts.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.title"] == "my concepts"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/condvec-table"
+    assert meta["modelspec.sai_model_spec"] == "1.0.0" and len(meta["modelspec.date"]) == 10
+    assert "1 tags" in meta["modelspec.description"]
+    _assert_tables_equal(table, TagTable.load(tmp_path / "my concepts.safetensors"))
