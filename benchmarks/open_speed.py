@@ -4,7 +4,8 @@
 
 Writes one synthetic ``layers`` table (SDXL's 70 attn2 layers of width 2048 by default, fp16), then, each in a fresh
 process so the page cache is what the OS left: the time to open it and encode one 8-tag prompt, and the peak RSS of
-that process (``VmHWM``: ``ru_maxrss`` would keep the parent's peak across exec); the same through ``load``.
+that process (``VmHWM``: ``ru_maxrss`` would keep the parent's peak across exec); the same through ``load``; and
+extracting one tag into its own file (``condvec-merge extract`` reads through ``open``) both ways.
 Prints one JSON object.
 """
 
@@ -30,6 +31,22 @@ done = time.perf_counter()
 print(json.dumps({"open_s": opened - imported, "encode_s": done - opened, "shape": list(cond.shape),
                   "peak_rss_mib": int(next(l.split()[1] for l in open("/proc/self/status")
                                            if l.startswith("VmHWM"))) / 1024}))
+"""
+
+# condvec-merge extract of one tag (the command reads the table with TagTable.open; "load" reads it whole)
+_EXTRACT = """
+import json, os, sys, tempfile, time
+from conditioner import TagTable
+from merge.tables import extract
+t0 = time.perf_counter()
+table = getattr(TagTable, sys.argv[2])(sys.argv[1])
+out = os.path.join(tempfile.mkdtemp(), "one.safetensors")
+extract(table, [table.tags[len(table.tags) // 2]]).save(out)
+done = time.perf_counter()
+print(json.dumps({"extract_s": done - t0, "out_kib": os.path.getsize(out) / 1024,
+                  "peak_rss_mib": int(next(l.split()[1] for l in open("/proc/self/status")
+                                           if l.startswith("VmHWM"))) / 1024}))
+os.unlink(out)
 """
 
 
@@ -71,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             out = subprocess.run([sys.executable, "-c", _CHILD, path, how], capture_output=True, text=True, env=env,
                                  check=True).stdout
             result[how] = json.loads(out.strip().splitlines()[-1])
+            out = subprocess.run([sys.executable, "-c", _EXTRACT, path, how], capture_output=True, text=True,
+                                 env=env, check=True).stdout
+            result[f"extract via {how}"] = json.loads(out.strip().splitlines()[-1])
     finally:
         os.unlink(path)
     print(json.dumps(result))

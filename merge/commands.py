@@ -82,7 +82,7 @@ def _rename(args) -> str:
 
 def _extract(args) -> str:
     out = _destination(args, None)
-    result = extract(TagTable.load(args.table), args.tags)
+    result = extract(TagTable.open(args.table), args.tags)  # memory-mapped: only the extracted rows are read
     return _write(result, out, f"extracted {', '.join(map(repr, result.tags))}")
 
 
@@ -115,7 +115,7 @@ def _where(layers: str | None) -> str:
 
 # ----------------------------------------------------------------------------- list
 def _list(args) -> str | None:
-    table = TagTable.load(args.table)
+    table = TagTable.open(args.table)  # memory-mapped: rows are read a chunk at a time for their norms
     summary = _summary(table, args.table)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -159,11 +159,15 @@ def _summary(table: TagTable, path: str) -> dict:
     }
 
 
-def _group_norms(table: TagTable, rows: torch.Tensor) -> torch.Tensor:
-    """``(R, A, W)`` rows → ``(R, G)`` L2 norm of each group's vector (K and V together in kv mode), anchor mean."""
+def _group_norms(table: TagTable, rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """``(R, A, W)`` rows → ``(R, G)`` L2 norm of each group's vector (K and V together in kv mode), anchor mean;
+    ``chunk`` rows at a time, so a memory-mapped table is never held in memory whole."""
     columns = [table.group_columns(g) for g in range(len(table.group_names))]
-    norms = torch.stack([rows[..., cols].float().norm(dim=-1) for cols in columns], -1)  # (R, A, G)
-    return norms.mean(1)
+    out = []
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start:start + chunk].float()  # (c, A, W)
+        out.append(torch.stack([part[..., cols].norm(dim=-1) for cols in columns], -1).mean(1))  # (c, G)
+    return torch.cat(out) if out else rows.new_zeros(0, len(columns))
 
 
 def _size(num_bytes: int) -> str:

@@ -5,6 +5,7 @@ Every function returns a new table and leaves its inputs untouched.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 
@@ -143,8 +144,22 @@ def extract(table: TagTable, tags: Sequence[str]) -> TagTable:
     keep = _resolve(table, list(tags))
     table.check_whole_tags(keep, "extract")
     rows = {name for owner in keep for name in [owner, *extra_rows(owner, table.vectors.get(owner, 1))]}
-    out = table.copy()
-    out.remove_tags([name for name in table.tags if name not in rows and table.vector_owner(name) is None])
+    ids = [i for i, name in enumerate(table.tags) if name in rows]
+    names = [table.tags[i] for i in ids]
+    index = torch.tensor(ids, dtype=torch.long)
+    # only the kept rows are read: a memory-mapped table (TagTable.open) is never loaded whole
+    data = table.data[index].float() if table.lazy else table.data[index].clone()
+    pooled = None
+    if table.pooled is not None:
+        pooled = table.pooled[index].float() if table.lazy else table.pooled[index].clone()
+    out = table.replace(
+        tags=names, data=data, pooled=pooled,
+        values={n: v.clone() for n, v in table.values.items() if n in rows},
+        counts={n: c for n, c in table.counts.items() if n in rows},
+        vectors={n: c for n, c in table.vectors.items() if n in rows},
+        special=table.special.clone(), null_pooled=None if table.null_pooled is None else table.null_pooled.clone(),
+        **{name: copy.deepcopy(getattr(table, name)) for name in ("layers", "group_names", "layer_group", "anchors",
+                                                                  "normalization", "base_model", "provenance")})
     out.provenance.append({"op": "extract", "inputs": list(out.tags)})
     return out
 

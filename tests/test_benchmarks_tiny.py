@@ -10,6 +10,8 @@ def test_open_speed_runs_and_open_reads_less_than_load(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["open"]["shape"] == result["load"]["shape"]
     assert result["open"]["peak_rss_mib"] + 30 < result["load"]["peak_rss_mib"]  # a 31 MiB file: load holds it twice
+    opened, loaded = result["extract via open"], result["extract via load"]
+    assert opened["out_kib"] == loaded["out_kib"] and opened["peak_rss_mib"] + 30 < loaded["peak_rss_mib"]
     assert not list(tmp_path.iterdir()), "the synthetic table is removed"
 
 
