@@ -5,7 +5,8 @@
 Writes one synthetic ``layers`` table (SDXL's 70 attn2 layers of width 2048 by default, fp16), then, each in a fresh
 process so the page cache is what the OS left: the time to open it and encode one 8-tag prompt, and the peak RSS of
 that process (``VmHWM``: ``ru_maxrss`` would keep the parent's peak across exec); the same through ``load``; and
-extracting one tag into its own file (``condvec-merge extract`` reads through ``open``) both ways.
+extracting one tag into its own file (``condvec-merge extract`` reads through ``open``) and dropping one tag
+(``condvec-merge drop`` streams rows from ``open`` into the new file) both ways.
 Prints one JSON object.
 """
 
@@ -44,6 +45,27 @@ out = os.path.join(tempfile.mkdtemp(), "one.safetensors")
 extract(table, [table.tags[len(table.tags) // 2]]).save(out)
 done = time.perf_counter()
 print(json.dumps({"extract_s": done - t0, "out_kib": os.path.getsize(out) / 1024,
+                  "peak_rss_mib": int(next(l.split()[1] for l in open("/proc/self/status")
+                                           if l.startswith("VmHWM"))) / 1024}))
+os.unlink(out)
+"""
+
+
+# condvec-merge drop of one tag: streamed from the memory-mapped table ("open"), or the table loaded whole
+_DROP = """
+import json, os, sys, tempfile, time
+from conditioner import TagTable
+from merge.tables import drop
+t0 = time.perf_counter()
+out = os.path.join(tempfile.mkdtemp(), "dropped.safetensors")
+if sys.argv[2] == "open":
+    table = TagTable.open(sys.argv[1])
+    result = drop(table.skeleton(), [table.tags[0]])
+    result.save_streamed(out, table, [table.index[n] for n in result.tags], dtype="fp16")
+else:
+    drop(TagTable.load(sys.argv[1]), [TagTable.open(sys.argv[1]).tags[0]]).save(out, dtype="fp16")
+done = time.perf_counter()
+print(json.dumps({"drop_s": done - t0, "out_gib": os.path.getsize(out) / 2**30,
                   "peak_rss_mib": int(next(l.split()[1] for l in open("/proc/self/status")
                                            if l.startswith("VmHWM"))) / 1024}))
 os.unlink(out)
@@ -91,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             out = subprocess.run([sys.executable, "-c", _EXTRACT, path, how], capture_output=True, text=True,
                                  env=env, check=True).stdout
             result[f"extract via {how}"] = json.loads(out.strip().splitlines()[-1])
+            out = subprocess.run([sys.executable, "-c", _DROP, path, how], capture_output=True, text=True,
+                                 env=env, check=True).stdout
+            result[f"drop via {how}"] = json.loads(out.strip().splitlines()[-1])
     finally:
         os.unlink(path)
     print(json.dumps(result))

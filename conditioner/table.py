@@ -24,6 +24,7 @@ import copy as _copy
 import difflib
 import fnmatch
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -38,7 +39,7 @@ from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
 from conditioner.modes import TableMode, table_mode
 from conditioner.parse import TagNormalization
-from conditioner.safefile import TableFileError, check_safetensors, check_table
+from conditioner.safefile import TableFileError, check_finite, check_safetensors, check_table
 from conditioner.schema import TABLE_DTYPES, check_metadata
 
 FORMAT_VERSION = 1
@@ -473,6 +474,61 @@ class TagTable:
         """A deep copy: every field of the table, tensors cloned."""
         return TagTable(**{f.name: _copy.deepcopy(getattr(self, f.name)) for f in fields(self)})
 
+    def skeleton(self) -> TagTable:
+        """A copy whose row tensors (``data``, ``pooled``) are shape-only ``meta`` tensors, nothing read from them.
+
+        Edits that move whole rows (drop, rename) run on it without touching a row; :meth:`save_streamed` then writes
+        the result, streaming those rows from this table — a memory-mapped table (:meth:`open`) is never held whole.
+        """
+        rows = {"data": torch.empty(self.data.shape, device="meta"),
+                "pooled": None if self.pooled is None else torch.empty(self.pooled.shape, device="meta")}
+        return TagTable(**{f.name: rows[f.name] if f.name in rows else _copy.deepcopy(getattr(self, f.name))
+                           for f in fields(self)})
+
+    def save_streamed(self, path: str | os.PathLike, source: TagTable, rows: list[int], dtype="fp32",
+                      chunk: int | None = None) -> None:
+        """Write this table (a :meth:`skeleton` edited by whole rows) with its tag rows read from ``source``.
+
+        Row ``i`` of the file is ``source`` row ``rows[i]``; rows are read, checked (finite, within fp16's range
+        when storing fp16) and written ``chunk`` at a time (default: about 32 MiB of fp32 rows), atomically like
+        :meth:`save`, so memory stays at one chunk whatever the table's size. Everything else (special rows, split
+        value sources, metadata) is this table's own.
+
+        Raises:
+            TableFileError / CondvecError: a row is not finite or out of range, or the metadata is invalid; nothing is
+                written and an existing file is left as it was.
+        """
+        if len(rows) != len(self.tags) or tuple(source.data.shape[1:]) != tuple(self.data.shape[1:]):
+            raise CondvecError(f"save_streamed: {len(rows)} source rows for {len(self.tags)} tags, or the source's "
+                               "rows have another shape")
+        storage = _storage_dtype(dtype)
+        check_metadata(json.loads(json.dumps(self.metadata())))
+        index = torch.tensor(rows, dtype=torch.long)
+        origin = getattr(source, "source", None)  # the file a memory-mapped source reads from, for messages
+        chunk = chunk or max(1, (32 << 20) // max(1, 4 * math.prod(self.data.shape[1:])))
+
+        def streamed(name: str, tensor: torch.Tensor):
+            def chunks():
+                for start in range(0, len(rows), chunk):
+                    part = tensor[index[start:start + chunk]].float()
+                    _check_storable(origin, name, part, storage, self.tags[start:start + len(part)])
+                    yield part
+            return name, (len(rows), *tensor.shape[1:]), chunks
+
+        def small(name: str, tensor: torch.Tensor):
+            _check_storable(None, name, tensor.float(), storage, None)
+            return name, tuple(tensor.shape), lambda: iter([tensor])
+
+        parts = [streamed("data", source.data), small("special", self.special)]
+        split = sorted(self.values)
+        if split:
+            parts.append(small("values", torch.stack([self.values[n].detach() for n in split])))
+        if self.pooled is not None:
+            parts += [streamed("pooled", source.pooled), small("null_pooled", self.null_pooled)]
+        title = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        metadata = {METADATA_KEY: json.dumps(self.metadata())} | self.modelspec(title)
+        _write_safetensors(path, metadata, parts, storage)
+
     def replace(self, **changes) -> TagTable:
         """A new table with ``changes`` to its fields, checked as a new table is; other fields are shared, not
         copied (call :meth:`copy` first to keep the original independent)."""
@@ -657,6 +713,45 @@ class TagTable:
 
 
 _REQUIRED = object()
+_DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _check_storable(source: str | None, name: str, tensor: torch.Tensor, storage: torch.dtype,
+                    tags: list[str] | None) -> None:
+    """Refuse non-finite values (naming ``source``, the file they came from, and the first bad tag), and values fp16
+    cannot hold when storing fp16."""
+    check_finite(source, name, tensor, tags)
+    if storage == torch.float16 and tensor.numel() and float(tensor.abs().max()) > 65504.0:
+        raise CondvecError(f"table {name} holds values beyond fp16's range (±65504): save with dtype='bf16' or "
+                           "'fp32'")
+
+
+def _write_safetensors(path, metadata: dict[str, str], parts: list, storage: torch.dtype) -> None:
+    """A ``.safetensors`` file written tensor by tensor, chunk by chunk, atomically: ``parts`` are
+    ``(name, shape, chunks)`` with ``chunks()`` yielding the tensor's rows in order."""
+    import struct
+
+    size = torch.tensor([], dtype=storage).element_size()
+    header, offset = {"__metadata__": metadata}, 0
+    for name, shape, _ in parts:
+        length = math.prod(shape) * size
+        header[name] = {"dtype": _DTYPE_CODES[storage], "shape": list(shape),
+                        "data_offsets": [offset, offset + length]}
+        offset += length
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, shape, chunks in parts:
+                written = 0
+                for part in chunks():
+                    data = part.detach().to("cpu", storage).contiguous().view(torch.uint8).numpy()
+                    f.write(memoryview(data))  # no extra copy
+                    written += data.size
+                if written != math.prod(shape) * size:
+                    raise TableFileError(f"table {name}: wrote {written} bytes, expected {math.prod(shape) * size}")
 
 
 def _same(value):

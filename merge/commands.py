@@ -10,6 +10,7 @@ import torch
 from conditioner.cli_errors import UsageError
 from conditioner.errors import CondvecError
 from conditioner.regroup import regroup
+from conditioner.safefile import check_finite
 from conditioner.table import TagTable
 from merge.concepts import blend, mix, swap
 from merge.tables import combine, drop, extract, rename
@@ -67,17 +68,20 @@ def _mix(args) -> str:
 
 def _drop(args) -> str:
     out = _destination(args, args.table)
-    table = TagTable.load(args.table)
-    result = drop(table, args.tags, match=args.match)
-    return _write(result, out, f"dropped {len(table) - len(result)} tag{'s' if len(table) - len(result) != 1 else ''}")
+    table = TagTable.open(args.table)  # streamed: the kept rows go from the mapped file to the new one in chunks
+    result = drop(table.skeleton(), args.tags, match=args.match)
+    result.save_streamed(out, table, [table.index[name] for name in result.tags])
+    gone = len(table) - len(result)
+    return f"wrote {out}: dropped {gone} tag{'s' if gone != 1 else ''} ({len(result)} tags)"
 
 
 def _rename(args) -> str:
     out = _destination(args, args.table)
-    table = TagTable.load(args.table)
-    result = rename(table, args.old, args.new, overwrite=args.force)
+    table = TagTable.open(args.table)  # streamed, as drop; a rename keeps every row where it is
+    result = rename(table.skeleton(), args.old, args.new, overwrite=args.force)
+    result.save_streamed(out, table, list(range(len(table))))
     record = result.provenance[-1]
-    return _write(result, out, f"renamed {record['old']!r} to {record['new']!r}")
+    return f"wrote {out}: renamed {record['old']!r} to {record['new']!r} ({len(result)} tags)"
 
 
 def _extract(args) -> str:
@@ -166,6 +170,8 @@ def _group_norms(table: TagTable, rows: torch.Tensor, chunk: int = 4096) -> torc
     out = []
     for start in range(0, rows.shape[0], chunk):
         part = rows[start:start + chunk].float()  # (c, A, W)
+        if table.lazy and rows is table.data:  # memory-mapped rows are checked as they are read, as load would
+            check_finite(table.source, "data", part, table.tags[start:start + chunk])
         out.append(torch.stack([part[..., cols].norm(dim=-1) for cols in columns], -1).mean(1))  # (c, G)
     return torch.cat(out) if out else rows.new_zeros(0, len(columns))
 

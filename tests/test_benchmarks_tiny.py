@@ -12,6 +12,8 @@ def test_open_speed_runs_and_open_reads_less_than_load(tmp_path, capsys):
     assert result["open"]["peak_rss_mib"] + 30 < result["load"]["peak_rss_mib"]  # a 31 MiB file: load holds it twice
     opened, loaded = result["extract via open"], result["extract via load"]
     assert opened["out_kib"] == loaded["out_kib"] and opened["peak_rss_mib"] + 30 < loaded["peak_rss_mib"]
+    streamed, whole = result["drop via open"], result["drop via load"]
+    assert streamed["out_gib"] == whole["out_gib"] and streamed["peak_rss_mib"] + 30 < whole["peak_rss_mib"]
     assert not list(tmp_path.iterdir()), "the synthetic table is removed"
 
 
