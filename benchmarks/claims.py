@@ -153,6 +153,7 @@ class Base:
         from bootstrap.load import load_model
 
         loaded = load_model(model)
+        self.model = loaded  # bootstrap_table reads its text encoder
         self.path, self.unet, self.vae = model, loaded.unet.eval(), loaded.vae.eval()
         self.text_encoder, self.tokenizer = loaded.text_encoders[0].eval(), loaded.tokenizers[0]
         self.scheduler_config = dict(loaded.scheduler.config)
@@ -285,16 +286,6 @@ class Baseline:
     def context(self):
         return nullcontext()
 
-    def after_step(self) -> None:
-        if self.new_tokens and self.frozen_rows:  # earlier rounds' tokens stay as they were
-            with torch.no_grad():
-                self.embedding.new[:, :self.frozen_rows] = self._kept
-        return None
-
-    def start_round(self) -> None:
-        if self.new_tokens and self.frozen_rows:
-            self._kept = self.embedding.new[:, :self.frozen_rows].detach().clone()
-
     def parameters_per_concept(self) -> dict:
         """Trainable numbers: per concept (tokens) and shared (UNet weights)."""
         token = self.layers * self.embedding.new.shape[-1] if self.new_tokens else 0
@@ -328,7 +319,6 @@ def train_baseline(method: Baseline, base: Base, latents: torch.Tensor, captions
     shuffled by ``seed``); returns seconds per step."""
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    method.start_round()
     params = method.trainable()
     began = time.perf_counter()
     for step in range(1, steps + 1):
@@ -347,7 +337,6 @@ def train_baseline(method: Baseline, base: Base, latents: torch.Tensor, captions
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         method.optimizer.step()
         method.optimizer.zero_grad(set_to_none=True)
-        method.after_step()
         if on_step is not None:
             on_step(step)
     return (time.perf_counter() - began) / steps
@@ -368,9 +357,7 @@ class Condvec:
         if start is None:
             start = work / "bootstrap.safetensors"
             if not start.exists():
-                from bootstrap.load import load_model
-
-                bootstrap_table(load_model(base.path), tag_vocabulary(), groups=groups, mode=mode, anchors=anchors,
+                bootstrap_table(base.model, tag_vocabulary(), groups=groups, mode=mode, anchors=anchors,
                                 progress=False).save(start)
         self.start = start
         cfg = load_config(None, [
@@ -699,8 +686,8 @@ def study_swap(base: Base, out: Path, settings: Settings, runs: dict) -> dict:
                         objs = detect(image)["objects"]
                         if not objs:
                             continue
-                        o = min(objs, key=lambda x: sum(x[a] != third[a] for a in ("shape", "colour", "size")))
-                        if "two objects" in prompt and len(objs) > 1:
+                        o = objs[0]  # the short prompt: the (leftmost) object drawn
+                        if tally is long_follows:  # beside the third concept: the object least like it
                             o = max(objs, key=lambda x: sum(x[a] != third[a] for a in ("shape", "colour", "size")))
                         for a in tally:
                             side = ("key" if o[a] == a_cfg[a] else "value" if o[a] == b_cfg[a] else "other")
@@ -889,7 +876,8 @@ def combine(parts: list[dict]) -> dict:
     for part in parts:
         if tuned is not None:
             ran = {m for per in part.get("capacity", {}).values() for m in per}
-            ran |= {m for key in ("isolation", "bleeding", "seeds") for m in part.get(key, {})}
+            ran |= {m for key in ("isolation", "bleeding", "seeds", "key/value") for m in part.get(key, {})
+                    if m in METHODS}
             differ = sorted(m for m in ran if not math.isclose(part["learning rates"][m], tuned[m], rel_tol=0.01))
             if differ:
                 raise SystemExit(f"{part['command']!r} used other learning rates than study 1 for {differ}")
@@ -908,6 +896,21 @@ def combine(parts: list[dict]) -> dict:
     return out
 
 
+STUDY_KEYS = {1: "one concept", 2: "capacity", 3: "isolation", 4: "bleeding", 5: "key/value", 6: "seeds"}
+
+
+def _part(item: str) -> dict:
+    """``PATH`` or ``PATH:3,5``: a run's report, or only the given studies of it."""
+    path, _, chosen = item.rpartition(":")
+    if not path or not all(s.strip().isdigit() for s in chosen.split(",")):
+        path, chosen = item, ""
+    report = json.loads(Path(path).read_text())
+    if chosen:
+        keep = {STUDY_KEYS[int(s)] for s in chosen.split(",")}
+        report = {k: v for k, v in report.items() if k not in STUDY_KEYS.values() or k in keep}
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.claims", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -919,8 +922,9 @@ def main(argv: list[str] | None = None) -> int:
                         "preset's); its smallest set is what studies 4 and 5 prompt")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="learning rate of a method when study 1 (the sweep) does not run, e.g. 'LoRA=0.003'")
-    parser.add_argument("--combine", type=Path, nargs="+", metavar="CLAIMS_JSON",
-                        help="merge the claims.json of runs that each did some studies into --out (with plots)")
+    parser.add_argument("--combine", nargs="+", metavar="CLAIMS_JSON[:STUDIES]",
+                        help="merge the claims.json of runs that each did some studies into --out (with plots); "
+                             "':3,5' after a file takes only those studies from it")
     parser.add_argument("--render", type=Path, metavar="CLAIMS_JSON",
                         help="only print the markdown tables of an earlier run's claims.json")
     args = parser.parse_args(argv)
@@ -928,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(json.loads(args.render.read_text())))
         return 0
     if args.combine:
-        report = combine([json.loads(p.read_text()) for p in args.combine])
+        report = combine([_part(item) for item in args.combine])
         args.out.mkdir(parents=True, exist_ok=True)
         if "one concept" in report and report["capacity"]:
             _plots(args.out, report)

@@ -50,8 +50,8 @@ def test_claims_tiny(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
 
 
-def test_combine_merges_capacity_and_refuses_other_learning_rates():
-    from benchmarks.claims import combine
+def test_combine_merges_capacity_and_refuses_other_learning_rates(tmp_path):
+    from benchmarks.claims import _part, combine
 
     one = {"command": "a", "machine": "m", "settings": {}, "seconds": {}, "learning rates": {"LoRA": 1e-3},
            "one concept": {"LoRA": {}}, "capacity": {"10": {"LoRA": {"fidelity": 0.5}}}}
@@ -63,3 +63,7 @@ def test_combine_merges_capacity_and_refuses_other_learning_rates():
         combine([one, big | {"learning rates": {"LoRA": 3e-3}}])
     with pytest.raises(SystemExit, match="capacity N=10 is in two runs"):
         combine([one, big | {"capacity": {"10": {}}}])
+    (tmp_path / "big.json").write_text(json.dumps(big))
+    assert set(_part(f"{tmp_path / 'big.json'}:3")) == {"command", "machine", "settings", "seconds", "learning rates",
+                                                         "isolation"}  # only study 3 taken from that run
+    assert "capacity" in _part(str(tmp_path / "big.json"))
