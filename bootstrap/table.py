@@ -88,9 +88,10 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
                                         pad_to=table.pad_to, batch_size=batch_size, progress=progress,
                                         normalization=table.normalization), model.unet)
         rows = table.add_tags(names, vectors=tokens_per_tag)
-        table.data[rows] = staging.data[[r for n in names for r in staging.expand(n)]].to(table.data)
+        source = [r for n in names for r in staging.expand(n)]
+        table.data[rows] = staging.data[source].to(**_like(table.data))
         if table.pooled is not None and staging.pooled is not None:
-            table.pooled[rows] = staging.pooled[[r for n in names for r in staging.expand(n)]].to(table.pooled)
+            table.pooled[rows] = staging.pooled[source].to(**_like(table.pooled))
         return names
     names = list(dict.fromkeys(table.normalization.apply(t) for t in tags if table.normalization.apply(t)))
     names = [n for n in names if n not in table]
@@ -102,8 +103,13 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
     vectors = encoded.vectors.reshape(-1, encoded.vectors.shape[-1])  # (T·n, D), rows in add order
     _set_rows(table, rows, vectors)
     if table.pooled is not None and encoded.pooled is not None:  # every vector of a tag carries the tag's pooled
-        table.pooled[rows] = encoded.pooled.repeat_interleave(tokens_per_tag, 0).to(table.pooled)
+        table.pooled[rows] = encoded.pooled.repeat_interleave(tokens_per_tag, 0).to(**_like(table.pooled))
     return names
+
+
+def _like(rows) -> dict:
+    """``Tensor.to`` arguments for ``rows``' device and dtype (row tensors and disk-backed rows alike)."""
+    return {"device": rows.device, "dtype": rows.dtype}
 
 
 def _check_distinct_ids(model: BaseModel, names: list[str]) -> None:
@@ -125,7 +131,7 @@ def _set_rows(table: TagTable, rows: list[int], vectors: torch.Tensor) -> None:
     if width != table.dim:
         raise CondvecError(f"vectors of width {width} do not fit this table (cross_attention_dim {table.dim})")
     tiled = vectors.repeat(1, len(table.group_names))  # (K, G·D)
-    table.data[rows] = tiled[:, None, :].expand(-1, table.num_anchors, -1).to(table.data)
+    table.data[rows] = tiled[:, None, :].expand(-1, table.num_anchors, -1).to(**_like(table.data))
 
 
 def import_embedding(table: TagTable, embedding: Embedding, name: str, model: BaseModel | None = None) -> list[int]:

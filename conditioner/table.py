@@ -39,6 +39,7 @@ from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
 from conditioner.modes import TableMode, table_mode
 from conditioner.parse import TagNormalization
+from conditioner.rows import DiskRows
 from conditioner.safefile import TableFileError, check_finite, check_safetensors, check_table
 from conditioner.schema import TABLE_DTYPES, check_metadata
 
@@ -344,7 +345,7 @@ class TagTable:
         elif init == "normal":
             rows = torch.randn(shape, generator=gen) * std
         elif init == "mean":
-            base = self.data.mean(0, keepdim=True) if len(self.tags) else torch.zeros(1, *shape[1:])
+            base = _mean_rows(self.data).unsqueeze(0) if len(self.tags) else torch.zeros(1, *shape[1:])
             rows = base.expand(shape).clone() + torch.randn(shape, generator=gen) * std
         elif init.startswith("tag:"):
             rows = self.data[self.row(init[4:])].unsqueeze(0).expand(shape).clone()
@@ -354,7 +355,7 @@ class TagTable:
         else:
             raise CondvecError(f"init must be 'zeros', 'normal', 'mean', 'mean:A,B,…' or 'tag:NAME', got {init!r}")
         start = len(self.tags)
-        self.data = torch.cat([self.data, rows.to(device=self.data.device, dtype=self.data.dtype)], 0)
+        self.data = _append_rows(self.data, rows)
         if self.pooled is not None:  # new tags start from the null prompt's pooled vector (or their sources')
             if init.startswith("tag:"):
                 pooled = self.pooled[self.row(init[4:])]
@@ -362,7 +363,7 @@ class TagTable:
                 pooled = self.pooled[self._init_rows(init)].double().mean(0).to(self.pooled.dtype)
             else:
                 pooled = self.null_pooled
-            self.pooled = torch.cat([self.pooled, pooled.expand(len(names), -1).clone()], 0)
+            self.pooled = _append_rows(self.pooled, pooled.expand(len(names), -1).clone())
         for n in names:
             self._index[n] = len(self.tags)
             self.tags.append(n)
@@ -589,21 +590,33 @@ class TagTable:
         """
         check_table(self)
 
-    def save(self, path: str | os.PathLike, dtype: str | torch.dtype = "fp32") -> None:
+    @property
+    def disk_backed(self) -> bool:
+        """Whether the rows are :class:`~conditioner.rows.DiskRows` (``TagTable.open(path, writable=True)``)."""
+        return isinstance(self.data, DiskRows)
+
+    def save(self, path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> None:
         """Write the table to one self-contained ``.safetensors`` file, atomically (temp file + rename).
+
+        A disk-backed table (:meth:`open` with ``writable=True``) is streamed into the file a chunk of rows at a
+        time (:meth:`save_streamed`), its file rows and the rows held in memory merged.
 
         Args:
             path (`str` or `os.PathLike`): the file to write.
-            dtype (`str` or `torch.dtype`, defaults to `"fp32"`): storage precision of every tensor: ``"fp32"``,
-                ``"fp16"`` (half the size; values beyond ±65504 are refused) or ``"bf16"`` (half the size, fp32's
-                range, 8 bits of mantissa). :meth:`load` always returns fp32 tensors for computation.
+            dtype (`str` or `torch.dtype`, *optional*): storage precision of every tensor: ``"fp32"`` (the default;
+                a disk-backed table's default is the precision of the file it maps), ``"fp16"`` (half the size;
+                values beyond ±65504 are refused) or ``"bf16"`` (half the size, fp32's range, 8 bits of mantissa).
+                :meth:`load` always returns fp32 tensors for computation.
 
         Raises:
             TableFileError: (a ``ValueError``) the table would not load again (NaN or infinite values, a broken
                 multi-vector tag, bad sizes); nothing is written and an existing file is left as it was.
         """
+        if self.disk_backed:
+            self.save_streamed(path, self, list(range(len(self.tags))), dtype=dtype or self.data.stored_dtype)
+            return
         self.validate()
-        storage = _storage_dtype(dtype)
+        storage = _storage_dtype(dtype or "fp32")
         parts = {"data": self.data, "special": self.special}
         split = sorted(self.values)
         if split:
@@ -622,19 +635,28 @@ class TagTable:
             save_file(tensors, tmp, metadata=meta)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> TagTable:
+    def open(cls, path: str | os.PathLike, writable: bool = False) -> TagTable:
         """Open a table file without reading its rows: ``data`` (and SDXL ``pooled``) are memory-mapped.
 
         Listing tags, encoding a prompt and generating read only the pages of the rows they use, so a table larger
         than memory opens in well under a second. Everything :meth:`load` checks is checked, except scanning every
         row for NaN / infinity up front: the rows a prompt uses are checked when :func:`conditioner.encode`
         gathers them. The mapped tensors are read-only views of the file (stored precision; gathered rows come back
-        as fp32); :meth:`load` the table to edit or train it.
+        as fp32); :meth:`load` the table to edit it whole.
+
+        ``writable=True`` makes the rows :class:`~conditioner.rows.DiskRows`: rows written (training steps, new
+        tags) are held in memory as fp32 over the read-only map, and :meth:`save` streams the merged table into a
+        new file. This is how ``training.table_device: disk`` trains a table larger than memory.
 
         Raises:
             FileNotFoundError / TableFileError: as :meth:`load`.
         """
-        return cls._read(path, "cpu", lazy=True)
+        table = cls._read(path, "cpu", lazy=True)
+        if writable:
+            table.data = DiskRows(table.data)
+            if table.pooled is not None:
+                table.pooled = DiskRows(table.pooled)
+        return table
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> TagTable:
@@ -706,6 +728,81 @@ class TagTable:
         check_table(table, path, scan_rows=not lazy)
         return table
 
+    # ----------------------------------------------------------------- disk-backed: what memory holds
+    def save_held(self, path: str | os.PathLike) -> None:
+        """Write what a disk-backed table holds in memory — its held rows (written or appended), special rows,
+        split values and metadata, all fp32 — to ``path`` atomically, naming the table file it maps.
+
+        The mapped file is never written; :meth:`open_held` puts the held rows back over it. A checkpoint of
+        ``training.table_device: disk`` is this file: its size follows the rows the run touched, not the table's.
+
+        Raises:
+            CondvecError: the table is not disk-backed, or a held row is not finite.
+        """
+        if not self.disk_backed:
+            raise CondvecError("save_held: the table is not disk-backed (TagTable.open(path, writable=True))")
+        self.__post_init__()
+        check_metadata(json.loads(json.dumps(self.metadata())))
+        tensors = {"special": self.special.detach().float()}
+        for name in ("data", "pooled"):
+            rows = getattr(self, name)
+            if rows is not None:
+                ids, values = rows.held()
+                _check_storable(None, name, values, torch.float32, [self.tags[i] for i in ids.tolist()])
+                tensors |= {f"{name}.rows": ids, f"{name}.values": values}
+        split = sorted(self.values)
+        if split:
+            tensors["values"] = torch.stack([self.values[n].detach().float() for n in split])
+        if self.null_pooled is not None:
+            tensors["null_pooled"] = self.null_pooled.detach().float()
+        _check_storable(None, "special", tensors["special"], torch.float32, None)
+        meta = {METADATA_KEY: json.dumps(self.metadata()), _BASE_KEY: json.dumps(_file_identity(self.source))}
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+
+    @classmethod
+    def open_held(cls, path: str | os.PathLike) -> TagTable:
+        """A disk-backed table from :meth:`save_held`'s file: the table file it names, mapped, with the held rows.
+
+        Raises:
+            CondvecError: the mapped table file is gone or changed since (size or modification time), or ``path``
+                is not such a file.
+        """
+        from safetensors.torch import load_file
+
+        path = os.fspath(path)
+        header = check_safetensors(path)
+        raw = (header.get("__metadata__") or {})
+        if METADATA_KEY not in raw or _BASE_KEY not in raw:
+            raise TableFileError(f"{path!r} is not a file of held table rows (no {_BASE_KEY!r} metadata)")
+        meta, base = json.loads(raw[METADATA_KEY]), json.loads(raw[_BASE_KEY])
+        check_metadata(meta)
+        if not os.path.isfile(base["path"]) or _file_identity(base["path"]) != base:
+            raise CondvecError(f"{path!r} holds rows over the table file {base['path']!r}, which is gone or has "
+                               "changed since (size or modification time): it is needed as it was; restore it, or "
+                               "start the run again")
+        mapped = cls.open(base["path"], writable=True)
+        if meta["tags"][:len(mapped.tags)] != mapped.tags:
+            raise CondvecError(f"{path!r} does not fit the table file {base['path']!r}: its tags differ")
+        tensors = load_file(path)
+        split = meta.get("split_tags", [])
+        fields_ = {name: read(meta[name] if default is _REQUIRED else meta.get(name, default))
+                   for name, (_, read, default) in _METADATA.items()}
+        rows = {}
+        for name in ("data", "pooled"):
+            source = getattr(mapped, name)
+            if source is None:
+                rows[name] = None
+                continue
+            held = DiskRows(source.base, num_rows=len(fields_["tags"]))
+            held.hold(tensors[f"{name}.rows"], tensors[f"{name}.values"])
+            rows[name] = held
+        table = cls(data=rows["data"], pooled=rows["pooled"], special=tensors["special"],
+                    values={n: tensors["values"][i].clone() for i, n in enumerate(split)},
+                    null_pooled=tensors.get("null_pooled"), **fields_)
+        table.lazy, table.source = True, base["path"]
+        return table
+
     def __repr__(self) -> str:
         return (f"TagTable({len(self.tags)} tags, mode={self.mode}, groups={len(self.group_names)} "
                 f"({self.group_kind}), anchors={self.num_anchors}, width={self.width}, split={len(self.values)}"
@@ -713,6 +810,13 @@ class TagTable:
 
 
 _REQUIRED = object()
+_BASE_KEY = "condvec_mapped_file"  # save_held: which table file the held rows lie over
+
+
+def _file_identity(path: str) -> dict:
+    """What identifies a table file's contents cheaply: absolute path, size and modification time (ns)."""
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 _DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -808,6 +912,24 @@ def _mapped(path: str, header: dict, name: str) -> torch.Tensor:
     if offset % size:
         raise TableFileError(f"{path!r}: tensor {name!r} is not aligned in the file; load() it instead of open()")
     return torch.tensor([], dtype=dtype).set_(storage, offset // size, entry["shape"])
+
+
+def _append_rows(data, rows: torch.Tensor):
+    """``data`` with ``rows`` appended: a new tensor, or the same :class:`DiskRows` grown in memory."""
+    if isinstance(data, DiskRows):
+        data.append(rows)
+        return data
+    return torch.cat([data, rows.to(device=data.device, dtype=data.dtype)], 0)
+
+
+def _mean_rows(data, chunk: int = 4096) -> torch.Tensor:
+    """Mean over rows (``(*row)``); disk-backed rows are read a chunk at a time, never held whole."""
+    if isinstance(data, torch.Tensor):
+        return data.mean(0)
+    total = torch.zeros(data.shape[1:], dtype=torch.float64)
+    for start in range(0, data.shape[0], chunk):
+        total += data[torch.arange(start, min(start + chunk, data.shape[0]))].double().sum(0)
+    return (total / max(1, data.shape[0])).float()
 
 
 def extra_rows(name: str, count: int) -> list[str]:

@@ -1,5 +1,6 @@
 """Invariant 7 on a real process: SIGKILL ``condvec-train`` at random moments, during saves too, resume each time,
-and the final tables equal an uninterrupted run's, bit for bit on CPU."""
+and the final tables equal an uninterrupted run's, bit for bit on CPU — with the table in memory, and with it on disk
+(``training.table_device: disk``: checkpoints hold the touched rows, the final table is streamed out)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -21,8 +23,8 @@ STEPS = 24
 TIMEOUT = 240  # seconds for any one process: far above the few seconds a segment takes
 
 
-def _overrides(data: Path, out: Path) -> list[str]:
-    return [
+def _overrides(data: Path, out: Path, extra: tuple[str, ...]) -> list[str]:
+    return [*extra,
         "model.builtin=micro", f"data.path={data}", "data.resolution=16", "data.bucketing=false",
         "data.caption_dropout=0.2", "data.flip=true", f"training.steps={STEPS}", "training.batch_size=4",
         "training.lr=0.05", "training.lr_schedule=cosine", "training.warmup_steps=3", "training.ema_decay=0.9",
@@ -31,10 +33,11 @@ def _overrides(data: Path, out: Path) -> list[str]:
     ]
 
 
-def _start(config: Path, data: Path, out: Path, log: Path, resume: bool) -> subprocess.Popen:
+def _start(config: Path, data: Path, out: Path, log: Path, resume: bool,
+           extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """``python -m train.cli`` in its own process, as a user runs ``condvec-train``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "train.cli", str(config), *_overrides(data, out)]
+    cmd = [sys.executable, "-m", "train.cli", str(config), *_overrides(data, out, extra)]
     cmd += ["output.resume=latest"] if resume else []
     with open(log, "w") as f:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -98,12 +101,27 @@ def _same_file_tensors(a: Path, b: Path) -> None:
         assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), f"{a.name}: tensor {key!r} differs"
 
 
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+def _disk_table(tmp_path: Path, data: Path) -> tuple[str, ...]:
+    """A start table file for a disk run (a 2-step micro run's table, fp16), and the overrides that train it."""
+    from testkit import micro_config
+
+    from conditioner import TagTable
+    from train.loop import Trainer
+
+    first = Trainer(micro_config(data, tmp_path / "first", steps=2)).run()
+    path = tmp_path / "start.safetensors"
+    TagTable.load(first["table"]).save(path, dtype="fp16")
+    return (f"table.start_from={path}", "training.table_device=disk")
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, where):
     data, config = tmp_path / "data", tmp_path / "run.yaml"
     generate_demo_dataset(data, 16, size=32, seed=5)
     config.write_text("{}\n")
+    extra = _disk_table(tmp_path, data) if where == "disk" else ()
     reference_out, out = tmp_path / "reference", tmp_path / "killed"
-    reference = _start(config, data, reference_out, tmp_path / "reference.log", resume=False)  # runs alongside
+    reference = _start(config, data, reference_out, tmp_path / "reference.log", False, extra)  # runs alongside
 
     rng = random.Random(11)
     # the first kill may land in the imports or before the first checkpoint; "save" is retried until one kill lands
@@ -114,7 +132,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         trigger = plan.pop(0) if plan else None
         resume = bool(ckpt.list_checkpoints(str(out)))  # killed before the first checkpoint: start afresh
         log = tmp_path / f"segment-{starts}.log"
-        proc = _start(config, data, out, log, resume)
+        proc = _start(config, data, out, log, resume, extra)
         starts += 1
         if trigger is None:
             assert proc.wait(timeout=TIMEOUT) == 0, log.read_text()[-2000:]

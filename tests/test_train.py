@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from testkit import micro_config
+from testkit import micro_config, run_until_killed
 
 from conditioner import TagTable
 from demo.data import generate_demo_dataset
@@ -56,16 +56,7 @@ def test_resume_after_kill_equals_uninterrupted_run(demo_dir, tmp_path):
     full = Trainer(_cfg(demo_dir, tmp_path / "full", *extra)).run()
 
     killed = Trainer(_cfg(demo_dir, tmp_path / "killed", *extra))
-    original = killed.train_step
-
-    def dying_step():
-        if killed.state.step == 5:
-            raise KeyboardInterrupt
-        return original()
-
-    killed.train_step = dying_step
-    with pytest.raises(KeyboardInterrupt):
-        killed.run()
+    run_until_killed(killed, 5)
     assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["step-0000002", "step-0000004"]
     resumed = Trainer(_cfg(demo_dir, tmp_path / "killed", *extra, "output.resume=latest"))
     assert resumed.state.step == 4

@@ -49,3 +49,20 @@ def micro_config(data, out, *extra: str, steps: int = 4, save_every: int = 2):
     from train.config import load_config
 
     return load_config(None, micro_run(data, out, *extra, steps=steps, save_every=save_every))
+
+
+def run_until_killed(trainer, step: int) -> None:
+    """Run ``trainer`` and interrupt it (``KeyboardInterrupt``, as a kill would) just before optimiser step
+    ``step + 1``; checkpoints saved up to then stay."""
+    import pytest
+
+    original = trainer.train_step
+
+    def dying_step():
+        if trainer.state.step == step:
+            raise KeyboardInterrupt
+        return original()
+
+    trainer.train_step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()

@@ -2,7 +2,9 @@
 
 A checkpoint folder ``checkpoints/step-0000500/`` holds:
 
-- ``table.safetensors`` — the table (with per-tag training counts);
+- ``table.safetensors`` — the table (with per-tag training counts); with ``training.table_device: disk`` instead
+  ``table-rows.safetensors``: only the rows the run holds in memory (touched or new), naming the mapped table file
+  (its size and modification time are checked on resume);
 - ``state.safetensors`` — optimiser moments and per-row step counts, EMA rows, UNet optimiser tensors (no RNG
   state is needed: every random draw is seeded from the seed, the step and the sample's batch position);
 - ``unet.safetensors`` — UNet weights, only when the run trains them;
@@ -33,6 +35,7 @@ from conditioner.table import TagTable
 from train.config import flatten
 from train.sampling import save_model
 
+HELD_ROWS = "table-rows.safetensors"  # training.table_device=disk: the rows held in memory, over the table file
 _NAME = re.compile(r"^step-(\d{7})(\.prev)?$")
 # learning-rate schedules whose value at a step depends on training.steps
 _SCHEDULES_WITH_TOTAL = ("linear", "cosine")
@@ -149,7 +152,10 @@ def save_checkpoint(run_dir: str, step: int, table: TagTable, tensors: dict[str,
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
-        table.save(os.path.join(tmp, "table.safetensors"))
+        if table.disk_backed:  # only the rows in memory; the table file they lie over is never written
+            table.save_held(os.path.join(tmp, HELD_ROWS))
+        else:
+            table.save(os.path.join(tmp, "table.safetensors"))
         all_tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         info = dict(info, step=step)
         if unet_optimizer is not None:
@@ -199,7 +205,11 @@ def load_checkpoint(path: str, unet: torch.nn.Module | None = None,
     state_file = os.path.join(path, "state.safetensors")
     tensors = load_file(state_file)
     _check_finite_tensors(state_file, tensors)
-    table = TagTable.load(os.path.join(path, "table.safetensors"))
+    held = os.path.join(path, HELD_ROWS)
+    if os.path.isfile(held):
+        table = TagTable.open_held(held)
+    else:
+        table = TagTable.load(os.path.join(path, "table.safetensors"))
     if unet is not None:
         weights_file = os.path.join(path, "unet.safetensors")
         weights = load_file(weights_file)

@@ -42,7 +42,7 @@ LrSchedule = _choices("LrSchedule", "constant", "linear", "cosine")
 MixedPrecision = _choices("MixedPrecision", "no", "bf16", "fp16")
 ReportTo = _choices("ReportTo", "none", "tensorboard", "wandb", "all")
 OnBadImage = _choices("OnBadImage", "skip", "error")
-TableDevice = _choices("TableDevice", "accelerator", "host")
+TableDevice = _choices("TableDevice", "accelerator", "host", "disk")
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best in the schema
@@ -143,9 +143,11 @@ class TrainingConfig:
                                "typical): the exported model/ carries the EMA weights (diffusers' EMAModel, with "
                                "its (1 + n) / (10 + n) warm-up)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
-    table_device: TableDevice = _f(TableDevice.accelerator, "accelerator | host — host keeps the table (and its "
-                                   "optimiser state) in CPU memory and moves only each step's rows to the "
-                                   "accelerator: table size bounded by host memory")
+    table_device: TableDevice = _f(TableDevice.accelerator, "accelerator | host | disk — host keeps the table "
+                                   "(and its optimiser state) in CPU memory and moves only each step's rows to the "
+                                   "accelerator; disk memory-maps table.start_from and holds only the rows the "
+                                   "run touched (checkpoints store those rows; the final table is streamed): "
+                                   "tables larger than memory")
     num_threads: int = _f(0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default (one per core)")
     mixed_precision: MixedPrecision = _f(MixedPrecision.no,
                                          "no | bf16 (autocast; fp16 is refused: it needs loss scaling)")

@@ -216,7 +216,10 @@ class Trainer:
     def restore_state(self, table, tensors: dict[str, torch.Tensor], info: dict) -> None:
         """Put back what :meth:`checkpoint_state` saved, with the checkpoint's ``table``."""
         for p in self.params:
-            p.tensor(self.table).copy_(p.tensor(table).to(self.device))
+            if self.table.disk_backed and p.per_tag:  # the checkpoint's held rows, over the same mapped file
+                p.tensor(self.table).hold(*p.tensor(table).held())
+            else:
+                p.tensor(self.table).copy_(p.tensor(table).to(self.device))
         self.table.counts = table.counts
         self.existing_rows, self.bad_steps = info["existing_rows"], info.get("bad_steps", 0)
         tensors = {k: v.to(self.device) for k, v in tensors.items()}

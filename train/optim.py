@@ -18,83 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class _Slots:
-    """Row → slot map with growable slot storage: state tensors of shape ``(capacity, *row_shape)``.
-
-    Slots are handed out in first-touch order; ``rows[:used]`` lists the row of every slot.
-    """
-
-    def __init__(self, num_rows: int, row_shape: tuple[int, ...], names: tuple[str, ...], device, dtype):
-        self.row_shape, self.names = tuple(row_shape), names
-        self.slot = torch.full((num_rows,), -1, dtype=torch.long, device=device)  # (R,) slot of each row, -1 = none
-        self.rows = torch.zeros(0, dtype=torch.long, device=device)  # (capacity,) row of each slot
-        self.store = {name: torch.zeros(0, *self.row_shape, device=device, dtype=dtype) for name in names}
-        self.used = 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.slot.device
-
-    def to(self, device) -> None:
-        self.slot, self.rows = self.slot.to(device), self.rows.to(device)
-        self.store = {k: v.to(device) for k, v in self.store.items()}
-
-    def grow_rows(self, num_rows: int) -> None:
-        extra = num_rows - self.slot.shape[0]
-        if extra > 0:
-            self.slot = torch.cat([self.slot, self.slot.new_full((extra,), -1)])
-
-    def _reserve(self, needed: int) -> None:
-        capacity = self.rows.shape[0]
-        if needed <= capacity:
-            return
-        capacity = max(needed, 2 * capacity, 16)
-        rows = self.rows.new_zeros(capacity)
-        rows[: self.used] = self.rows[: self.used]
-        self.rows = rows
-        for name, old in self.store.items():
-            new = old.new_zeros(capacity, *self.row_shape)
-            new[: self.used] = old[: self.used]
-            self.store[name] = new
-
-    def lookup(self, rows: torch.Tensor, allocate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots of ``rows`` (unique), allocating zero state for rows seen for the first time; and the new-row mask."""
-        slots = self.slot[rows]
-        new = slots < 0
-        if allocate and bool(new.any()):
-            fresh = rows[new]
-            count = fresh.numel()
-            self._reserve(self.used + count)
-            ids = torch.arange(self.used, self.used + count, device=self.device)
-            self.rows[ids] = fresh
-            for tensor in self.store.values():
-                tensor[ids] = 0
-            self.slot[fresh] = ids
-            self.used += count
-            slots = self.slot[rows]
-        return slots, new
-
-    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.{name}": tensor[: self.used] for name, tensor in self.store.items()}
-        out[f"{prefix}.rows"] = self.rows[: self.used]
-        return out
-
-    def load(self, rows: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore slots ``0 … len(rows) - 1`` for ``rows`` in this order, with the given state."""
-        device = self.device
-        self.slot.fill_(-1)
-        self.used = 0
-        self.rows = self.rows.new_zeros(0)
-        self.store = {name: tensor.new_zeros(0, *self.row_shape) for name, tensor in self.store.items()}
-        self._reserve(rows.numel())
-        count = rows.numel()
-        rows = rows.to(device)
-        self.rows[:count] = rows
-        for name, tensor in tensors.items():
-            self.store[name][:count] = tensor.to(device)
-        self.slot[rows] = torch.arange(count, device=device)
-        self.used = count
+from conditioner.rows import RowSlots
 
 
 class RowSparseAdamW:
@@ -112,7 +36,7 @@ class RowSparseAdamW:
     def __init__(self, num_rows: int, row_shape: tuple[int, ...], betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, device: torch.device | str | None = None):
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
-        self._slots = _Slots(num_rows, row_shape, ("exp_avg", "exp_avg_sq"), device, torch.float32)
+        self._slots = RowSlots(num_rows, row_shape, ("exp_avg", "exp_avg_sq"), device, torch.float32)
         self.steps = torch.zeros(num_rows, dtype=torch.long, device=device)  # (R,) per-row step count
 
     @property
@@ -245,7 +169,7 @@ class SparseEMA:
 
     def __init__(self, data: torch.Tensor, decay: float):
         self.decay = decay
-        self._slots = _Slots(data.shape[0], tuple(data.shape[1:]), ("average",), data.device, torch.float32)
+        self._slots = RowSlots(data.shape[0], tuple(data.shape[1:]), ("average",), data.device, torch.float32)
         self.last = torch.zeros(data.shape[0], dtype=torch.long, device=data.device)  # (R,) step it is current at
 
     @property

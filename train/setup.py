@@ -239,7 +239,17 @@ def _make_table(cfg, base: Base, log) -> TagTable:
     """The run's table before the data's new tags: continued, the base's own, bootstrapped, or new."""
     t, unet = cfg.table, base.unet
     groups = t.groups if t.groups is None or isinstance(t.groups, str) else OmegaConf.to_container(t.groups)
-    if t.start_from or (base.table is not None and t.use_base_table):
+    if str(cfg.training.table_device) == "disk":
+        if not t.start_from:
+            raise CondvecError("training.table_device=disk trains a table file without loading it: set "
+                               "table.start_from=TABLE.safetensors (condvec-bootstrap writes one from a model)")
+        table = TagTable.open(t.start_from, writable=True)
+        if (groups is not None and groups != table.group_kind) or (t.mode is not None and str(t.mode) != table.mode):
+            raise CondvecError("training.table_device=disk trains the table file in its own layout: drop table.groups "
+                               "/ table.mode, or convert the table first (condvec-merge regroup)")
+        log(f"table: {t.start_from} on disk ({len(table)} tags, memory-mapped; rows the run touches are held in "
+            "memory)", flush=True)
+    elif t.start_from or (base.table is not None and t.use_base_table):
         table = TagTable.load(t.start_from) if t.start_from else base.table
         log(f"table: continuing {t.start_from} ({len(table)} tags)" if t.start_from
             else f"table: the base model's own table ({len(table)} tags)", flush=True)
