@@ -26,6 +26,7 @@ import fnmatch
 import json
 import math
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -512,6 +513,7 @@ class TagTable:
             def chunks():
                 for start in range(0, len(rows), chunk):
                     part = tensor[index[start:start + chunk]].float()
+                    release_pages(tensor, index[start:start + chunk])  # a copy is in hand: the map's pages may go
                     _check_storable(origin, name, part, storage, self.tags[start:start + len(part)])
                     yield part
             return name, (len(rows), *tensor.shape[1:]), chunks
@@ -898,20 +900,57 @@ def _storage_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return found
 
 
+_MAPS: dict[int, tuple] = {}  # id(mapped tensor) → (weak reference to it, its mmap, its byte offset in the file)
+
+
 def _mapped(path: str, header: dict, name: str) -> torch.Tensor:
-    """A read-only memory map of one tensor of a safetensors file (private mapping: pages are read on use)."""
+    """A read-only memory map of one tensor of a safetensors file: pages are read on use (a shared, read-only
+    mapping, so no memory is committed for it however large the file)."""
+    import mmap
     import struct
+    import warnings
 
     entry = header[name]
     dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[entry["dtype"]]
-    with open(path, "rb") as f:
-        base = 8 + struct.unpack("<Q", f.read(8))[0]
-    storage = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
-    offset = base + entry["data_offsets"][0]
     size = torch.tensor([], dtype=dtype).element_size()
-    if offset % size:
-        raise TableFileError(f"{path!r}: tensor {name!r} is not aligned in the file; load() it instead of open()")
-    return torch.tensor([], dtype=dtype).set_(storage, offset // size, entry["shape"])
+    begin, end = entry["data_offsets"]
+    with open(path, "rb") as f:
+        offset = 8 + struct.unpack("<Q", f.read(8))[0] + begin
+        if offset % size:
+            raise TableFileError(f"{path!r}: tensor {name!r} is not aligned in the file; load() it instead of open()")
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():  # read-only by design: nothing ever writes through this view
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.frombuffer(mm, dtype=dtype, count=(end - begin) // size, offset=offset).view(entry["shape"])
+    key = id(tensor)
+    _MAPS[key] = (weakref.ref(tensor, lambda _, key=key: _MAPS.pop(key, None)), mm, offset)
+    return tensor
+
+
+def release_pages(tensor, rows: torch.Tensor) -> None:
+    """Drop the pages of ``rows`` of a mapped tensor (or of :class:`DiskRows`' file rows) from this process's memory.
+
+    Streaming a whole table file through its map would otherwise leave every page it read resident (counted in the
+    process's RSS) until the kernel needs the memory; the file's pages stay in the page cache. A no-op for tensors
+    that are not mapped.
+    """
+    import mmap
+
+    tensor = tensor.base if isinstance(tensor, DiskRows) else tensor
+    entry = _MAPS.get(id(tensor))
+    if entry is None or entry[0]() is not tensor or rows.numel() == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    _, mm, offset = entry
+    row_bytes = tensor[0].numel() * tensor.element_size()
+    low, high = int(rows.min()), min(int(rows.max()) + 1, tensor.shape[0])
+    if high <= low:
+        return
+    page = mmap.PAGESIZE
+    start = (offset + low * row_bytes) // page * page
+    stop = offset + high * row_bytes
+    mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def _append_rows(data, rows: torch.Tensor):
