@@ -40,6 +40,9 @@ def regroup(table: TagTable, groups) -> TagTable:
     """
     if not table.mode_spec.groupable:
         raise CondvecError("a key/value-mode table cannot be regrouped: its rows are each layer's own K and V")
+    if not isinstance(table.data, torch.Tensor):
+        raise CondvecError("a factorised table cannot be regrouped as it is: unfactorise it first "
+                           "(condvec-merge unfactorise), regroup, then factorise again")
     names, layer_group = resolve_groups(table.layers, groups)
     mix = group_mixing(table, layer_group, len(names))
     dim = table.dim

@@ -195,7 +195,9 @@ def check_table(table, path: str | os.PathLike | None = None, scan_rows: bool = 
             raise fail(f"value source of {tag!r} has shape {tuple(value.shape)}, expected "
                        f"{(table.num_anchors, table.width)}")
     if scan_rows:
-        check_finite(where, "data", table.data, table.tags)
+        factors = getattr(table.data, "factors", None)  # factorised rows: their factors
+        for name, tensor in (factors().items() if factors else [("", table.data)]):
+            check_finite(where, f"data{'.' + name if name else ''}", tensor, table.tags)
     check_finite(where, "special", table.special, ["sink", "padding"])
     for tag, value in table.values.items():
         check_finite(where, "value source", value.unsqueeze(0), [tag])

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from conditioner.errors import CondvecError, UnknownTagError
+from conditioner.factor import FACTORS, FactorRows, take_rows
 from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
 from conditioner.modes import TableMode, table_mode
@@ -411,7 +412,7 @@ class TagTable:
             self.vectors.pop(self.tags[self.row(n)], None)
         keep = [i for i in range(len(self.tags)) if i not in rows]
         removed = [self.tags[i] for i in sorted(rows)]
-        self.data = self.data[keep].clone()
+        self.data = take_rows(self.data, keep)
         if self.pooled is not None:
             self.pooled = self.pooled[keep].clone()
         self.tags = [self.tags[i] for i in keep]
@@ -619,7 +620,10 @@ class TagTable:
             return
         self.validate()
         storage = _storage_dtype(dtype or "fp32")
-        parts = {"data": self.data, "special": self.special}
+        if isinstance(self.data, FactorRows):
+            parts = {f"data.{name}": t for name, t in self.data.factors().items()} | {"special": self.special}
+        else:
+            parts = {"data": self.data, "special": self.special}
         split = sorted(self.values)
         if split:
             parts["values"] = torch.stack([self.values[n].detach() for n in split])
@@ -677,12 +681,17 @@ class TagTable:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"table file {path!r} does not exist")
         header = check_safetensors(path)  # bounds-checked before safetensors allocates anything
-        mapped = ("data", "pooled") if lazy else ()
+        mapped = ("data", "pooled") if lazy and "data" in header else ()  # factorised rows are small: read
         try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                raw = (f.metadata() or {}).get(METADATA_KEY)
-                tensors = {k: f.get_tensor(k) for k in f.keys() if k not in mapped}
-            tensors |= {k: _mapped(path, header, k) for k in mapped if k in header}
+            if lazy:  # no safe_open: it maps the whole file privately, which a file larger than memory is refused
+                raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+                names = [k for k in header if k != "__metadata__"]
+                tensors = {k: _mapped(path, header, k) if k in mapped else _mapped(path, header, k).clone()
+                           for k in names}
+            else:
+                with safe_open(path, framework="pt", device=str(device)) as f:
+                    raw = (f.metadata() or {}).get(METADATA_KEY)
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
             message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
             raise TableFileError(f"{path!r} is not a readable .safetensors table ({message})") from None
@@ -717,7 +726,9 @@ class TagTable:
             if split:
                 stacked = tensors["values"]
                 values = {name: stacked[i].clone() for i, name in enumerate(split)}
-            table = cls(data=tensors["data"], special=tensors["special"], values=values,
+            data = FactorRows(*(tensors[f"data.{n}"] for n in FACTORS)) if "data.shared" in tensors \
+                else tensors["data"]
+            table = cls(data=data, special=tensors["special"], values=values,
                         pooled=tensors.get("pooled"), null_pooled=tensors.get("null_pooled"),
                         **{name: read(meta[name] if default is _REQUIRED else meta.get(name, default))
                            for name, (_, read, default) in _METADATA.items()})
@@ -911,7 +922,10 @@ def _mapped(path: str, header: dict, name: str) -> torch.Tensor:
     import warnings
 
     entry = header[name]
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[entry["dtype"]]
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(entry["dtype"])
+    if dtype is None:
+        raise TableFileError(f"{path!r}: tensor {name!r} is stored as {entry['dtype']}; a table stores "
+                             f"{', '.join(TABLE_DTYPES)}")
     size = torch.tensor([], dtype=dtype).element_size()
     begin, end = entry["data_offsets"]
     with open(path, "rb") as f:
@@ -958,11 +972,13 @@ def _append_rows(data, rows: torch.Tensor):
     if isinstance(data, DiskRows):
         data.append(rows)
         return data
+    if isinstance(data, FactorRows):
+        return data.append(rows)
     return torch.cat([data, rows.to(device=data.device, dtype=data.dtype)], 0)
 
 
 def _mean_rows(data, chunk: int = 4096) -> torch.Tensor:
-    """Mean over rows (``(*row)``); disk-backed rows are read a chunk at a time, never held whole."""
+    """Mean over rows (``(*row)``); disk-backed and factorised rows are read a chunk at a time, never held whole."""
     if isinstance(data, torch.Tensor):
         return data.mean(0)
     total = torch.zeros(data.shape[1:], dtype=torch.float64)

@@ -105,6 +105,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _output_options(p)
     p.set_defaults(run="_regroup")
 
+    p = commands.add_parser("factorise", help="per-layer rows as each tag's shared vector + its own rank-R offsets")
+    p.add_argument("table", metavar="TABLE")
+    p.add_argument("--rank", type=int, required=True, help="rank of the per-group offsets (groups − 1 is exact)")
+    _output_options(p)
+    p.set_defaults(run="_factorise")
+
+    p = commands.add_parser("unfactorise", help="full per-layer rows again, rebuilt exactly from the factors")
+    p.add_argument("table", metavar="TABLE")
+    _output_options(p)
+    p.set_defaults(run="_unfactorise")
+
     p = commands.add_parser("combine", help="merge two tables of the same base")
     p.add_argument("left", metavar="LEFT")
     p.add_argument("right", metavar="RIGHT")

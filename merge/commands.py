@@ -9,6 +9,7 @@ import torch
 
 from conditioner.cli_errors import UsageError
 from conditioner.errors import CondvecError
+from conditioner.factor import FactorRows, factorise, unfactorise
 from conditioner.regroup import regroup
 from conditioner.safefile import check_finite
 from conditioner.table import TagTable
@@ -69,8 +70,12 @@ def _mix(args) -> str:
 def _drop(args) -> str:
     out = _destination(args, args.table)
     table = TagTable.open(args.table)  # streamed: the kept rows go from the mapped file to the new one in chunks
-    result = drop(table.skeleton(), args.tags, match=args.match)
-    result.save_streamed(out, table, [table.index[name] for name in result.tags])
+    if isinstance(table.data, FactorRows):  # factorised rows are small and read whole: edit the factors
+        result = drop(table, args.tags, match=args.match)
+        result.save(out)
+    else:
+        result = drop(table.skeleton(), args.tags, match=args.match)
+        result.save_streamed(out, table, [table.index[name] for name in result.tags])
     gone = len(table) - len(result)
     return f"wrote {out}: dropped {gone} tag{'s' if gone != 1 else ''} ({len(result)} tags)"
 
@@ -78,8 +83,12 @@ def _drop(args) -> str:
 def _rename(args) -> str:
     out = _destination(args, args.table)
     table = TagTable.open(args.table)  # streamed, as drop; a rename keeps every row where it is
-    result = rename(table.skeleton(), args.old, args.new, overwrite=args.force)
-    result.save_streamed(out, table, list(range(len(table))))
+    if isinstance(table.data, FactorRows):
+        result = rename(table, args.old, args.new, overwrite=args.force)
+        result.save(out)
+    else:
+        result = rename(table.skeleton(), args.old, args.new, overwrite=args.force)
+        result.save_streamed(out, table, list(range(len(table))))
     record = result.provenance[-1]
     return f"wrote {out}: renamed {record['old']!r} to {record['new']!r} ({len(result)} tags)"
 
@@ -98,6 +107,22 @@ def _regroup(args) -> str:
     result = regroup(table, args.groups)
     return _write(result, out, f"regrouped {table.group_kind} ({len(table.group_names)} groups) → {args.groups} "
                   f"({len(result.group_names)} groups)")
+
+
+def _factorise(args) -> str:
+    out = _destination(args, args.table)
+    table = TagTable.load(args.table)
+    result, error = factorise(table, args.rank)
+    full, stored = len(table) * table.num_anchors * table.width * 4, result.data.numel() * 4
+    return _write(result, out, f"factorised at rank {args.rank}: tag rows {_size(full)} → {_size(stored)} (fp32), "
+                  f"relative error {error:.3g}")
+
+
+def _unfactorise(args) -> str:
+    out = _destination(args, args.table)
+    table = TagTable.load(args.table)
+    result = unfactorise(table)
+    return _write(result, out, f"full rows rebuilt exactly from rank-{table.data.rank} factors")
 
 
 def _combine(args) -> str:

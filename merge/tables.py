@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from conditioner.errors import CondvecError
+from conditioner.factor import FactorRows, take_rows
 from conditioner.table import TagTable, extra_rows
 from merge.concepts import _resolve
 
@@ -148,7 +149,8 @@ def extract(table: TagTable, tags: Sequence[str]) -> TagTable:
     names = [table.tags[i] for i in ids]
     index = torch.tensor(ids, dtype=torch.long)
     # only the kept rows are read: a memory-mapped table (TagTable.open) is never loaded whole
-    data = table.data[index].float() if table.lazy else table.data[index].clone()
+    data = table.data[index].float() if table.lazy and not isinstance(table.data, FactorRows) \
+        else take_rows(table.data, index)
     pooled = None
     if table.pooled is not None:
         pooled = table.pooled[index].float() if table.lazy else table.pooled[index].clone()
@@ -221,7 +223,7 @@ def combine(left: TagTable, right: TagTable, on_conflict: str = "error") -> TagT
     if added:
         out.add_tags(added)
         rows = [right.row(name) for name in added]
-        out.data[len(left.tags):] = right_data[rows]
+        out.data[len(left.tags):] = take_rows(right_data, rows)  # factorised rows: the factors, exactly
         for name in added:
             if right.is_split(name):
                 out.set_value_source(name, right.value_source(name))
@@ -240,8 +242,8 @@ def combine(left: TagTable, right: TagTable, on_conflict: str = "error") -> TagT
             out.counts[name] = left.counts.get(name, 0) + right.counts.get(name, 0)
         else:
             continue
-        out.data[row] = key.to(out.data)
-        value = value.to(out.data)
+        out.data[row] = key.to(device=out.data.device, dtype=out.data.dtype)
+        value = value.to(device=out.data.device, dtype=out.data.dtype)
         out.set_value_source(name, None if torch.equal(value, out.data[row]) else value)
     out.provenance.append({
         "op": "combine", "left_tags": len(left.tags), "right_tags": len(right.tags), "on_conflict": on_conflict,
@@ -258,7 +260,8 @@ def _mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _same(left: TagTable, right: TagTable, name: str) -> bool:
     if left.is_split(name) != right.is_split(name):
         return False
-    a, b = left.data[left.row(name)], right.data[right.row(name)].to(left.data)
+    a, b = left.data[left.row(name)], right.data[right.row(name)].to(device=left.data.device,
+                                                                       dtype=left.data.dtype)
     if not torch.equal(a, b):
         return False
     return not left.is_split(name) or torch.equal(left.value_source(name), right.value_source(name).to(a))
@@ -282,6 +285,10 @@ def _differences(left: TagTable, right: TagTable) -> list[str]:
                                                len(right.group_names) else ""))
     if left.anchors != right.anchors:
         found.append(f"timestep anchors {left.anchors} vs {right.anchors}")
+    ranks = [t.data.rank if isinstance(t.data, FactorRows) else 0 for t in (left, right)]
+    if ranks[0] != ranks[1]:
+        found.append("rows " + " vs ".join(f"factorised at rank {r}" if r else "full" for r in ranks)
+                     + " (condvec-merge factorise / unfactorise one of them)")
     if left.normalization.to_dict() != right.normalization.to_dict():
         found.append(f"tag normalisation {left.normalization.to_dict()} vs {right.normalization.to_dict()}")
     if left.use_sink != right.use_sink:

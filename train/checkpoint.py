@@ -277,7 +277,7 @@ def ema_table(trainer) -> TagTable | None:
         return None
     table = trainer.table.copy()
     for p in averaged:
-        setattr(table, p.attr, p.averaged(trainer.table, trainer.state.step))
+        p.set_tensor(table, p.averaged(trainer.table, trainer.state.step))
     return table
 
 

@@ -101,6 +101,9 @@ class TableConfig:
                            "null = vector, or a start_from table's own")
     groups: Any = _f(None, "single | blocks | layers | {group: [layer globs]}; null = layers, or a start_from "
                      "table's own")
+    factor_rank: int = _f(0, "> 0: factorised per-layer rows — each tag's own shared vector plus its own rank-r "
+                          "per-group offsets (about 1 + r vectors a tag instead of one per group); 0 = full rows, "
+                          "or a start_from table's own")
     bootstrap: bool = _f(True, "a base with text encoders: new tables and new tags start from its own CLIP encoding")
     tokens_per_tag: int = _f(1, "vectors per new tag (textual inversion's vectors per token)")
     anchors: int = _f(1, "timestep anchors (1 = off)")
@@ -277,6 +280,11 @@ def validate(cfg: DictConfig) -> None:
                              ("output.sample_upscale", o.sample_upscale, 16)]:
         if value is not None and value > high:
             raise ConfigError(f"'{key}' must be <= {high:g}, got {value:g}")
+    if not 0 <= t.factor_rank <= 1024:
+        raise ConfigError(f"'table.factor_rank' must be in [0, 1024] (0 = full rows), got {t.factor_rank}")
+    if t.factor_rank and str(tr.table_device) == "disk":
+        raise ConfigError("'table.factor_rank' and training.table_device=disk do not go together: factorise the "
+                          "table file first (condvec-merge factorise), then train it in memory — it is small")
     if t.init_std < 0:
         raise ConfigError(f"'table.init_std' must be >= 0, got {t.init_std}")
     sources = [k for k in ("pretrained", "single_file", "builtin", "unet_config") if m[k]]

@@ -22,6 +22,7 @@ from diffusers.training_utils import EMAModel
 
 from conditioner.encode import Rows, TokenBatch, pack, pack_pooled, tokenize
 from conditioner.errors import CondvecError
+from conditioner.factor import FACTORS, FactorRows, compose
 from train import checkpoint as ckpt
 from train.batches import Plan, Planner, sample_generator
 from train.data import micro_conditioning
@@ -77,13 +78,17 @@ class Trainer:
         betas, home, decay = (tr.beta1, tr.beta2), table.data.device, tr.ema_decay
 
         def entry(attr, name, ema_name, decay_weight, per_tag, trainable=True):
-            data = getattr(table, attr)
+            owner, _, field = attr.rpartition(".")
+            data = getattr(getattr(table, owner) if owner else table, field)
             opt = RowSparseAdamW(data.shape[0], tuple(data.shape[1:]), betas, tr.eps, decay_weight, device=home)
             return SparseParam(attr, name, ema_name, opt, SparseEMA(data, decay) if decay > 0 else None, per_tag,
                                trainable)
 
-        params = [entry("data", "rows", "ema", tr.weight_decay, True),
-                  entry("special", "special", "ema_special", 0.0, False, self.train_special)]
+        if isinstance(table.data, FactorRows):  # factorised rows: each factor is a row-sparse parameter
+            params = [entry(f"data.{name}", f"rows.{name}", f"ema.{name}", tr.weight_decay, True) for name in FACTORS]
+        else:
+            params = [entry("data", "rows", "ema", tr.weight_decay, True)]
+        params.append(entry("special", "special", "ema_special", 0.0, False, self.train_special))
         if table.pooled is not None:
             params.append(entry("pooled", "pooled", "ema_pooled", tr.weight_decay, True))
         return params
@@ -138,7 +143,8 @@ class Trainer:
             ids = tokens.rows.to(table.data.device)  # (K,) rows of the global batch, where the table lives
             live = {p.attr: self._to_device(p.tensor(table)[ids] if p.per_tag else p.tensor(table)).requires_grad_(
                 p.trainable) for p in self.params}
-            rows = Rows(ids=ids.to(self.device), data=live["data"], special=live["special"], pooled=live.get("pooled"),
+            data = live["data"] if "data" in live else compose(*(live[f"data.{name}"] for name in FACTORS))
+            rows = Rows(ids=ids.to(self.device), data=data, special=live["special"], pooled=live.get("pooled"),
                         null_pooled=None if table.null_pooled is None else self._to_device(table.null_pooled))
             last = micro == tr.grad_accum - 1  # UNet gradients are all-reduced once, on the last micro-step
             with nullcontext() if last else self.acc.no_sync(self.model):
@@ -198,7 +204,7 @@ class Trainer:
         for name, count in counts.items():
             table.counts[name] = table.counts.get(name, 0) + count
         return {"step": self.state.step, "loss": float(loss), "lr": lr, "grad_norm": grad_norm,
-                "tags_in_batch": len(counts), "rows_updated": steps["data"][0].numel(),
+                "tags_in_batch": len(counts), "rows_updated": steps[self.params[0].attr][0].numel(),
                 "step_time": time.perf_counter() - started}
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:

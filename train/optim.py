@@ -244,8 +244,8 @@ class SparseParam:
     checkpoints and restores them in one loop.
 
     Attributes:
-        attr (`str`): the ``TagTable`` attribute it trains (``data``, ``special``, ``pooled``), also its field of
-            ``conditioner.encode.Rows``.
+        attr (`str`): the ``TagTable`` attribute it trains (``data``, ``special``, ``pooled``; ``data.shared``,
+            ``data.coef``, ``data.basis`` for factorised rows), also its field of ``conditioner.encode.Rows``.
         name (`str`): checkpoint prefix of its optimiser state; ``ema_name`` that of its EMA.
         optimizer (`RowSparseAdamW`): its AdamW state, per row.
         ema (`SparseEMA | None`): its EMA (``training.ema_decay``), or `None`.
@@ -263,8 +263,14 @@ class SparseParam:
     trainable: bool = True
 
     def tensor(self, table) -> torch.Tensor:
-        """This parameter's tensor in ``table``."""
-        return getattr(table, self.attr)
+        """This parameter's tensor in ``table`` (``data.shared`` … name a factor of factorised rows)."""
+        owner, _, name = self.attr.rpartition(".")
+        return getattr(getattr(table, owner) if owner else table, name)
+
+    def set_tensor(self, table, value) -> None:
+        """Replace this parameter's tensor in ``table``."""
+        owner, _, name = self.attr.rpartition(".")
+        setattr(getattr(table, owner) if owner else table, name, value)
 
     def step(self, table, rows: torch.Tensor, grad: torch.Tensor, lr: float, step: int) -> None:
         """AdamW on ``rows`` of this tensor in ``table`` (and their EMA)."""

@@ -16,6 +16,7 @@ from bootstrap.load import describe
 from bootstrap.table import add_bootstrapped_tags, bootstrap_table
 from conditioner.encode import tokenize
 from conditioner.errors import CondvecError
+from conditioner.factor import FactorRows, factorise
 from conditioner.modes import table_mode
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.regroup import regroup
@@ -105,6 +106,7 @@ def build(cfg, acc: Accelerator) -> Setup:
     captions = [_parse_caption(item.caption, item.path, table) for item in items]
     _add_data_tags(cfg, table, captions, base, log)
     table = _convert_mode(cfg, table, unet, log)
+    table = _factorise(cfg, table, log)
     if base.text is not None:
         base.text.free_text_encoders()  # bootstrap is over: CLIP is never run again
     if takes_pooled(unet) and table.pooled is None:
@@ -290,6 +292,21 @@ def _convert_mode(cfg, table: TagTable, unet, log) -> TagTable:
                            "and V and cannot become vectors again; drop table.mode or start a new table")
     log("table: converted to key/value mode through each layer's projections (table.mode=kv)", flush=True)
     return kv_table(table, unet)
+
+
+def _factorise(cfg, table: TagTable, log) -> TagTable:
+    """``table.factor_rank: r``: factorised per-layer rows (a start_from table that is factorised stays so)."""
+    rank = cfg.table.factor_rank
+    current = table.data.rank if isinstance(table.data, FactorRows) else 0
+    if not rank or rank == current:
+        return table
+    if current:
+        raise CondvecError(f"table.factor_rank={rank}, but the table is factorised at rank {current}: drop "
+                           "table.factor_rank, or convert it (condvec-merge factorise / unfactorise)")
+    table, error = factorise(table, rank)
+    log(f"table: factorised per-layer rows at rank {rank} (relative error {error:.2g} of the rows as they were)",
+        flush=True)
+    return table
 
 
 def _parse_caption(caption: str, path: str, table: TagTable) -> list[Tag]:

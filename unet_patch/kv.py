@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from conditioner.errors import CondvecError
 from conditioner.table import TagTable
 from unet_patch.discover import discover
 
@@ -29,6 +30,9 @@ def kv_table(table: TagTable, unet: torch.nn.Module) -> TagTable:
     """
     if table.mode_spec.direct_kv:
         return table.copy()
+    if not isinstance(table.data, torch.Tensor):
+        raise CondvecError("a factorised (or disk-backed) table cannot become a key/value table as it is: "
+                           "unfactorise it (condvec-merge unfactorise) or load it whole first")
     table.check_layers(discover(unet))
     out = TagTable.create(table.layers, mode="kv", anchors=table.anchors, use_sink=table.use_sink,
                           pad_to=table.pad_to, normalization=table.normalization, base_model=table.base_model)
