@@ -56,6 +56,11 @@ CONDVEC = {  # method -> (groups, mode, anchors)
     "condvec kv": ("layers", "kv", 1),
     "condvec layers+anchors": ("layers", "vector", 2),
 }
+# factorised per-layer rows (table.factor_rank): layers rows as each tag's shared vector + rank-r offsets; run on
+# request (--methods), not by default
+FACTORISED = {"condvec layers r1": 1, "condvec layers r2": 2, "condvec layers r4": 4}
+CONDVEC |= {name: ("layers", "vector", 1) for name in FACTORISED}
+ALL_METHODS = METHODS + tuple(FACTORISED)
 OBJECTS = [(s, c, z) for s in SHAPES for c in COLOURS for z in SIZES]  # the 36 objects the base can draw
 BACKGROUNDS = ("white", "black", "gray")
 _LETTERS = "bcdfghjklmnpqrstvwxz"
@@ -100,7 +105,8 @@ PRESETS = {
 }
 # Centre of each method's learning-rate sweep: condvec's documented defaults, the usual values of the others.
 CENTRE_LR = {"condvec single": 5e-2, "condvec layers": 1e-2, "condvec kv": 5e-2, "condvec layers+anchors": 1e-2,
-             "textual inversion": 2e-2, "XTI": 2e-2, "LoRA": 1e-3, "Custom Diffusion": 3e-4, "DreamBooth": 1e-4}
+             **{name: 1e-2 for name in FACTORISED}, "textual inversion": 2e-2, "XTI": 2e-2, "LoRA": 1e-3,
+             "Custom Diffusion": 3e-4, "DreamBooth": 1e-4}
 TOKEN_LR = 2e-2  # the new token's learning rate in Custom Diffusion and DreamBooth (textual inversion's centre)
 
 
@@ -363,7 +369,8 @@ class Condvec:
         cfg = load_config(None, [
             f"model.pretrained={base.path}", f"data.path={data}", "data.resolution=32", "data.bucketing=false",
             "data.caption_dropout=0.05", f"table.start_from={start}", "table.freeze_existing=true",
-            "training.train=table", f"training.steps={steps}", f"training.batch_size={batch}", f"training.lr={lr}",
+            f"table.factor_rank={FACTORISED.get(method, 0)}", "training.train=table", f"training.steps={steps}",
+            f"training.batch_size={batch}", f"training.lr={lr}",
             "training.min_snr_gamma=0", f"training.seed={seed}", f"output.dir={work / 'run'}",
             "output.overwrite=true", "output.sample_every=0", f"output.save_every={steps}", "output.progress=false"])
         self.trainer = Trainer(cfg)
@@ -393,7 +400,8 @@ class Condvec:
         return patched(self.unet, self.table)
 
     def parameters_per_concept(self) -> dict:
-        return {"per concept": self.table.num_anchors * self.table.width, "shared": 0}
+        stored = self.table.data.numel() // max(1, len(self.table))  # factorised rows store fewer numbers
+        return {"per concept": stored, "shared": 0}
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -715,7 +723,8 @@ def study_seeds(base: Base, out: Path, settings: Settings, lrs: dict) -> dict:
     data = write_data(out / "data" / "seeds", items, settings.images_per_concept)
     steps = _steps(len(items), settings)
     results = {}
-    for name in ("condvec single", "condvec layers", "condvec layers+anchors", "textual inversion", "XTI"):
+    for name in ("condvec single", "condvec layers", "condvec layers+anchors", *FACTORISED, "textual inversion",
+                 "XTI"):
         if name not in settings.methods:
             continue
         scores = [run(name, base, data, items, out / "work" / "seeds" / f"{name}-{s}", steps, settings, lrs[name],
@@ -877,7 +886,7 @@ def combine(parts: list[dict]) -> dict:
         if tuned is not None:
             ran = {m for per in part.get("capacity", {}).values() for m in per}
             ran |= {m for key in ("isolation", "bleeding", "seeds", "key/value") for m in part.get(key, {})
-                    if m in METHODS}
+                    if m in ALL_METHODS}
             differ = sorted(m for m in ran if not math.isclose(part["learning rates"][m], tuned[m], rel_tol=0.01))
             if differ:
                 raise SystemExit(f"{part['command']!r} used other learning rates than study 1 for {differ}")
@@ -917,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="models/mini-sd")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/claims"))
     parser.add_argument("--studies", default="1,2,3,4,5,6", help="comma-separated study numbers to run")
-    parser.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--methods", help="comma-separated subset of: " + ", ".join(ALL_METHODS))
     parser.add_argument("--capacity", help="comma-separated concept counts of the capacity study (default: the "
                         "preset's); its smallest set is what studies 4 and 5 prompt")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
@@ -943,9 +952,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = copy.deepcopy(PRESETS[args.preset])
     if args.methods:
         chosen = tuple(m.strip() for m in args.methods.split(","))
-        unknown = [m for m in chosen if m not in METHODS]
+        unknown = [m for m in chosen if m not in ALL_METHODS]
         if unknown:
-            parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+            parser.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
         settings.methods = chosen
         settings.isolation_methods = tuple(m for m in settings.isolation_methods if m in chosen)
         settings.capacity_big_methods = tuple(m for m in settings.capacity_big_methods if m in chosen)
@@ -955,8 +964,8 @@ def main(argv: list[str] | None = None) -> int:
     given = {}
     for item in args.lr:
         name, _, value = item.rpartition("=")
-        if name not in METHODS:
-            parser.error(f"--lr {item!r}: unknown method {name!r}; choose from {', '.join(METHODS)}")
+        if name not in ALL_METHODS:
+            parser.error(f"--lr {item!r}: unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
         given[name] = float(value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
