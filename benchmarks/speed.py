@@ -195,6 +195,28 @@ class Bench:
                  f"{ratio:.0f}× (condvec {fmt_time(c)}, encoders {fmt_time(k)})", "≥ 1000×", ratio >= 1000,
                  condvec=c, clip=k)
 
+    def encode_floor(self):
+        """Encoding against the memcpy floor of its own output: the same bytes copied, in the same loop."""
+        sdxl = TagTable.create(sdxl_layers(), tags=self.tags, groups="layers", pad_to=77, init_std=0.02)
+        for name, table in (("SD1.5", self.table), ("SDXL", sdxl)):
+            for batch in (1, 32):
+                texts = prompts(self.tags, batch, 20, seed=4 + batch)
+                with torch.no_grad():
+                    out = encode(table, texts)
+                    source = out.clone()
+                    cases = {"encode": lambda table=table, texts=texts: encode(table, texts),
+                             "memcpy": lambda source=source: torch.empty_like(source).copy_(source)}
+                    times = interleaved(cases, self.args.repeats * (4 if batch == 1 else 1), self.args.warmup)
+                e, m = summary(times["encode"]), summary(times["memcpy"])
+                ratio = e["median"] / m["median"]
+                separated = e["min"] > m["max"] or e["max"] < m["min"]
+                self.row(f"encode vs memcpy floor ({name}, batch {batch})",
+                         f"20-tag prompts → {len(table.group_names)} groups × {table.dim}, pad 77: "
+                         f"{out.numel() * 4 / 2**20:.0f} MiB written; floor = allocating and copying that many bytes",
+                         f"{ratio:.2f}× (encode {fmt_time(e)}, memcpy {fmt_time(m)}; spreads "
+                         f"{'separate' if separated else 'overlap'})", "≤ 2×", ratio <= 2.0, encode=e, memcpy=m)
+        del sdxl
+
     def encode_batch32(self):
         batch = prompts(self.tags, self.args.batch, 20, seed=3)
         latents, t = self.inputs(self.args.batch)
@@ -326,6 +348,30 @@ class Bench:
             self.row("file size", f"5,000 tags, {len(table.group_names)} group(s) × 768", ", ".join(sizes), "report",
                      None)
 
+    def factor_size(self):
+        """5,000 SDXL `layers` concepts (70 groups × 2048) as full rows and factorised at ranks 1–4, fp16 files."""
+        from conditioner.factor import FactorRows
+
+        layers, tags = sdxl_layers(), 5000
+        table = TagTable.create(layers, groups="layers", pad_to=77)
+        groups, dim = len(table.group_names), table.dim
+        full = tags * groups * dim * 2 / 1e6
+        sizes = [f"full {full:.0f} MB"]
+        gen = torch.Generator().manual_seed(0)
+        with tempfile.TemporaryDirectory() as folder:
+            for rank in (1, 2, 3, 4):
+                rows = FactorRows(torch.randn(tags, 1, dim, generator=gen) * 0.02,
+                                  torch.randn(tags, 1, groups, rank, generator=gen) * 0.02,
+                                  torch.randn(tags, 1, rank, dim, generator=gen) * 0.02)
+                factorised = table.replace(tags=[f"tag {i}" for i in range(tags)], data=rows)
+                path = os.path.join(folder, f"r{rank}.safetensors")
+                factorised.save(path, dtype="fp16")
+                sizes.append(f"rank {rank} {os.path.getsize(path) / 1e6:.1f} MB")
+                if rank == 3:
+                    rank3 = os.path.getsize(path) / 1e6
+        self.row("factorised size", "5,000 SDXL `layers` concepts (70 groups × 2048), fp16 file", ", ".join(sizes),
+                 "≤ 100 MB", rank3 <= 100)
+
     def memory(self):
         for family, tags in (("sd15", self.args.big_tags), ("sdxl", self.args.sdxl_tags)):
             command = [sys.executable, "-m", "benchmarks.speed", "--memory-case", family, "--big-tags", str(tags),
@@ -429,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-tags", type=int, default=100_000, help="tags of the big table (scale, memory)")
     parser.add_argument("--sdxl-tags", type=int, default=10_000, help="tags of the SDXL memory row (100k: 53 GiB)")
     parser.add_argument("--rows", default="all", help="comma-separated subset: encode1,sdxl,encode32,overhead,"
-                        "generation,scale,ti,threads,size,memory")
+                        "generation,scale,ti,threads,size,factor,memory,floor")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--memory-case", choices=("sd15", "sdxl"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -438,9 +484,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
     bench = Bench(args)
-    order = {"encode1": bench.encode_batch1, "sdxl": bench.encode_sdxl, "encode32": bench.encode_batch32,
+    order = {"encode1": bench.encode_batch1, "sdxl": bench.encode_sdxl,
+             "floor": bench.encode_floor, "encode32": bench.encode_batch32,
              "overhead": bench.step_overhead, "generation": bench.generation_step, "scale": bench.table_scale,
              "ti": bench.vs_textual_inversion, "threads": bench.threads, "size": bench.file_size,
+             "factor": bench.factor_size,
              "memory": bench.memory}
     chosen = list(order) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     for name in chosen:

@@ -974,6 +974,8 @@ def _append_rows(data, rows: torch.Tensor):
         return data
     if isinstance(data, FactorRows):
         return data.append(rows)
+    if data.device.type == "meta":  # a skeleton: shapes only
+        return torch.empty((data.shape[0] + rows.shape[0], *data.shape[1:]), device="meta")
     return torch.cat([data, rows.to(device=data.device, dtype=data.dtype)], 0)
 
 

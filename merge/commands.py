@@ -14,7 +14,7 @@ from conditioner.regroup import regroup
 from conditioner.safefile import check_finite
 from conditioner.table import TagTable
 from merge.concepts import blend, mix, swap
-from merge.tables import combine, drop, extract, rename
+from merge.tables import combine, combine_streamed, drop, extract, rename
 
 
 def _destination(args, source: str | None) -> str:
@@ -127,15 +127,20 @@ def _unfactorise(args) -> str:
 
 def _combine(args) -> str:
     out = _destination(args, None)
-    left, right = TagTable.load(args.left), TagTable.load(args.right)
+    left, right = TagTable.open(args.left), TagTable.open(args.right)  # mapped: rows stream into the new file
+    files = [os.path.basename(args.left), os.path.basename(args.right)]
     try:
-        result = combine(left, right, on_conflict=args.on_conflict)
+        if isinstance(left.data, FactorRows) or isinstance(right.data, FactorRows):
+            result = combine(left, right, on_conflict=args.on_conflict)
+            result.provenance[-1]["files"] = files
+            result.save(out)
+        else:
+            result = combine_streamed(left, right, out, on_conflict=args.on_conflict, files=files)
     except ValueError as err:
         raise CondvecError(f"{args.left} + {args.right}: {err}") from None
-    result.provenance[-1]["files"] = [os.path.basename(args.left), os.path.basename(args.right)]
     record = result.provenance[-1]
     conflicts = f", {len(record['conflicts'])} conflicts resolved ({args.on_conflict})" if record["conflicts"] else ""
-    return _write(result, out, f"combined, {record['added']} tags added from {args.right}{conflicts}")
+    return f"wrote {out}: combined, {record['added']} tags added from {args.right}{conflicts} ({len(result)} tags)"
 
 
 def _where(layers: str | None) -> str:

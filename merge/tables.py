@@ -188,17 +188,32 @@ def combine(left: TagTable, right: TagTable, on_conflict: str = "error") -> TagT
         ValueError: the tables differ in layout (the message says what differs), a bad ``on_conflict``, or conflicts
             with ``on_conflict="error"``.
     """
+    _check_combinable(left, right, on_conflict)
+    conflicts, special_conflict = _conflicts(left, right, on_conflict)
+    out, data, pooled, rows = _combined(left, right, on_conflict, conflicts, special_conflict)
+    index = torch.tensor(rows, dtype=torch.long)
+    if isinstance(data, FactorRows):
+        out.data = data.take(index)
+    else:
+        out.data = data[index].to(left.data.dtype) if rows else left.data[:0].clone()
+    if pooled is not None:
+        out.pooled = pooled[index].to(left.pooled.dtype) if rows else left.pooled[:0].clone()
+    return out
+
+
+def _check_combinable(left: TagTable, right: TagTable, on_conflict: str) -> None:
     if on_conflict not in _CONFLICT:
         raise CondvecError(f"on_conflict must be one of {', '.join(_CONFLICT)}, got {on_conflict!r}")
     differences = _differences(left, right)
     if differences:
         raise CondvecError("the tables were not built for the same base and layout: " + "; ".join(differences))
-    right_data = right.data.to(device=left.data.device, dtype=left.data.dtype)
+
+
+def _conflicts(left: TagTable, right: TagTable, on_conflict: str) -> tuple[list[str], bool]:
+    """Tags in both tables with different rows (only those rows are read), and whether the special rows differ;
+    raises listing them for ``on_conflict="error"``."""
     special_conflict = not torch.equal(left.special, right.special.to(left.special))
-    conflicts = []
-    for name in right.tags:
-        if name in left and not _same(left, right, name):
-            conflicts.append(name)
+    conflicts = [name for name in right.tags if name in left and not _same(left, right, name)]
     if on_conflict == "error" and (conflicts or special_conflict):
         listed = [repr(n) for n in conflicts[:10]]
         if len(conflicts) > 10:
@@ -208,49 +223,114 @@ def combine(left: TagTable, right: TagTable, on_conflict: str = "error") -> TagT
             parts.append(f"{len(conflicts)} tag{'s' if len(conflicts) > 1 else ''} with different vectors in both "
                          f"tables: {', '.join(listed)}")
         if special_conflict:
-            parts.append("different sink/padding "
-                         "rows")
+            parts.append("different sink/padding rows")
         raise CondvecError("conflicts: " + "; ".join(parts)
                            + "; choose on_conflict (--on-conflict) left, right or mean")
+    return conflicts, special_conflict
 
-    out = left.copy()
+
+def combine_streamed(left: TagTable, right: TagTable, path, on_conflict: str = "error", dtype="fp32",
+                     files: list[str] | None = None) -> TagTable:
+    """:func:`combine` written straight to ``path``: the rows stream from ``left`` and ``right`` (memory-mapped by
+    ``TagTable.open``) into the new file a chunk at a time, so neither table is ever held whole. The file equals
+    ``combine(left, right).save(path)``; returns the combined table's shape-only skeleton (its metadata).
+    ``files`` (the inputs' names) go into the provenance record.
+
+    Raises:
+        ValueError: as :func:`combine`; nothing is written then.
+    """
+    from types import SimpleNamespace
+
+    _check_combinable(left, right, on_conflict)
+    conflicts, special_conflict = _conflicts(left, right, on_conflict)
+    out, data, pooled, rows = _combined(left, right, on_conflict, conflicts, special_conflict)
+    if files is not None:
+        out.provenance[-1]["files"] = files
+    out.save_streamed(path, SimpleNamespace(data=data, pooled=pooled, source=None), rows, dtype=dtype)
+    return out
+
+
+def _combined(left: TagTable, right: TagTable, on_conflict: str, conflicts: list[str], special_conflict: bool):
+    """The combined table as a skeleton (metadata, special rows, value sources, counts; rows shape-only), the
+    row sources it reads (left's rows, then right's, then computed means), and which source row each of its rows is.
+    """
+    out = left.skeleton()
     if special_conflict:
         if on_conflict == "right":
             out.special = right.special.to(out.special).clone()
         elif on_conflict == "mean":
             out.special = (left.special.double() + right.special.double()).div(2).to(out.special.dtype)
+    count = len(left.tags)
+    rows = list(range(count))
     added = [name for name in right.tags if name not in left]
     if added:
         out.add_tags(added)
-        rows = [right.row(name) for name in added]
-        out.data[len(left.tags):] = take_rows(right_data, rows)  # factorised rows: the factors, exactly
+        rows += [count + right.row(name) for name in added]
         for name in added:
             if right.is_split(name):
-                out.set_value_source(name, right.value_source(name))
+                out.set_value_source(name, right.value_source(name).float())
             if name in right.counts:
                 out.counts[name] = right.counts[name]
+    means, pooled_means = [], []
     for name in conflicts:
         row = out.row(name)
         if on_conflict == "right":
-            key, value = right.data[right.row(name)], right.value_source(name)
+            rows[row], key, value = count + right.row(name), right.data[right.row(name)], right.value_source(name)
             out.counts.pop(name, None)
             if name in right.counts:
                 out.counts[name] = right.counts[name]
         elif on_conflict == "mean":
-            key = _mean(left.data[left.row(name)], right.data[right.row(name)])
-            value = _mean(left.value_source(name), right.value_source(name))
+            key = _mean(left.data[left.row(name)].float(), right.data[right.row(name)].float())
+            value = _mean(left.value_source(name).float(), right.value_source(name).float())
+            rows[row] = count + len(right.tags) + len(means)
+            means.append(key)
+            if left.pooled is not None:
+                pooled_means.append(_mean(left.pooled[left.row(name)].float(), right.pooled[right.row(name)].float()))
             out.counts[name] = left.counts.get(name, 0) + right.counts.get(name, 0)
         else:
             continue
-        out.data[row] = key.to(device=out.data.device, dtype=out.data.dtype)
-        value = value.to(device=out.data.device, dtype=out.data.dtype)
-        out.set_value_source(name, None if torch.equal(value, out.data[row]) else value)
+        key, value = key.float(), value.float()
+        out.set_value_source(name, None if torch.equal(value, key) else value)
     out.provenance.append({
         "op": "combine", "left_tags": len(left.tags), "right_tags": len(right.tags), "on_conflict": on_conflict,
         "added": len(added),
         "conflicts": conflicts, "special_conflict": special_conflict, "right_provenance": right.provenance,
     })
-    return out
+    if isinstance(left.data, FactorRows):
+        data = left.data.append(right.data)
+        if means:
+            data = data.append(torch.stack(means))
+    else:
+        data = _Union([left.data, right.data] + ([torch.stack(means)] if means else []))
+    pooled = None
+    if left.pooled is not None:
+        pooled = _Union([left.pooled, right.pooled] + ([torch.stack(pooled_means)] if pooled_means else []))
+    return out, data, pooled, rows
+
+
+class _Union:
+    """Row tensors stacked without copying: row ``i`` is part 0's, then part 1's … (each may be memory-mapped)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.starts = [sum(p.shape[0] for p in parts[:i]) for i in range(len(parts))]
+        self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        self.dtype = torch.float32
+
+    def __getitem__(self, index) -> torch.Tensor:
+        from conditioner.table import release_pages
+
+        ids = torch.as_tensor(index, dtype=torch.long)
+        single = ids.dim() == 0
+        ids = ids.reshape(-1)
+        out = torch.empty(ids.numel(), *self.shape[1:], dtype=torch.float32)
+        for part, start in zip(self.parts, self.starts):
+            mask = (ids >= start) & (ids < start + part.shape[0])
+            if bool(mask.any()):
+                chosen = ids[mask] - start
+                out[mask] = part[chosen].float()
+                release_pages(part, chosen)
+        return out[0] if single else out
 
 
 def _mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

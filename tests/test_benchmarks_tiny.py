@@ -28,3 +28,15 @@ def test_gpu_benchmark_runs_at_a_tiny_size_on_cpu(tmp_path):
         seconds = float(row.split("|")[3])
         assert seconds > 0, row
     assert any("LoRA step (rank 4" in row for row in rows)
+
+
+def test_disk_training_benchmark_runs_at_a_tiny_size(tmp_path, capsys):
+    from benchmarks.disk_train import main
+
+    assert main(["--family", "sd15", "--tags", "3000", "--steps", "2", "--dir", str(tmp_path)]) == 0
+    (result,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    train = result["train"]
+    assert train["steps"] == 2 and 0 < train["held_rows"] < 50  # the batch's rows and one new tag, not 3,000
+    assert abs(train["exported_gib"] - result["table_gib"]) < 0.01 and train["peak_rss_gib"] > 0
+    assert result["open_trained"]["cond_shape"] == [1, 77, 768]
+    assert not list(tmp_path.iterdir()), "the tables and runs are removed"

@@ -270,6 +270,40 @@ def test_streamed_drop_and_rename_equal_the_in_memory_edit(layers, tmp_path, dty
     _assert_tables_equal(TagTable.load(tmp_path / "rename.safetensors"), rename(loaded, "t7", "seven"))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("on_conflict", ["left", "right", "mean"])
+def test_streamed_combine_equals_the_in_memory_combine(layers, tmp_path, dtype, on_conflict):
+    """``condvec-merge combine`` streams both memory-mapped tables into the new file: the same table as combining the
+    loaded tables, conflicts, split value sources and pooled rows included (right's pooled rows go with its rows)."""
+    from merge.tables import combine, combine_streamed
+
+    def make(names, seed):
+        table = TagTable.create(layers, groups="blocks")
+        table.add_tags(names, init="normal", std=0.5, seed=seed)
+        table.pooled, table.null_pooled = torch.randn(len(names), 6, generator=torch.Generator().manual_seed(seed)), \
+            torch.zeros(6)
+        return table
+
+    left, right = make([f"t{i}" for i in range(30)], 1), make([f"t{i}" for i in range(20, 45)], 2)
+    right.data[right.row("t22")] = left.data[left.row("t22")]  # in both, identical: not a conflict
+    right.set_value_source("t40", torch.randn(right.num_anchors, right.width))
+    left.save(tmp_path / "l.safetensors", dtype=dtype)
+    right.save(tmp_path / "r.safetensors", dtype=dtype)
+    loaded = [TagTable.load(tmp_path / f"{n}.safetensors") for n in "lr"]
+    opened = [TagTable.open(tmp_path / f"{n}.safetensors") for n in "lr"]
+    expected = combine(*loaded, on_conflict=on_conflict)
+    combine_streamed(*opened, tmp_path / "c.safetensors", on_conflict=on_conflict)
+    streamed = TagTable.load(tmp_path / "c.safetensors")
+    _assert_tables_equal(streamed, expected)
+    assert torch.equal(streamed.pooled, expected.pooled) and len(streamed) == 45
+    assert len(expected.provenance[-1]["conflicts"]) == 9  # t20 … t29 but t22
+    kept = {"left": loaded[0], "right": loaded[1]}.get(on_conflict)
+    if kept is not None:
+        assert torch.equal(expected.data[expected.row("t25")], kept.data[kept.row("t25")])
+        assert torch.equal(expected.pooled[expected.row("t25")], kept.pooled[kept.row("t25")])
+    assert torch.equal(expected.pooled[expected.row("t44")], loaded[1].pooled[loaded[1].row("t44")])
+
+
 def test_streamed_write_refuses_a_bad_row_and_leaves_the_old_file(layers, tmp_path):
     from conditioner.safefile import TableFileError
 
