@@ -40,3 +40,21 @@ def test_disk_training_benchmark_runs_at_a_tiny_size(tmp_path, capsys):
     assert abs(train["exported_gib"] - result["table_gib"]) < 0.01 and train["peak_rss_gib"] > 0
     assert result["open_trained"]["cond_shape"] == [1, 77, 768]
     assert not list(tmp_path.iterdir()), "the tables and runs are removed"
+
+
+def test_step_ratios_repeat_until_the_spreads_separate_or_are_shown_to_overlap():
+    from benchmarks import speed
+
+    assert speed.separated([1.0, 1.1, 1.2, 1.3], [2.0, 2.1, 2.2, 2.3])
+    assert not speed.separated([1.0, 1.5, 2.0, 2.5], [1.4, 1.6, 1.8, 3.0])
+    calls = []
+    cases = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    clock = iter(range(10_000))
+    real = speed.time.perf_counter
+    speed.time.perf_counter = lambda: next(clock) * 1e-3  # every call 1 ms: the two sides always overlap
+    try:
+        times, verdict = speed.until_separated(cases, repeats=3, warmup=0, max_repeats=9)
+    finally:
+        speed.time.perf_counter = real
+    assert len(times["a"]) == len(times["b"]) == 9 and "overlap after 9 rounds" in verdict
+    assert calls.count("a") == calls.count("b") == 9
