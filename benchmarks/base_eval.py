@@ -153,12 +153,13 @@ def recovery(model: str, starts: list[float], num: int, guidance: float, steps: 
 
 
 def three_way(model: str, guidance: float, steps: int, num: int, finetune_steps: int, work: Path,
-              data_images: int = 4000) -> dict:
+              data_images: int = 4000, tokens_per_tag: int = 1, layouts: tuple = ("single", "layers")) -> dict:
     """What dropping CLIP keeps: the same prompts through the model's CLIP, through tables bootstrapped from it
     (``single`` and ``layers``), and through those tables after table-only fine-tuning (frozen UNet) on demo scenes.
 
     Every table holds the demo vocabulary (:func:`demo.data.tag_vocabulary`); the fine-tuning runs
     ``finetune_steps`` steps of ``condvec-train`` (batch 32, the layout's default lr) on ``data_images`` scenes.
+    ``tokens_per_tag`` vectors per tag: the tag's tokens, then its EOS (:func:`bootstrap.text.tag_vectors`).
     """
     from bootstrap.load import load_model
     from bootstrap.table import bootstrap_table
@@ -169,9 +170,10 @@ def three_way(model: str, guidance: float, steps: int, num: int, finetune_steps:
     work.mkdir(parents=True, exist_ok=True)
     results = {"clip": evaluate(model, guidance, steps, num, text_encoder=True)}
     base = load_model(model)
-    for groups in ("single", "layers"):
+    for groups in layouts:
         start = work / f"bootstrap-{groups}.safetensors"
-        bootstrap_table(base, tag_vocabulary(), groups=groups, progress=False).save(start)
+        bootstrap_table(base, tag_vocabulary(), groups=groups, tokens_per_tag=tokens_per_tag,
+                        progress=False).save(start)
         results[f"bootstrap {groups}"] = evaluate(model, guidance, steps, num, table=str(start))
         run = work / f"finetune-{groups}"
         began = time.perf_counter()
@@ -198,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--three-way", type=Path, metavar="WORK",
                         help="score CLIP, bootstrapped tables and fine-tuned tables (runs under WORK)")
     parser.add_argument("--finetune-steps", type=int, default=400)
+    parser.add_argument("--tokens-per-tag", type=int, default=1, help="three-way: vectors per bootstrapped tag")
+    parser.add_argument("--layouts", default="single,layers", help="three-way: table layouts to bootstrap")
     args = parser.parse_args(argv)
     if args.recovery and (Path(args.model) / "vae").is_dir():
         parser.error("--recovery noises images in pixel space: run it on a pixel-space base (--model "
                      "models/tiny-base)")
     if args.three_way:
         print(json.dumps(three_way(args.model, args.guidance, args.steps, args.num, args.finetune_steps,
-                                   args.three_way)))
+                                   args.three_way, tokens_per_tag=args.tokens_per_tag,
+                                   layouts=tuple(args.layouts.split(",")))))
         return 0
     result = evaluate(args.model, args.guidance, args.steps, args.num, table=args.table)
     if args.recovery:
