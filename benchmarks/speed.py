@@ -399,6 +399,20 @@ class Bench:
         self.row("factorised size", "5,000 SDXL `layers` concepts (70 groups × 2048), fp16 file", ", ".join(sizes),
                  "≤ 100 MB", rank3 <= 100)
 
+    def disk(self):
+        """``benchmarks.disk_train``'s rows: a 100k-tag SDXL `layers` table and a 1M-tag SD1.5 `single` table
+        trained on disk (20 steps), then opened and encoded from the written file."""
+        from benchmarks.disk_train import FAMILIES, run_family
+
+        for family in ("sdxl", "sd15"):
+            r = run_family(family, FAMILIES[family]["tags"], 20, self.args.disk_dir, keep=False)
+            train, opened = r["train"], r["open_trained"]
+            self.row("table on disk", f"{r['tags']:,}-tag {family.upper()} `{r['groups']}` table, fp16, "
+                     f"{r['table_gib']:.1f} GiB: 20 training steps, 2 checkpoints, the final table streamed out",
+                     f"peak RSS {train['peak_rss_gib']:.2f} GiB; step {train['step_s_median']:.2f} s; checkpoint "
+                     f"{train['checkpoint_mib']:.0f} MiB; open {opened['open_s'] * 1e3:.0f} ms, encode "
+                     f"{opened['encode_s'] * 1e3:.0f} ms", "≤ 8 GiB", train["peak_rss_gib"] <= 8, **r)
+
     def memory(self):
         for family, tags in (("sd15", self.args.big_tags), ("sdxl", self.args.sdxl_tags)):
             command = [sys.executable, "-m", "benchmarks.speed", "--memory-case", family, "--big-tags", str(tags),
@@ -504,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-tags", type=int, default=100_000, help="tags of the big table (scale, memory)")
     parser.add_argument("--sdxl-tags", type=int, default=10_000, help="tags of the SDXL memory row (100k: 53 GiB)")
     parser.add_argument("--rows", default="all", help="comma-separated subset: encode1,sdxl,encode32,overhead,"
-                        "generation,scale,ti,threads,size,factor,memory,floor")
+                        "generation,scale,ti,threads,size,factor,memory,floor,disk (all: every row but disk)")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--disk-dir", default=tempfile.gettempdir(), help="where the disk row writes its tables "
+                        "(27 GiB, twice)")
     parser.add_argument("--memory-case", choices=("sd15", "sdxl"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_case:
@@ -517,9 +533,9 @@ def main(argv: list[str] | None = None) -> int:
              "floor": bench.encode_floor, "encode32": bench.encode_batch32,
              "overhead": bench.step_overhead, "generation": bench.generation_step, "scale": bench.table_scale,
              "ti": bench.vs_textual_inversion, "threads": bench.threads, "size": bench.file_size,
-             "factor": bench.factor_size,
+             "factor": bench.factor_size, "disk": bench.disk,
              "memory": bench.memory}
-    chosen = list(order) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
+    chosen = [r for r in order if r != "disk"] if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     for name in chosen:
         order[name]()
     text = markdown(bench.results, command.strip())
