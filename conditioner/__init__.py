@@ -19,6 +19,8 @@ _EXPORTS = {
     "normalize_tag": "conditioner.parse",
     "parse_prompt": "conditioner.parse",
     "regroup": "conditioner.regroup",
+    "factorise": "conditioner.factor",
+    "unfactorise": "conditioner.factor",
     "TableMismatchError": "conditioner.table",
     "TagTable": "conditioner.table",
     "resolve_groups": "conditioner.table",
@@ -35,12 +37,14 @@ __all__ = [
     "TokenBatch",
     "encode",
     "encode_pooled",
+    "factorise",
     "normalize_tag",
     "pack",
     "parse_prompt",
     "regroup",
     "resolve_groups",
     "tokenize",
+    "unfactorise",
 ]
 
 

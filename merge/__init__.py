@@ -15,13 +15,15 @@ _EXPORTS = {
     "swap": "merge.concepts",
     "select_groups": "merge.layers",
     "combine": "merge.tables",
+    "combine_streamed": "merge.tables",
     "drop": "merge.tables",
     "extract": "merge.tables",
     "rename": "merge.tables",
     "parse_weights": "merge.weights",
 }
 
-__all__ = ["blend", "combine", "drop", "extract", "mix", "parse_weights", "rename", "select_groups", "swap"]
+__all__ = ["blend", "combine", "combine_streamed", "drop", "extract", "mix", "parse_weights", "rename",
+           "select_groups", "swap"]
 
 
 lazy_exports(__name__, _EXPORTS)
