@@ -11,7 +11,8 @@ so rows stay independent — training one tag leaves every other tag's bytes unc
 (``rows[ids] = values``: a blend, a swap, a new tag's initial rows) stores their best rank-r approximation (a
 truncated SVD of the offsets — exact when the offsets have rank ≤ r, as a bootstrapped or zero row's have); copying
 factorised rows between tables (``rows[ids] = other.take(…)``) copies the factors exactly. The trainer learns
-``shared``, ``coef`` and ``basis`` themselves, row-sparsely.
+``shared``, ``coef`` and ``basis`` themselves, row-sparsely, each at its own scale of the learning rate
+(:func:`factor_lr_scales`).
 
 ``factorise(table, rank)`` converts a full table (truncated SVD, the relative error reported); ``unfactorise`` gives
 the full table back exactly.
@@ -24,6 +25,14 @@ import torch
 from conditioner.errors import CondvecError
 
 FACTORS = ("shared", "coef", "basis")
+
+
+def factor_lr_scales(dim: int) -> dict[str, float]:
+    """Learning-rate multipliers of the factors, so that one Adam step moves a factorised row about as much as it
+    moves a full row: Adam steps every number by about ``lr``, the ``basis`` rows are unit vectors (numbers of size
+    ``1/√dim``) and the ``coef`` carry the offsets' norms (``√dim`` times a row's numbers). Measured in
+    BENCHMARKS.md ("Factorised per-layer rows"); one shared learning rate made higher ranks learn worse."""
+    return {"shared": 1.0, "coef": dim ** 0.5, "basis": dim ** -0.5}
 
 
 def _ids(index) -> tuple[torch.Tensor | slice, bool]:

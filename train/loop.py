@@ -22,7 +22,7 @@ from diffusers.training_utils import EMAModel
 
 from conditioner.encode import Rows, TokenBatch, pack, pack_pooled, tokenize
 from conditioner.errors import CondvecError
-from conditioner.factor import FACTORS, FactorRows, compose
+from conditioner.factor import FACTORS, FactorRows, compose, factor_lr_scales
 from train import checkpoint as ckpt
 from train.batches import Plan, Planner, sample_generator
 from train.data import micro_conditioning
@@ -77,15 +77,17 @@ class Trainer:
         tr, table = self.cfg.training, self.table
         betas, home, decay = (tr.beta1, tr.beta2), table.data.device, tr.ema_decay
 
-        def entry(attr, name, ema_name, decay_weight, per_tag, trainable=True):
+        def entry(attr, name, ema_name, decay_weight, per_tag, trainable=True, lr_scale=1.0):
             owner, _, field = attr.rpartition(".")
             data = getattr(getattr(table, owner) if owner else table, field)
             opt = RowSparseAdamW(data.shape[0], tuple(data.shape[1:]), betas, tr.eps, decay_weight, device=home)
             return SparseParam(attr, name, ema_name, opt, SparseEMA(data, decay) if decay > 0 else None, per_tag,
-                               trainable)
+                               trainable, lr_scale)
 
         if isinstance(table.data, FactorRows):  # factorised rows: each factor is a row-sparse parameter
-            params = [entry(f"data.{name}", f"rows.{name}", f"ema.{name}", tr.weight_decay, True) for name in FACTORS]
+            scales = factor_lr_scales(table.dim)
+            params = [entry(f"data.{name}", f"rows.{name}", f"ema.{name}", tr.weight_decay, True,
+                            lr_scale=scales[name]) for name in FACTORS]
         else:
             params = [entry("data", "rows", "ema", tr.weight_decay, True)]
         params.append(entry("special", "special", "ema_special", 0.0, False, self.train_special))

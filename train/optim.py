@@ -252,6 +252,8 @@ class SparseParam:
         per_tag (`bool`): its rows are tag rows gathered per batch (and subject to ``table.freeze_existing``);
             otherwise every row of the tensor is in every step (the special rows).
         trainable (`bool`): stepped at all (the special rows may stay frozen).
+        lr_scale (`float`): this tensor's learning rate relative to ``training.lr`` (factorised rows: see
+            :data:`conditioner.factor.LR_SCALE`).
     """
 
     attr: str
@@ -261,6 +263,7 @@ class SparseParam:
     ema: SparseEMA | None
     per_tag: bool
     trainable: bool = True
+    lr_scale: float = 1.0
 
     def tensor(self, table) -> torch.Tensor:
         """This parameter's tensor in ``table`` (``data.shared`` … name a factor of factorised rows)."""
@@ -276,7 +279,7 @@ class SparseParam:
         """AdamW on ``rows`` of this tensor in ``table`` (and their EMA)."""
         data = self.tensor(table)
         before = data[rows].clone() if self.ema is not None else None
-        self.optimizer.step(data, rows, grad, lr)
+        self.optimizer.step(data, rows, grad, lr * self.lr_scale)
         if self.ema is not None:
             self.ema.update(before, data, rows, step)
 
