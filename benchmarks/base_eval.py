@@ -152,13 +152,20 @@ def recovery(model: str, starts: list[float], num: int, guidance: float, steps: 
     return result
 
 
+# table-only fine-tuning rates of the three-way comparison (BENCHMARKS.md, "What dropping CLIP keeps"): every
+# bootstrapped tag trains at once here, unlike the few new concepts condvec-train's defaults were tuned for
+FINETUNE_LR = {"single": 5e-2, "layers": 1e-2}
+
+
 def three_way(model: str, guidance: float, steps: int, num: int, finetune_steps: int, work: Path,
-              data_images: int = 4000, tokens_per_tag: int = 1, layouts: tuple = ("single", "layers")) -> dict:
+              data_images: int = 4000, tokens_per_tag: int = 1, layouts: tuple = ("single", "layers"),
+              finetune_lr: dict | None = None) -> dict:
     """What dropping CLIP keeps: the same prompts through the model's CLIP, through tables bootstrapped from it
     (``single`` and ``layers``), and through those tables after table-only fine-tuning (frozen UNet) on demo scenes.
 
     Every table holds the demo vocabulary (:func:`demo.data.tag_vocabulary`); the fine-tuning runs
-    ``finetune_steps`` steps of ``condvec-train`` (batch 32, the layout's default lr) on ``data_images`` scenes.
+    ``finetune_steps`` steps of ``condvec-train`` (batch 32) on ``data_images`` scenes, at ``finetune_lr[layout]``
+    (default :data:`FINETUNE_LR`: the rates the published table used).
     ``tokens_per_tag`` vectors per tag: the tag's tokens, then its EOS (:func:`bootstrap.text.tag_vectors`).
     """
     from bootstrap.load import load_model
@@ -181,6 +188,7 @@ def three_way(model: str, guidance: float, steps: int, num: int, finetune_steps:
             f"model.pretrained={model}", f"data.path={work / 'data'}", f"data.generate_demo={data_images}",
             "data.resolution=32", "data.bucketing=false", "data.caption_dropout=0.0", f"table.start_from={start}",
             "table.train_special=false", "training.train=table", f"training.steps={finetune_steps}",
+            f"training.lr={(finetune_lr or FINETUNE_LR)[groups]}",
             "training.batch_size=32", "training.min_snr_gamma=0", f"output.dir={run}", "output.overwrite=true",
             "output.sample_every=0", f"output.save_every={finetune_steps}", "output.progress=false"]))
         results[f"fine-tuned {groups}"] = evaluate(model, guidance, steps, num, table=str(run / "table.safetensors"))

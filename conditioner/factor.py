@@ -27,12 +27,12 @@ from conditioner.errors import CondvecError
 FACTORS = ("shared", "coef", "basis")
 
 
-def factor_lr_scales(dim: int) -> dict[str, float]:
+def factor_lr_scales(dim: int, rank: int) -> dict[str, float]:
     """Learning-rate multipliers of the factors, so that one Adam step moves a factorised row about as much as it
-    moves a full row: Adam steps every number by about ``lr``, the ``basis`` rows are unit vectors (numbers of size
-    ``1/√dim``) and the ``coef`` carry the offsets' norms (``√dim`` times a row's numbers). Measured in
-    BENCHMARKS.md ("Factorised per-layer rows"); one shared learning rate made higher ranks learn worse."""
-    return {"shared": 1.0, "coef": dim ** 0.5, "basis": dim ** -0.5}
+    moves a full row: Adam steps every number by about ``lr``; the ``basis`` rows are unit vectors (numbers of size
+    ``1/√dim``); an offset sums ``rank`` coefficient steps along them, so ``coef`` steps ``lr·√(dim/rank)``.
+    Measured in BENCHMARKS.md ("Factorised per-layer rows"): one shared learning rate made higher ranks learn worse."""
+    return {"shared": 1.0, "coef": (dim / rank) ** 0.5, "basis": dim ** -0.5}
 
 
 def _ids(index) -> tuple[torch.Tensor | slice, bool]:

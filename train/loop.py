@@ -85,7 +85,7 @@ class Trainer:
                                trainable, lr_scale)
 
         if isinstance(table.data, FactorRows):  # factorised rows: each factor is a row-sparse parameter
-            scales = factor_lr_scales(table.dim)
+            scales = factor_lr_scales(table.dim, table.data.rank)
             params = [entry(f"data.{name}", f"rows.{name}", f"ema.{name}", tr.weight_decay, True,
                             lr_scale=scales[name]) for name in FACTORS]
         else:
