@@ -107,7 +107,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("factorise", help="per-layer rows as each tag's shared vector + its own rank-R offsets")
     p.add_argument("table", metavar="TABLE")
-    p.add_argument("--rank", type=int, required=True, help="rank of the per-group offsets (groups − 1 is exact)")
+    p.add_argument("--rank", type=int, default=2, help="rank of the per-group offsets (default 2: BENCHMARKS.md, "
+                   "'Factorised per-layer rows'; groups − 1 is exact)")
     _output_options(p)
     p.set_defaults(run="_factorise")
 
