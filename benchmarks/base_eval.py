@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=400)
     parser.add_argument("--tokens-per-tag", type=int, default=1, help="three-way: vectors per bootstrapped tag")
     parser.add_argument("--layouts", default="single,layers", help="three-way: table layouts to bootstrap")
+    parser.add_argument("--finetune-lr", action="append", default=[], metavar="LAYOUT=LR",
+                        help="three-way: fine-tuning rate of a layout (default: FINETUNE_LR)")
     args = parser.parse_args(argv)
     if args.recovery and (Path(args.model) / "vae").is_dir():
         parser.error("--recovery noises images in pixel space: run it on a pixel-space base (--model "
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.three_way:
         print(json.dumps(three_way(args.model, args.guidance, args.steps, args.num, args.finetune_steps,
                                    args.three_way, tokens_per_tag=args.tokens_per_tag,
-                                   layouts=tuple(args.layouts.split(",")))))
+                                   layouts=tuple(args.layouts.split(",")),
+                                   finetune_lr=FINETUNE_LR | {k: float(v) for k, _, v in
+                                                              (item.partition("=") for item in args.finetune_lr)})))
         return 0
     result = evaluate(args.model, args.guidance, args.steps, args.num, table=args.table)
     if args.recovery:
