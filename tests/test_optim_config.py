@@ -102,7 +102,11 @@ def test_default_table_lr_follows_the_layout():
     from unet_patch import discover
 
     layers = discover(build_builtin("micro"))
-    assert default_lr(TagTable.create(layers, groups="layers")) == 0.3
-    assert default_lr(TagTable.create(layers, groups="blocks")) == 0.3
-    assert default_lr(TagTable.create(layers, groups="single")) == 0.5
-    assert default_lr(TagTable.create(layers, mode="kv")) == 0.15
+    new = True  # table.freeze_existing: only new concepts train
+    assert default_lr(TagTable.create(layers, groups="layers"), new) == 0.3
+    assert default_lr(TagTable.create(layers, groups="blocks"), new) == 0.3
+    assert default_lr(TagTable.create(layers, groups="single"), new) == 0.5
+    assert default_lr(TagTable.create(layers, mode="kv"), new) == 0.15
+    assert default_lr(TagTable.create(layers, groups="layers")) == 1e-2  # every tag trains
+    assert default_lr(TagTable.create(layers, groups="single")) == 5e-2
+    assert default_lr(TagTable.create(layers, mode="kv")) == 5e-2

@@ -127,9 +127,9 @@ class TrainingConfig:
     epochs: int = _f(0, "> 0: train this many epochs (passes over the data with repeats) instead of training.steps")
     batch_size: int = _f(8, "global batch per optimiser micro-step (split across processes)")
     grad_accum: int = _f(1, "micro-steps per optimiser step")
-    lr: float | None = _f(None, "learning rate of the table; null = 0.3 for per-block / per-layer vector tables, "
-                          "0.5 for single-group, 0.15 for key/value tables (measured: BENCHMARKS.md, learning "
-                          "rates on the users' path)")
+    lr: float | None = _f(None, "learning rate of the table; null = measured defaults — with "
+                          "table.freeze_existing (new concepts only) 0.3 per-block / per-layer, 0.5 single-group, "
+                          "0.15 key/value; otherwise (every tag trains) 1e-2, 5e-2, 5e-2 (BENCHMARKS.md)")
     lr_unet: float = _f(1e-4, "learning rate of UNet weights (table+kv, full)")
     lr_schedule: LrSchedule = _f(LrSchedule.constant, "constant | linear | cosine (after warmup)")
     warmup_steps: int = _f(0, "linear warmup steps")

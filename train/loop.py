@@ -61,9 +61,11 @@ class Trainer:
             optimizer = torch.optim.AdamW(self.unet_params, lr=tr.lr_unet, betas=(tr.beta1, tr.beta2), eps=tr.eps,
                                           weight_decay=tr.weight_decay_unet)
             self.model, self.unet_optimizer = self.acc.prepare(self.unet.train(), optimizer)
-        self.lr = default_lr(self.table) if tr.lr is None else tr.lr
+        self.lr = default_lr(self.table, cfg.table.freeze_existing) if tr.lr is None else tr.lr
         if tr.lr is None and self.acc.is_main_process:
-            print(f"training: table lr {self.lr:g}, the default for this layout (set training.lr)", flush=True)
+            what = "new concepts over a frozen table" if cfg.table.freeze_existing else "every tag of the data"
+            print(f"training: table lr {self.lr:g}, the default for this layout when {what} trains (set "
+                  "training.lr)", flush=True)
         self.params = self._sparse_params()  # the table's learnable tensors: stepped, clipped, saved in one loop
         self.time_ids = torch.tensor([micro_conditioning(item) for item in self.items], dtype=torch.float32) \
             if self.table.pooled is not None else None  # (items, 6), SDXL

@@ -125,17 +125,23 @@ class RowSparseAdamW:
         self._slots.load(rows, moments)
 
 
-def default_lr(table) -> float:
-    """The table learning rate when ``training.lr`` is unset, by layout: the best measured on the users' path (a
-    table bootstrapped from the miniature SD's CLIP, 4 and 10 new concepts learned together, 200 steps of batch 16;
-    BENCHMARKS.md, "Learning rates on the users' path"): 0.3 for per-block / per-layer vector rows, 0.5 for one
-    vector shared by every layer, 0.15 for direct key/value rows. Bootstrapped rows have the scale of CLIP's
-    outputs, so the steps that move them are large; the earlier defaults (1e-2 / 5e-2) left 4–21% of such concepts
-    right where these get 70–86%.
+def default_lr(table, new_concepts_only: bool = False) -> float:
+    """The table learning rate when ``training.lr`` is unset, by what trains and the layout — each the best measured
+    on the miniature SD (BENCHMARKS.md):
+
+    - new concepts over a frozen table (``table.freeze_existing: true``; "Learning rates on the users' path": 4 and
+      10 new concepts bootstrapped from nonsense names, 200 steps of batch 16): 0.3 for per-block / per-layer vector
+      rows, 0.5 for one vector shared by every layer, 0.15 for direct key/value rows. Such rows start far from
+      what they must learn, and the steps that move them are large (1e-2 / 5e-2 left 4–21% of them right, these
+      70–86%).
+    - every tag of the data trains (the default; "What dropping CLIP keeps": all of a bootstrapped table's tags
+      fine-tuned together, 1,000 steps of batch 32): 1e-2 per-block / per-layer, 5e-2 single and key/value. Their
+      rows start where the model's CLIP put them; at 0.5 a `single` table fell from 98% of one-object samples
+      right (5e-2) to 23%.
     """
-    if table.mode_spec.direct_kv:
-        return 0.15
-    return 0.5 if len(table.group_names) == 1 else 0.3
+    if new_concepts_only:
+        return 0.15 if table.mode_spec.direct_kv else (0.5 if len(table.group_names) == 1 else 0.3)
+    return 5e-2 if table.mode_spec.direct_kv or len(table.group_names) == 1 else 1e-2
 
 
 def lr_at(step: int, base_lr: float, schedule: str, warmup: int, total: int) -> float:
