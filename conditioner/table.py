@@ -659,6 +659,9 @@ class TagTable:
         """
         table = cls._read(path, "cpu", lazy=True)
         if writable:
+            if isinstance(table.data, FactorRows):
+                raise CondvecError(f"{os.fspath(path)!r} holds factorised rows, which are small and read whole: train "
+                                   "it in memory (drop training.table_device=disk)")
             table.data = DiskRows(table.data)
             if table.pooled is not None:
                 table.pooled = DiskRows(table.pooled)

@@ -61,6 +61,8 @@ def test_factorised_tables_save_load_and_encode_like_their_full_rows(tmp_path):
     for prompt in ("cat, dog", "(glass:1.3), elephant"):
         assert torch.allclose(encode(table, [prompt], timesteps=300.0), encode(full, [prompt], timesteps=300.0),
                               atol=1e-6)
+    with pytest.raises(CondvecError, match="train it in memory"):
+        TagTable.open(path, writable=True)
     # fp16 storage keeps factorised rows factorised
     table.save(tmp_path / "h.safetensors", dtype="fp16")
     assert TagTable.load(tmp_path / "h.safetensors").data.rank == 2
