@@ -206,9 +206,12 @@ def pack(
         `torch.Tensor`: ``(B, N, width [+ width] [+ 1])`` on the rows' device and dtype.
     """
     batch, n = tokens.ids.shape
-    if rows is None:
+    # an in-memory table read directly: each tag row is copied once, straight from the table into the output
+    direct = rows is None and type(table.data) is torch.Tensor and not table.lazy and not tokens.split
+    if rows is None and not direct:
         rows = Rows.from_table(table, tokens.rows)
-    device, dtype = rows.data.device, rows.data.dtype
+    source = table.data if direct else rows.data
+    device, dtype = source.device, source.dtype
     if table.num_anchors > 1:
         if timesteps is None:
             raise CondvecError(f"this table has {table.num_anchors} timestep anchors: pass the timesteps to encode")
@@ -220,21 +223,28 @@ def pack(
         w = anchor_weights(table.anchors, t).to(device, dtype)  # (B, A)
     else:
         w = None
-    special = rows.special.to(device=device, dtype=dtype)
-    base = special_sequence(special, n, table.use_sink)  # (N, A, W)
+    special = (table.special if direct else rows.special).to(device=device, dtype=dtype)
+    base = special_sequence(special, n, table.use_sink) if w is not None else None  # (N, A, W)
     ids = tokens.ids.to(device)
     b_idx, n_idx = (ids >= 0).nonzero(as_tuple=True)  # (T,) each: where the tags stand
-    local = torch.searchsorted(rows.ids.to(device), ids[b_idx, n_idx])  # (T,) their place in rows.ids
+    # (T,) each tag's row: in the table itself, or its place in rows.ids
+    local = ids[b_idx, n_idx] if direct else torch.searchsorted(rows.ids.to(device), ids[b_idx, n_idx])
 
     def gather(data: torch.Tensor) -> torch.Tensor:
         """The special rows' sequence for every prompt, tag rows written in: one copy of the output's bytes."""
-        if w is None:
-            out = base[:, 0].unsqueeze(0).repeat(batch, 1, 1)  # (B, N, W)
+        if w is None:  # the special rows written straight into the output (as special_sequence orders them)
+            out = special.new_empty(batch, n, special.shape[-1])  # (B, N, W)
+            count = min(n, special.shape[0])
+            out[:, 0] = special[0 if table.use_sink else 1, 0]
+            if count > 1:
+                out[:, 1:count] = special[1:count, 0]
+            if n > count:
+                out[:, count:] = special[-1, 0]
             return out.index_put_((b_idx, n_idx), data[local, 0])
         out = torch.einsum("naw,ba->bnw", base, w)  # (B, N, W)
         return out.index_put_((b_idx, n_idx), torch.einsum("taw,ta->tw", data[local], w[b_idx]))
 
-    parts = [gather(rows.data)]
+    parts = [gather(source)]
     if tokens.split:
         names = [table.tags[r] for r in rows.ids.tolist()]
         values = [table.values[nm].to(device, dtype) if nm in table.values else rows.data[k]
