@@ -191,13 +191,14 @@ class DiskRows:
         self._slots.store["value"][slots] = values.expand(ids.numel(), *self.row_shape)
 
     # ------------------------------------------------------------------ rows in memory
-    def append(self, rows: torch.Tensor) -> None:
-        """Add ``rows`` ``(n, *row)`` after the last row (held in memory)."""
+    def append(self, rows: torch.Tensor) -> DiskRows:
+        """Add ``rows`` ``(n, *row)`` after the last row (held in memory); returns these rows, grown in place."""
         start = self._num
         self._num += rows.shape[0]
         self._slots.grow_rows(self._num)
         if rows.shape[0]:
             self[torch.arange(start, self._num)] = rows
+        return self
 
     def held(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows (U,), values (U, *row))``: every row held in memory, ascending."""

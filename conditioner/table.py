@@ -732,9 +732,7 @@ class TagTable:
             data = FactorRows(*(tensors[f"data.{n}"] for n in FACTORS)) if "data.shared" in tensors \
                 else tensors["data"]
             table = cls(data=data, special=tensors["special"], values=values,
-                        pooled=tensors.get("pooled"), null_pooled=tensors.get("null_pooled"),
-                        **{name: read(meta[name] if default is _REQUIRED else meta.get(name, default))
-                           for name, (_, read, default) in _METADATA.items()})
+                        pooled=tensors.get("pooled"), null_pooled=tensors.get("null_pooled"), **_fields(meta))
         except KeyError as err:
             raise TableFileError(f"{path!r}: table is missing {err}: incomplete or not a condvec table") from None
         except (TypeError, AttributeError, IndexError, ValueError, OverflowError) as err:
@@ -802,8 +800,7 @@ class TagTable:
             raise CondvecError(f"{path!r} does not fit the table file {base['path']!r}: its tags differ")
         tensors = load_file(path)
         split = meta.get("split_tags", [])
-        fields_ = {name: read(meta[name] if default is _REQUIRED else meta.get(name, default))
-                   for name, (_, read, default) in _METADATA.items()}
+        fields_ = _fields(meta)
         rows = {}
         for name in ("data", "pooled"):
             source = getattr(mapped, name)
@@ -833,6 +830,14 @@ def _file_identity(path: str) -> dict:
     """What identifies a table file's contents cheaply: absolute path, size and modification time (ns)."""
     stat = os.stat(path)
     return {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _fields(meta: dict) -> dict:
+    """The table's non-tensor fields from its file metadata (:data:`_METADATA`'s readers and defaults)."""
+    return {name: read(meta[name] if default is _REQUIRED else meta.get(name, default))
+            for name, (_, read, default) in _METADATA.items()}
+
+
 _DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -971,11 +976,8 @@ def release_pages(tensor, rows: torch.Tensor) -> None:
 
 
 def _append_rows(data, rows: torch.Tensor):
-    """``data`` with ``rows`` appended: a new tensor, or the same :class:`DiskRows` grown in memory."""
-    if isinstance(data, DiskRows):
-        data.append(rows)
-        return data
-    if isinstance(data, FactorRows):
+    """``data`` with ``rows`` appended: a new tensor or :class:`FactorRows`, or the same :class:`DiskRows` grown."""
+    if isinstance(data, (DiskRows, FactorRows)):
         return data.append(rows)
     if data.device.type == "meta":  # a skeleton: shapes only
         return torch.empty((data.shape[0] + rows.shape[0], *data.shape[1:]), device="meta")

@@ -27,7 +27,7 @@ from train import checkpoint as ckpt
 from train.batches import Plan, Planner, sample_generator
 from train.data import micro_conditioning
 from train.model import min_snr_weights
-from train.optim import RowSparseAdamW, SparseEMA, SparseParam, default_lr, lr_at
+from train.optim import RowSparseAdamW, SparseEMA, SparseParam, default_lr, lr_at, table_tensor
 from train.sampling import sample_grid
 from train.setup import build, make_accelerator
 from train.tracking import RunLog, shown
@@ -80,8 +80,7 @@ class Trainer:
         betas, home, decay = (tr.beta1, tr.beta2), table.data.device, tr.ema_decay
 
         def entry(attr, name, ema_name, decay_weight, per_tag, trainable=True, lr_scale=1.0):
-            owner, _, field = attr.rpartition(".")
-            data = getattr(getattr(table, owner) if owner else table, field)
+            data = table_tensor(table, attr)
             opt = RowSparseAdamW(data.shape[0], tuple(data.shape[1:]), betas, tr.eps, decay_weight, device=home)
             return SparseParam(attr, name, ema_name, opt, SparseEMA(data, decay) if decay > 0 else None, per_tag,
                                trainable, lr_scale)

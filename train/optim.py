@@ -273,13 +273,13 @@ class SparseParam:
 
     def tensor(self, table) -> torch.Tensor:
         """This parameter's tensor in ``table`` (``data.shared`` … name a factor of factorised rows)."""
-        owner, _, name = self.attr.rpartition(".")
-        return getattr(getattr(table, owner) if owner else table, name)
+        return table_tensor(table, self.attr)
 
     def set_tensor(self, table, value) -> None:
         """Replace this parameter's tensor in ``table``."""
         owner, _, name = self.attr.rpartition(".")
-        setattr(getattr(table, owner) if owner else table, name, value)
+        setattr(table_tensor(table, owner) if owner else table, name, value)
+
 
     def step(self, table, rows: torch.Tensor, grad: torch.Tensor, lr: float, step: int) -> None:
         """AdamW on ``rows`` of this tensor in ``table`` (and their EMA)."""
@@ -303,3 +303,9 @@ class SparseParam:
         self.optimizer.load_state_tensors(tensors, self.name)
         if self.ema is not None:
             self.ema.load_state_tensors(tensors, self.ema_name)
+
+
+def table_tensor(table, attr: str):
+    """``table.data``, ``table.special`` … or, for a dotted name, a part of one (``data.shared``)."""
+    owner, _, name = attr.rpartition(".")
+    return getattr(table_tensor(table, owner) if owner else table, name)
