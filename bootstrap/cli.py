@@ -1,11 +1,14 @@
 """``condvec-bootstrap``: a tag table from a Stable Diffusion model's own text encoder(s); embeddings as tags.
 
     condvec-bootstrap MODEL -o TABLE.safetensors [--tags FILE] [--data DIR] [--groups single|blocks|layers]
-                      [--mode vector|kv] [--tokens-per-tag N] [--config DIR]
+                      [--mode vector|kv] [--tokens-per-tag N] [--context-rows N] [--config DIR]
+                      [--distill [--distill-steps N] [--prompts FILE] [--resume]]
     condvec-bootstrap import TABLE FILE [FILE …] --name TAG [--model MODEL] (-o OUT | --in-place)
 
 MODEL is a diffusers folder or a single-file ``.safetensors`` checkpoint with ``--config`` (a local diffusers folder
 of the same architecture). The text encoders run once, here; training and generation never need them again.
+``--distill`` then teaches the table to condition the UNet as the model's own text encoder does, with no images
+(:mod:`bootstrap.distill`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import sys
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
 
 PROG = "condvec-bootstrap"
+#: Vectors per tag from its tokens, and from its EOS / padding, when distilling (BENCHMARKS.md, "Distillation").
+DISTILL_TOKENS, DISTILL_CONTEXT = 3, 16
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``condvec-bootstrap``; returns 0, or 2 after a one-line error on stderr (nothing is written then)."""
-    return run_cli(PROG, lambda: _run(argv))
+    return run_cli(PROG, lambda: _run(argv), interrupted="interrupted; nothing written (a distillation continues "
+                   "from its last checkpoint with --resume)")
 
 
 def _run(argv: list[str] | None) -> int:
@@ -40,6 +46,8 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _parser() -> OneLineArgumentParser:
+    from bootstrap.distill import DistillConfig
+
     p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                               epilog=f"Embedding files into a table: {PROG} import --help; a tag out as a "
                                      f"textual-inversion file: {PROG} export --help")
@@ -51,7 +59,18 @@ def _parser() -> OneLineArgumentParser:
                    help="layer groups; every group starts from the same vectors (default single)")
     p.add_argument("--mode", default="vector", choices=("vector", "kv"),
                    help="vector: vectors through to_k/to_v; kv: each layer's K and V of them (default vector)")
-    p.add_argument("--tokens-per-tag", type=int, default=1, metavar="N", help="vectors per tag (default 1)")
+    p.add_argument("--tokens-per-tag", type=int, metavar="N",
+                   help=f"vectors per tag from its tokens (default 1; with --distill {DISTILL_TOKENS})")
+    p.add_argument("--context-rows", type=int, metavar="N",
+                   help="more vectors per tag from its EOS and padding positions (default 0; with --distill "
+                        f"{DISTILL_CONTEXT})")
+    p.add_argument("--distill", action="store_true",
+                   help="then distil the table from the model's own text encoder through the frozen UNet (no images)")
+    p.add_argument("--distill-steps", type=int, default=DistillConfig.steps, metavar="N",
+                   help=f"distillation steps (default {DistillConfig.steps})")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="distil on these prompts' tags (one prompt per line) instead of random combinations")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted distillation of TABLE")
     p.add_argument("--config", metavar="DIR", help="for a single-file MODEL: a local diffusers folder of its kind")
     p.add_argument("--batch-size", type=int, default=256, help="tags per text-encoder forward (default 256)")
     p.add_argument("--force", action="store_true", help="overwrite an existing TABLE")
@@ -117,11 +136,19 @@ def _export(args) -> str:
             f"{report.relative_error:.1%} of the tag's vector (cosine {report.cosine:.4f})")
 
 
+def _read_lines(path: str, what: str) -> list[str]:
+    """The lines of a UTF-8 text file, comments (``#``) and surrounding blanks removed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.split("#", 1)[0].strip() for line in f]
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{what} {path!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from err
+
+
 def _read_tags(args) -> list[str]:
     tags: list[str] = []
     if args.tags:
-        with open(args.tags, encoding="utf-8") as f:
-            lines = [line.split("#", 1)[0].strip() for line in f]
+        lines = _read_lines(args.tags, "--tags")
         split = [line for line in lines if "," in line]
         if split:
             print(f"--tags: {len(split)} line(s) hold commas and were split into tags (first: {split[0]!r}); a tag "
@@ -140,24 +167,87 @@ def _read_tags(args) -> list[str]:
 
 
 def _bootstrap(args) -> str:
+    from bootstrap.distill import DistillConfig
     from bootstrap.load import describe, load_model
     from bootstrap.table import bootstrap_table
+    from conditioner.schema import MAX_VECTORS
 
-    if args.tokens_per_tag < 1 or args.batch_size < 1:
-        raise UsageError("--tokens-per-tag and --batch-size must be >= 1")
+    tokens = args.tokens_per_tag if args.tokens_per_tag is not None else DISTILL_TOKENS if args.distill else 1
+    context = args.context_rows if args.context_rows is not None else DISTILL_CONTEXT if args.distill else 0
+    if tokens < 1 or args.batch_size < 1 or context < 0:
+        raise UsageError("--tokens-per-tag and --batch-size must be >= 1, --context-rows >= 0")
+    if tokens + context > MAX_VECTORS:
+        raise UsageError(f"--tokens-per-tag + --context-rows must be at most {MAX_VECTORS}, got {tokens + context}")
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"-o must name a .safetensors file, got {args.output!r}")
     if os.path.exists(args.output) and not args.force:
         raise UsageError(f"{args.output!r} already exists; pass --force to overwrite it")
+    if not args.distill and (args.resume or args.prompts or args.distill_steps != DistillConfig.steps):
+        raise UsageError("--distill-steps, --prompts and --resume belong to --distill")
+    if args.distill and args.distill_steps < 1:
+        raise UsageError(f"--distill-steps must be >= 1, got {args.distill_steps}")
+    if args.distill and args.mode != "vector":
+        raise UsageError("--distill distils a vector-mode table: drop --mode kv (convert after, condvec-merge kv)")
     tags = _read_tags(args)
+    prompts = _read_prompts(args.prompts, tags) if args.prompts else []
+    if args.distill:
+        from bootstrap.distill import work_dir
+
+        state = os.path.join(work_dir(args.output), "checkpoint", "state.json")
+        if os.path.exists(state) and not (args.resume or args.force):
+            raise UsageError(f"an interrupted distillation of {args.output!r} is in {work_dir(args.output)!r}: pass "
+                             "--resume to continue it, or --force to start over")
     model = load_model(args.model, config=args.config)
     print(describe(model), flush=True)
-    table = bootstrap_table(model, tags, groups=args.groups, mode=args.mode, tokens_per_tag=args.tokens_per_tag,
-                            batch_size=args.batch_size)
+    table = bootstrap_table(model, tags, groups=args.groups, mode=args.mode, tokens_per_tag=tokens,
+                            batch_size=args.batch_size, context_rows=context)
+    note = ""
+    if args.distill:
+        note = _distill(args, model, table, prompts)
     table.save(args.output)
-    return (f"wrote {args.output}: {len(table) // args.tokens_per_tag} tags × {args.tokens_per_tag} vector(s), "
+    return (f"wrote {args.output}: {len(tags)} tags × {tokens + context} vector(s), "
             f"{len(table.group_names)} group(s), {table.mode} mode, null sequence of {table.special.shape[0]} "
-            f"positions from {table.base_model['bootstrap']['encoder']}")
+            f"positions from {table.base_model['bootstrap']['encoder']}" + note)
+
+
+def _read_prompts(path: str, tags: list[str]) -> list[str]:
+    """Prompts to distil on; every tag of them must be in the vocabulary."""
+    from conditioner.parse import TagNormalization, parse_prompt
+
+    lines = [line for line in _read_lines(path, "--prompts") if line]
+    if not lines:
+        raise UsageError(f"--prompts {path!r} holds no prompt (one prompt per line)")
+    norm = TagNormalization()
+    known = {norm.apply(t) for t in tags}
+    unknown = list(dict.fromkeys(tag.name for line in lines for tag in parse_prompt(line, norm)
+                                 if tag.name not in known))
+    if unknown:
+        shown = ", ".join(repr(t) for t in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        raise UsageError(f"--prompts {path!r} uses {len(unknown)} tag(s) outside the vocabulary: {shown}; add them "
+                         "to --tags or remove them from the prompts")
+    return [", ".join(tag.name for tag in parse_prompt(line, norm)) for line in lines]
+
+
+def _distill(args, model, table, prompts: list[str]) -> str:
+    import json
+    import shutil
+
+    from bootstrap.distill import DistillConfig, distill, plot_losses, work_dir
+
+    if not model.text_encoders:
+        raise UsageError(f"--distill needs the model's text encoder: {args.model!r} has none")
+    config = DistillConfig(steps=args.distill_steps, prompts=prompts)
+    result = distill(model, table, config, args.output, resume=args.resume)
+    work = work_dir(args.output)
+    plot = plot_losses(result["losses"], os.path.join(work, "loss.png"))
+    with open(os.path.join(work, "losses.json"), "w") as f:
+        json.dump({"losses": result["losses"], "config": {k: v for k, v in vars(config).items() if k != "prompts"}},
+                  f)
+    for leftover in ("checkpoint", "pool.safetensors", "pool.safetensors.json"):  # done: only the log stays
+        path = os.path.join(work, leftover)
+        shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+    return (f"; distilled {result['steps']} steps in {result['seconds']:.0f} s, teacher–student loss "
+            f"{result['first']:.4f} → {result['last']:.4f} (plot: {plot})")
 
 
 def _import(args) -> str:

@@ -39,6 +39,7 @@ def bootstrap_table(
     batch_size: int = 256,
     progress: bool = True,
     normalization: TagNormalization | None = None,
+    context_rows: int = 0,
 ) -> TagTable:
     """A table for ``model`` with ``tags``, every vector taken from the model's own text encoder(s).
 
@@ -54,6 +55,9 @@ def bootstrap_table(
         batch_size (`int`, defaults to 256): tags per encoder forward.
         progress (`bool`, defaults to `True`): show progress bars.
         normalization (`TagNormalization`, *optional*): tag-name normalisation (default: lower case, `_` → space).
+        context_rows (`int`, defaults to 0): more vectors per tag after its tokens, from its EOS and padding
+            positions (see :func:`bootstrap.text.tag_vectors`): the tag's own share of what CLIP spreads over EOS
+            and padding; what ``--distill`` then teaches to compose.
     """
     null = null_sequence(model)
     layers = discover(model.unet)
@@ -61,20 +65,21 @@ def bootstrap_table(
                             num_train_timesteps=model.scheduler.config.num_train_timesteps, pad_to=pad_to,
                             normalization=normalization,
                             base_model={"name": model.name, "path": model.path, "family": model.family,
-                                        "bootstrap": {"encoder": null.source, "tokens_per_tag": tokens_per_tag}})
+                                        "bootstrap": {"encoder": null.source, "tokens_per_tag": tokens_per_tag}
+                                        | ({"context_rows": context_rows} if context_rows else {})})
     table.special = null.sequence[:, None, :].expand(-1, table.num_anchors, -1).clone()  # (77, A, D)
     if null.pooled is not None:
         table.pooled, table.null_pooled = null.pooled.new_zeros(0, null.pooled.shape[0]), null.pooled.clone()
     table.negative_zeros = null.negative_zeros
     add_bootstrapped_tags(table, model, tags, tokens_per_tag=tokens_per_tag, batch_size=batch_size,
-                          progress=progress)
+                          progress=progress, context_rows=context_rows)
     if groups != "single":
         table = regroup(table, groups)
     return kv_table(table, model.unet) if table_mode(mode).direct_kv else table
 
 
 def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], tokens_per_tag: int = 1,
-                          batch_size: int = 256, progress: bool = True) -> list[str]:
+                          batch_size: int = 256, progress: bool = True, context_rows: int = 0) -> list[str]:
     """Add the tags not yet in ``table``, each from the encoder's encoding of the tag; returns them.
 
     Every group of a vector table gets the same vectors; a key/value table gets each layer's K and V of them; SDXL
@@ -86,8 +91,8 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
             return []
         staging = kv_table(bootstrap_table(model, names, tokens_per_tag=tokens_per_tag, anchors=table.anchors,
                                         pad_to=table.pad_to, batch_size=batch_size, progress=progress,
-                                        normalization=table.normalization), model.unet)
-        rows = table.add_tags(names, vectors=tokens_per_tag)
+                                        normalization=table.normalization, context_rows=context_rows), model.unet)
+        rows = table.add_tags(names, vectors=tokens_per_tag + context_rows)
         source = [r for n in names for r in staging.expand(n)]
         table.data[rows] = staging.data[source].to(**_like(table.data))
         if table.pooled is not None and staging.pooled is not None:
@@ -98,12 +103,14 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
     if not names:
         return []
     _check_distinct_ids(model, names)
-    encoded = tag_vectors(model, names, tokens_per_tag=tokens_per_tag, batch_size=batch_size, progress=progress)
-    rows = table.add_tags(names, vectors=tokens_per_tag)
+    encoded = tag_vectors(model, names, tokens_per_tag=tokens_per_tag, batch_size=batch_size, progress=progress,
+                          context_rows=context_rows)
+    per_tag = tokens_per_tag + context_rows
+    rows = table.add_tags(names, vectors=per_tag)
     vectors = encoded.vectors.reshape(-1, encoded.vectors.shape[-1])  # (T·n, D), rows in add order
     _set_rows(table, rows, vectors)
     if table.pooled is not None and encoded.pooled is not None:  # every vector of a tag carries the tag's pooled
-        table.pooled[rows] = encoded.pooled.repeat_interleave(tokens_per_tag, 0).to(**_like(table.pooled))
+        table.pooled[rows] = encoded.pooled.repeat_interleave(per_tag, 0).to(**_like(table.pooled))
     return names
 
 

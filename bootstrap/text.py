@@ -183,8 +183,13 @@ def tag_positions(token_count: int, tokens_per_tag: int) -> list[int]:
     return list(range(1, k + 1)) + [k + 1] * (n - k)
 
 
+def _context_positions(eos: int, count: int, length: int) -> list[int]:
+    """``count`` positions from the EOS at ``eos`` on (EOS, then padding), the last one repeated past the end."""
+    return [min(eos + i, length - 1) for i in range(count)]
+
+
 def tag_vectors(model: BaseModel, tags: list[str], tokens_per_tag: int = 1, batch_size: int = 256,
-                progress: bool = True) -> TagEncoding:
+                progress: bool = True, context_rows: int = 0) -> TagEncoding:
     """Each tag's starting vectors: the pipeline's encoding of the prompt `tag`, read at the tag's token positions.
 
     Each tag is encoded alone, as the prompt `tag`, through exactly the pipeline's path (same tokenizer padding and
@@ -200,10 +205,13 @@ def tag_vectors(model: BaseModel, tags: list[str], tokens_per_tag: int = 1, batc
         tokens_per_tag (`int`, *optional*, defaults to 1): vectors per tag.
         batch_size (`int`, *optional*, defaults to 256): prompts per encoder forward.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar.
+        context_rows (`int`, *optional*, defaults to 0): after the token vectors, this many more from the tag's EOS
+            position and the padding positions after it (``k + 1, k + 2, …``): the tag as a block, the way CLIP
+            spreads a prompt over EOS and padding (A1111's ``BREAK`` gives each chunk its own).
 
     Returns:
-        `TagEncoding` with `vectors (T, tokens_per_tag, D)`, SDXL `pooled (T, P)` (`text_encoder_2`'s `text_embeds`
-        of the prompt `tag`, else `None`), and the positions read.
+        `TagEncoding` with `vectors (T, tokens_per_tag + context_rows, D)`, SDXL `pooled (T, P)`
+        (`text_encoder_2`'s `text_embeds` of the prompt `tag`, else `None`), and the positions read.
     """
     from tqdm.auto import tqdm
 
@@ -222,8 +230,9 @@ def tag_vectors(model: BaseModel, tags: list[str], tokens_per_tag: int = 1, batc
         if any(not torch.equal(eos[0], other) for other in eos[1:]):
             raise CondvecError(f"model {model.name!r}: its two tokenizers split some of these tags into different "
                                "numbers of tokens; the SDXL tokenizers must share a vocabulary")
-        batch_positions = torch.tensor([tag_positions(int(e) - 1, tokens_per_tag) for e in eos[0]],
-                                       dtype=torch.long).reshape(len(batch), tokens_per_tag)
+        batch_positions = torch.tensor([tag_positions(int(e) - 1, tokens_per_tag)
+                                        + _context_positions(int(e), context_rows, embeds.shape[1]) for e in eos[0]],
+                                       dtype=torch.long).reshape(len(batch), tokens_per_tag + context_rows)
         rows = torch.arange(len(batch)).unsqueeze(1)  # (B, 1)
         vectors.append(embeds.float().cpu()[rows, batch_positions])  # (B, n, D)
         positions.append(batch_positions)
@@ -234,10 +243,11 @@ def tag_vectors(model: BaseModel, tags: list[str], tokens_per_tag: int = 1, batc
     bar.close()
     width = model.unet.config.cross_attention_dim if not vectors else vectors[0].shape[-1]
     return TagEncoding(
-        vectors=torch.cat(vectors) if vectors else torch.zeros(0, tokens_per_tag, width),
+        vectors=torch.cat(vectors) if vectors else torch.zeros(0, tokens_per_tag + context_rows, width),
         pooled=(torch.cat(pooled) if pooled else torch.zeros(0, model.text_encoders[-1].config.projection_dim))
         if model.family == "sdxl" else None,
-        positions=torch.cat(positions) if positions else torch.zeros(0, tokens_per_tag, dtype=torch.long),
+        positions=torch.cat(positions) if positions else torch.zeros(0, tokens_per_tag + context_rows,
+                                                                         dtype=torch.long),
         token_counts=torch.cat(counts).long() if counts else torch.zeros(0, dtype=torch.long),
         source=encoding_source(model),
     )

@@ -1,4 +1,4 @@
-"""Row stores: a row → slot map over growable storage, and disk-backed table rows built on it.
+"""Row stores: a row → slot map over growable storage, disk-backed table rows and the row-sparse AdamW built on it.
 
 ``RowSlots`` is the storage the row-sparse optimiser, the sparse EMA and disk-backed rows share: state for a row is
 allocated on its first touch, so memory follows the rows used, not the table's size.
@@ -223,3 +223,107 @@ class DiskRows:
 
     def __repr__(self) -> str:
         return f"DiskRows({self._num} rows of {self.row_shape}, {self.held_count} held, stored {self.stored_dtype})"
+
+
+class RowSparseAdamW:
+    """AdamW with decoupled weight decay, applied row by row, with state only for rows that have been stepped.
+
+    Args:
+        num_rows (`int`): rows of the table (grows with :meth:`grow`).
+        row_shape (`tuple[int, ...]`): shape of one row, e.g. ``(anchors, width)``.
+        betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): Adam betas.
+        eps (`float`, defaults to 1e-8): Adam epsilon.
+        weight_decay (`float`, defaults to 0.0): decoupled weight decay, applied only to the rows stepped.
+        device (`torch.device`, *optional*): where the state lives; it follows the table data at each step.
+    """
+
+    def __init__(self, num_rows: int, row_shape: tuple[int, ...], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, device: torch.device | str | None = None):
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self._slots = RowSlots(num_rows, row_shape, ("exp_avg", "exp_avg_sq"), device, torch.float32)
+        self.steps = torch.zeros(num_rows, dtype=torch.long, device=device)  # (R,) per-row step count
+
+    @property
+    def allocated_rows(self) -> int:
+        """How many rows hold optimiser state (rows stepped at least once)."""
+        return self._slots.used
+
+    @property
+    def exp_avg(self) -> torch.Tensor:
+        """First moments of every row as a dense ``(R, *row_shape)`` tensor (zeros where never stepped); O(table)."""
+        return self._dense("exp_avg")
+
+    @property
+    def exp_avg_sq(self) -> torch.Tensor:
+        """Second moments of every row as a dense ``(R, *row_shape)`` tensor (zeros where never stepped); O(table)."""
+        return self._dense("exp_avg_sq")
+
+    def _dense(self, name: str) -> torch.Tensor:
+        s = self._slots
+        out = s.store[name].new_zeros(s.slot.shape[0], *s.row_shape)
+        out[s.rows[: s.used]] = s.store[name][: s.used]
+        return out
+
+    def grow(self, num_rows: int) -> None:
+        """Make room for rows appended to the table (no memory is allocated until they are stepped)."""
+        self._slots.grow_rows(num_rows)
+        extra = num_rows - self.steps.shape[0]
+        if extra > 0:
+            self.steps = torch.cat([self.steps, self.steps.new_zeros(extra)])
+
+    @torch.no_grad()
+    def step(self, data: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """Update ``data[rows]`` in place from ``grad`` (one gradient per listed row).
+
+        ``rows`` and ``grad`` may live on another device than ``data`` (a host-resident table trained on an
+        accelerator): they are moved to the data's device, where the state lives too.
+
+        Args:
+            data (`torch.Tensor`): ``(R, A, W)`` the table rows.
+            rows (`torch.LongTensor`): ``(K,)`` unique rows to update.
+            grad (`torch.Tensor`): ``(K, A, W)`` their gradients.
+            lr (`float`): learning rate of this step.
+        """
+        if rows.numel() == 0:
+            return
+        device = data.device
+        if self.steps.device != device:
+            self.steps = self.steps.to(device)
+            self._slots.to(device)
+        rows, grad = rows.to(device), grad.to(device=device, dtype=torch.float32)
+        beta1, beta2 = self.betas
+        slots, _ = self._slots.lookup(rows)  # (K,) state allocated on first touch (zeros)
+        steps = self.steps[rows] + 1  # (K,)
+        self.steps[rows] = steps
+        store = self._slots.store
+        m = store["exp_avg"][slots].mul_(beta1).add_(grad, alpha=1 - beta1)
+        v = store["exp_avg_sq"][slots].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        store["exp_avg"][slots] = m
+        store["exp_avg_sq"][slots] = v
+        shape = (-1,) + (1,) * (grad.dim() - 1)
+        bias1 = (1 - beta1 ** steps.to(torch.float64)).to(grad.dtype).view(shape)
+        bias2 = (1 - beta2 ** steps.to(torch.float64)).to(grad.dtype).view(shape)
+        p = data[rows].float()
+        if self.weight_decay:
+            p.mul_(1 - lr * self.weight_decay)
+        p.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(self.eps), value=-lr)
+        data[rows] = p.to(data.dtype)
+
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The state as named tensors, for a safetensors checkpoint.
+
+        ``PREFIX.rows`` ``(U,)`` lists the rows holding state, in slot order; ``PREFIX.exp_avg`` and
+        ``PREFIX.exp_avg_sq`` ``(U, *row_shape)`` their moments; ``PREFIX.steps`` ``(R,)`` every row's step count.
+        """
+        return self._slots.state_tensors(prefix) | {f"{prefix}.steps": self.steps}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        """Restore what :meth:`state_tensors` gave (or a dense state without ``PREFIX.rows``)."""
+        self.steps = tensors[f"{prefix}.steps"].clone().to(self.steps.device)
+        self._slots.grow_rows(self.steps.shape[0])
+        moments = {name: tensors[f"{prefix}.{name}"] for name in ("exp_avg", "exp_avg_sq")}
+        rows = tensors.get(f"{prefix}.rows")
+        if rows is None:  # dense: every row has moments; keep those of rows stepped at least once
+            rows = torch.nonzero(tensors[f"{prefix}.steps"] > 0).flatten()
+            moments = {name: tensor[rows.to(tensor.device)] for name, tensor in moments.items()}
+        self._slots.load(rows, moments)
