@@ -103,6 +103,10 @@ def _export_parser() -> OneLineArgumentParser:
     p.add_argument("--config", metavar="DIR", help="for a single-file MODEL: a local diffusers folder of its kind")
     p.add_argument("--format", default="ti", choices=("ti", "xti"),
                    help="ti: textual inversion (SDXL: clip_l + clip_g); xti: kohya XTI, one embedding per block")
+    p.add_argument("--method", choices=("distill", "fit"),
+                   help="distill: match the UNet's predictions with the embedding in a prompt to its predictions with "
+                        "the tag (default for SD1.x / SD2.x textual inversion); fit: match the tag's vector (SDXL, "
+                        "XTI)")
     p.add_argument("--steps", type=int, default=400, help="optimisation steps (default 400)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the embedding to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite an existing FILE")
@@ -126,6 +130,21 @@ def _export(args) -> str:
 
     table = TagTable.load(args.table)
     model = load_model(args.model, config=args.config)
+    method = args.method or ("distill" if args.format == "ti" and model.family != "sdxl" else "fit")
+    if method == "distill" and (args.format != "ti" or model.family == "sdxl"):
+        raise UsageError("export: --method distill writes SD1.x / SD2.x textual inversion; use --method fit for "
+                         "XTI and SDXL")
+    if method == "distill":
+        from bootstrap.export import distil_embedding
+
+        tensors, distilled = distil_embedding(model, table, args.tag, steps=args.steps)
+        if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+            raise UsageError("export: the optimisation diverged (non-finite embedding); nothing written")
+        with atomic_path(args.output) as tmp:
+            save_file(tensors, tmp, metadata=modelspec(model, args.tag))
+        return (f"wrote {args.output}: {args.tag!r} as textual inversion, distilled through the UNet; with it in a "
+                f"prompt the UNet's predictions miss {distilled.relative_error:.1%} of what the tag changes "
+                f"(the fitted embedding it started from: {distilled.start_error:.1%})")
     tensors, report = export_embedding(model, table, args.tag, steps=args.steps, format=args.format)
     if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
         raise UsageError("export: the optimisation diverged (non-finite embedding); nothing written")

@@ -53,7 +53,8 @@ class DistillConfig:
     Attributes:
         steps (`int`, defaults to 1500): optimiser steps.
         batch_size (`int`, defaults to 32): prompts per step (all processes together).
-        lr (`float`, defaults to 5e-3): AdamW learning rate of the table rows (constant after a 5% warm-up).
+        lr (`float`, defaults to 2e-2): AdamW learning rate of the table rows (constant after a 5% warm-up; of
+            5e-3, 2e-2 and 5e-2, 2e-2 reached the lowest loss in 130 steps on `models/mini-sd`).
         pool (`int`, defaults to 1024): teacher samples computed once and noised anew every step.
         sample_steps (`int`, defaults to 10): DDIM steps of each teacher sample.
         guidance (`float`, defaults to 3.0): classifier-free guidance of the teacher samples.
@@ -64,7 +65,7 @@ class DistillConfig:
 
     steps: int = 1500
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float = 2e-2
     pool: int = 1024
     sample_steps: int = 10
     guidance: float = 3.0

@@ -143,6 +143,149 @@ def export_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 4
     return tensors, _report(pairs, steps)
 
 
+@dataclass
+class DistillReport:
+    """How close the stock pipeline's UNet comes, with the embedding in the prompt, to what it predicts with the tag.
+
+    ``relative_error`` is ``||UNet(embedding) - UNet(tag)|| / ||UNet(null) - UNet(tag)||`` on held-out prompts,
+    timesteps and noise: 0 is the tag's own prediction, 1 no closer than leaving the concept out.
+    """
+
+    relative_error: float
+    start_error: float  # the same for the embedding fitted to the tag's vector (where distillation starts)
+    steps: int
+
+
+def _student_ids(tokenizer, others: list[str]) -> torch.Tensor:
+    """``[BOS, <new token>, ",", other tags…, EOS, pad…]``: the prompt ``<tag>, other, …`` as the tokenizer writes it
+    (position 1 takes the embedding)."""
+    rest = tokenizer(", " + ", ".join(others) if others else "", padding="max_length",
+                     max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.cat([rest[:1], torch.tensor([pad]), rest[1:]])[: tokenizer.model_max_length]
+    if ids[-1] not in (pad, tokenizer.eos_token_id):
+        ids[-1] = tokenizer.eos_token_id
+    return ids
+
+
+def _encode_with(encoder, ids: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden state ``(B, 77, D)`` for ``ids`` with ``embedding`` at position 1."""
+    def put(module, args, out):
+        out = out.clone()
+        out[:, 1] = embedding
+        return out
+
+    handle = encoder.get_input_embeddings().register_forward_hook(put)
+    try:
+        return encoder(ids)[0]
+    finally:
+        handle.remove()
+
+
+def distil_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 300, lr: float = 0.05,
+                     seed: int = 0, batch_size: int = 8, pool: int = 32) -> tuple[dict[str, torch.Tensor],
+                                                                             DistillReport]:
+    """A textual-inversion embedding for ``tag`` found by matching UNet predictions (SD1.x / SD2.x).
+
+    The teacher is the UNet conditioned on the condvec table (prompt ``tag, other tags…``); the student is the same
+    UNet with the stock pipeline's encoding of ``<embedding>, other tags…`` through the model's own text encoder —
+    what ``load_textual_inversion`` and a prompt give in diffusers, A1111 or ComfyUI. The other tags are random
+    tags of the table (none to two), the inputs the teacher's own samples noised to random timesteps; only the
+    embedding learns (Adam, from the embedding :func:`export_embedding` fits to the tag's vector).
+
+    Returns:
+        `(tensors, report)`: ``{"emb_params": (1, H)}`` and a :class:`DistillReport`.
+    """
+    from diffusers import DDIMScheduler
+
+    from bootstrap.text import null_sequence
+    from conditioner.encode import encode
+    from unet_patch.patch import patched
+
+    if model.family == "sdxl":
+        raise CondvecError("distilled export is for SD1.x / SD2.x; export SDXL tags with --method fit")
+    name = table.normalization.apply(tag)
+    if name not in table:
+        raise CondvecError(table.unknown_message([name]))
+    tokenizer, encoder, unet = model.tokenizers[0], model.text_encoders[0], model.unet
+    encoder.requires_grad_(False)
+    unet.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    single = table.vectors.get(table.tags[table.row(name)], 1) == 1 and not table.mode_spec.direct_kv
+    if single:
+        start, _ = export_embedding(model, table, name, steps=200, lr=lr, seed=seed)
+        embedding = start["emb_params"][0].clone()
+    else:  # a multi-vector or key/value tag has no one vector to fit: start from the mean token embedding
+        embedding = encoder.get_input_embeddings().weight.detach().mean(0).clone()
+    others = [t for t in table.tags if t != name and table.vector_owner(t) is None]
+
+    def prompts(count: int) -> list[list[str]]:
+        out = []
+        for _ in range(count):
+            k = int(torch.randint(0, min(2, len(others)) + 1, (1,), generator=gen))
+            out.append([others[i] for i in torch.randperm(len(others), generator=gen)[:k].tolist()])
+        return out
+
+    def teacher(x, t, contexts):
+        with torch.no_grad(), patched(unet, table):
+            cond = encode(table, [", ".join([name] + c) for c in contexts], timesteps=t)
+            return unet(x, t, encoder_hidden_states=cond).sample
+
+    def student(x, t, contexts, emb):
+        ids = torch.stack([_student_ids(tokenizer, c) for c in contexts])
+        return unet(x, t, encoder_hidden_states=_encode_with(encoder, ids, emb)).sample
+
+    # the teacher's own samples (DDIM, guidance 3), noised anew every step
+    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(10)
+    contexts = prompts(pool)
+    size = unet.config.sample_size
+    x = torch.randn(pool, unet.config.in_channels, size, size, generator=gen)
+    null = null_sequence(model).sequence
+    with torch.no_grad(), patched(unet, table):
+        cond = encode(table, [""] * pool + [", ".join([name] + c) for c in contexts])  # (2·pool, N, W)
+        for t in scheduler.timesteps:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=cond).sample
+            uncond, text = out.chunk(2)
+            x = scheduler.step(uncond + 3.0 * (text - uncond), t, x).prev_sample
+    samples = x
+    num_t = model.scheduler.config.num_train_timesteps
+
+    def batch(generator, count):
+        idx = torch.randint(pool, (count,), generator=generator)
+        t = torch.randint(num_t, (count,), generator=generator)
+        noise = torch.randn(samples[idx].shape, generator=generator)
+        return model.scheduler.add_noise(samples[idx], noise, t), t, [contexts[i] for i in idx.tolist()]
+
+    held = batch(torch.Generator().manual_seed(seed + 7), 16)
+    with torch.no_grad():
+        want = teacher(*held)
+        nothing = unet(held[0], held[1], encoder_hidden_states=null[None].expand(16, -1, -1)).sample
+        scale = (nothing - want).norm().clamp_min(1e-12)
+
+    def error(emb) -> float:
+        with torch.no_grad():
+            return float((student(held[0], held[1], held[2], emb) - want).norm() / scale)
+
+    start_error = error(embedding)
+    param = embedding.clone().requires_grad_(True)
+    base_lr = lr * float(encoder.get_input_embeddings().weight.detach().std())
+    opt = torch.optim.Adam([param], lr=base_lr)
+    for step in range(steps):
+        for group in opt.param_groups:  # cosine decay to a tenth
+            group["lr"] = base_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        xb, tb, cb = batch(gen, batch_size)
+        loss = (student(xb, tb, cb, param) - teacher(xb, tb, cb)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = param.detach()
+    end_error = error(final)
+    if end_error > start_error:  # never worse than where it started
+        final, end_error = embedding, start_error
+    return {"emb_params": final.reshape(1, -1).contiguous()}, DistillReport(end_error, start_error, steps)
+
+
 def modelspec(model: BaseModel, tag: str) -> dict[str, str]:
     """ModelSpec metadata (``modelspec.*``) for an exported embedding, as model browsers read it."""
     import datetime
