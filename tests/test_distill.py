@@ -168,6 +168,7 @@ def test_cli_refuses_bad_vocabularies_and_models(sd15, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_kill_mid_distillation_then_resume(sd15, tmp_path):
     """SIGKILL during the distillation: no table is written; --resume finishes it; a rerun without it is refused."""
     folder, tags = sd15
