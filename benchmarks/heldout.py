@@ -108,16 +108,9 @@ def stock_embeds_sampler(pipe, steps: int = 25, guidance: float = 3.0):
     return sample
 
 
-def stock_sampler(pipe, steps: int = 25, guidance: float = 3.0):
-    """``(prompts, seed) -> images`` through a stock ``StableDiffusionPipeline`` and its text encoder."""
-    def sample(prompts, seed):
-        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=torch.Generator().manual_seed(seed)).images
-    return sample
-
-
-def table_sampler(pipe, steps: int = 25, guidance: float = 3.0):
-    """``(prompts, seed) -> images`` through condvec's ``TagDiffusionPipeline``."""
+def prompt_sampler(pipe, steps: int = 25, guidance: float = 3.0):
+    """``(prompts, seed) -> images`` through a pipeline that takes prompts: diffusers' stock
+    ``StableDiffusionPipeline`` (with its text encoder) or condvec's ``TagDiffusionPipeline``."""
     def sample(prompts, seed):
         return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
                     generator=torch.Generator().manual_seed(seed)).images

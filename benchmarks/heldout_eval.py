@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.heldout import ratio_interval, run_scenes, scenes, stock_sampler, summary, table_sampler
+from benchmarks.heldout import prompt_sampler, ratio_interval, run_scenes, scenes, summary
 
 
 def evaluate(model: str, tables: list[str], num: int, steps: int = 25, guidance: float = 3.0) -> dict:
@@ -29,7 +29,7 @@ def evaluate(model: str, tables: list[str], num: int, steps: int = 25, guidance:
     stock = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
                                                     local_files_only=True)
     stock.set_progress_bar_config(disable=True)
-    clip_hits = {kind: run_scenes(stock_sampler(stock, steps, guidance), s) for kind, s in kinds.items()}
+    clip_hits = {kind: run_scenes(prompt_sampler(stock, steps, guidance), s) for kind, s in kinds.items()}
     results = {"clip": {kind: summary(h) for kind, h in clip_hits.items()}}
     for table in tables:
         pipe = TagDiffusionPipeline.from_pretrained(model, table=table)
@@ -37,7 +37,7 @@ def evaluate(model: str, tables: list[str], num: int, steps: int = 25, guidance:
         began = time.perf_counter()
         results[table] = {}
         for kind, s in kinds.items():
-            hits = run_scenes(table_sampler(pipe, steps, guidance), s)
+            hits = run_scenes(prompt_sampler(pipe, steps, guidance), s)
             results[table][kind] = summary(hits) | {"of CLIP": ratio_interval(hits, clip_hits[kind]),
                                                     "of CLIP point": sum(hits) / max(sum(clip_hits[kind]), 1)}
         results[table]["seconds"] = round(time.perf_counter() - began, 1)

@@ -42,9 +42,8 @@ ROWS = [
     ("tags alone, EOS + padding = null + mean tag offset", "tags", "offset", "offset"),
     ("tags alone, EOS + padding = clip-mean", "tags", "clip-mean", "clip-mean"),
     ("tags alone, EOS + padding = null + per-position mean tag offset", "tags", "offsets", "offsets"),
-    ("tag blocks (each tag alone: tokens, EOS, 4 padding rows)", "block4", "null", "null"),
-    ("tag blocks (each tag alone: tokens, EOS, 8 padding rows)", "block8", "null", "null"),
-    ("tag blocks (each tag alone: tokens, EOS, 16 padding rows)", "block16", "null", "null"),
+    *[(f"tag blocks (each tag alone: tokens, EOS, {m} padding rows)", f"block{m}", "null", "null")
+      for m in (4, 8, 16)],
 ]
 
 

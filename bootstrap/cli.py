@@ -262,9 +262,10 @@ def _distill(args, model, table, prompts: list[str]) -> str:
     with open(os.path.join(work, "losses.json"), "w") as f:
         json.dump({"losses": result["losses"], "config": {k: v for k, v in vars(config).items() if k != "prompts"}},
                   f)
-    for leftover in ("checkpoint", "pool.safetensors", "pool.safetensors.json"):  # done: only the log stays
-        path = os.path.join(work, leftover)
-        shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+    shutil.rmtree(os.path.join(work, "checkpoint"), ignore_errors=True)  # done: only the log stays
+    for leftover in ("pool.safetensors", "pool.safetensors.json"):
+        if os.path.exists(os.path.join(work, leftover)):
+            os.remove(os.path.join(work, leftover))
     return (f"; distilled {result['steps']} steps in {result['seconds']:.0f} s, teacher–student loss "
             f"{result['first']:.4f} → {result['last']:.4f} (plot: {plot})")
 

@@ -245,11 +245,11 @@ def distill(model: BaseModel, table: TagTable, config: DistillConfig, output: st
         owners = [t for t in table.tags if table.vector_owner(t) is None]
         prompts = random_prompts(owners, config.pool, config.max_tags, config.seed, config.prompts)
         pool = teacher_pool(model, prompts, config, progress=progress and rank == 0)
-        if rank == 0:
-            save_file(pool, pool_path + ".tmp")
-            os.replace(pool_path + ".tmp", pool_path)
+        if rank == 0:  # the prompts first: a pool file on disk always has its prompts beside it
             with open(pool_path + ".json", "w") as f:
                 json.dump({"prompts": prompts}, f)
+            save_file(pool, pool_path + ".tmp")
+            os.replace(pool_path + ".tmp", pool_path)
     parsed = [parse_prompt(p, table.normalization) for p in prompts]
     unet, scheduler = model.unet.requires_grad_(False).eval(), model.scheduler
     device, dtype = unet.device, unet.dtype

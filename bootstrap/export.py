@@ -242,9 +242,10 @@ def distil_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 3
     size = unet.config.sample_size
     x = torch.randn(pool, unet.config.in_channels, size, size, generator=gen)
     null = null_sequence(model).sequence
+    texts = [""] * pool + [", ".join([name] + c) for c in contexts]
     with torch.no_grad(), patched(unet, table):
-        cond = encode(table, [""] * pool + [", ".join([name] + c) for c in contexts])  # (2·pool, N, W)
         for t in scheduler.timesteps:
+            cond = encode(table, texts, timesteps=t)  # (2·pool, N, W), at this step's timestep anchors
             out = unet(torch.cat([x, x]), t, encoder_hidden_states=cond).sample
             uncond, text = out.chunk(2)
             x = scheduler.step(uncond + 3.0 * (text - uncond), t, x).prev_sample
