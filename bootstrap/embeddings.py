@@ -287,7 +287,7 @@ def _load_safetensors(path: str) -> dict[str, Tensor]:
     try:
         return load_file(path, device="cpu")
     except Exception as error:  # safetensors raises its own SafetensorError / OSError for corrupt files
-        raise EmbeddingFormatError(f"{path}: not a readable safetensors file ({_first_line(error)})") from None
+        raise EmbeddingFormatError(f"{path}: not a readable safetensors file ({_first_line(error)})") from error
 
 
 def _load_torch(path: str) -> object:
@@ -300,17 +300,17 @@ def _load_torch(path: str) -> object:
             raise EmbeddingFormatError(
                 f"{path}: refused, this PyTorch file needs arbitrary unpickling (it stores the Python object "
                 f"{unsafe.group(1)}, not only tensors); re-save its tensors as .safetensors in a tool you trust"
-            ) from None
+            ) from error
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
         raise EmbeddingFormatError(
             f"{path}: neither a safetensors nor a readable PyTorch file "
             f"({detail.group(1).strip() if detail else _first_line(error)})"
-        ) from None
+        ) from error
     except Exception as error:  # a torch.load of a truncated or foreign file raises RuntimeError, EOFError, ...
         raise EmbeddingFormatError(
             f"{path}: neither a safetensors nor a readable PyTorch file ({type(error).__name__}: "
             f"{_first_line(error)})"
-        ) from None
+        ) from error
 
 
 def _first_line(error: BaseException) -> str:

@@ -215,7 +215,7 @@ def _one_line(what: str, hint: str = ""):
             detail = detail[:300] + "…"
         if isinstance(err, (KeyError, AttributeError, TypeError)):
             detail = f"{type(err).__name__} {detail}"
-        raise ModelLoadError(f"cannot load {what}: {detail}{hint}") from None
+        raise ModelLoadError(f"cannot load {what}: {detail}{hint}") from err
 
 
 def _read_json(path: str) -> dict:
@@ -223,7 +223,7 @@ def _read_json(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise MissingConfigError(f"cannot read {path}: {err}") from None
+        raise MissingConfigError(f"cannot read {path}: {err}") from err
 
 
 def _not_local(path: str, what: str) -> ModelLoadError:

@@ -31,7 +31,7 @@ def load_table(name: str) -> TagTable:
 
     Raises:
         FileNotFoundError: no such table.
-        TableFileError: (a ``ValueError``) the file is not a valid condvec table.
+        TableFileError: (a ``CondvecError``) the file is not a valid condvec table.
     """
     if os.path.isfile(name):
         return TagTable.load(name)

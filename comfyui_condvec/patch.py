@@ -52,7 +52,7 @@ def comfy_layers(diffusion_model: torch.nn.Module) -> dict[BlockKey, LayerSpec]:
         `dict[tuple[str, int, int], LayerSpec]`: in forward order.
 
     Raises:
-        ValueError: the model is not a UNet with ``input_blocks`` / ``output_blocks`` (e.g. a DiT).
+        CondvecError: the model is not a UNet with ``input_blocks`` / ``output_blocks`` (e.g. a DiT).
     """
     needed = ("input_blocks", "output_blocks", "num_res_blocks")
     if not all(hasattr(diffusion_model, name) for name in needed):
@@ -100,7 +100,7 @@ def check_table(table: TagTable, layers: dict[BlockKey, LayerSpec]) -> None:
     """Refuse a table that does not fit the model, in one line (layer count, names, dims).
 
     Raises:
-        TableMismatchError: (a ``ValueError``) saying what differs.
+        TableMismatchError: (a ``CondvecError``) saying what differs.
     """
     table.check_layers(list(layers.values()))
 

@@ -74,9 +74,9 @@ def _read_text(path: Path, what: str) -> str:
     except UnicodeDecodeError as e:
         raise CondvecError(
             f"{what} {path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8"
-        ) from None
+        ) from e
     except OSError as e:
-        raise CondvecError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raise CondvecError(f"cannot read {what} {path}: {e.strerror or e}") from e
 
 
 def _sidecar_caption(path: Path) -> str:
@@ -94,9 +94,9 @@ def _sidecar_caption(path: Path) -> str:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise _BadImage(_BAD_CAPTION, f"caption file {path.name} is not UTF-8 text (bad byte at offset {e.start}); "
-                                      "re-save it as UTF-8") from None
+                                      "re-save it as UTF-8") from e
     except OSError as e:
-        raise _BadImage(_BAD_CAPTION, f"cannot read caption file {path.name}: {e.strerror or e}") from None
+        raise _BadImage(_BAD_CAPTION, f"cannot read caption file {path.name}: {e.strerror or e}") from e
 
 
 def _check_caption(caption: str) -> None:
@@ -105,8 +105,8 @@ def _check_caption(caption: str) -> None:
         raise _BadImage(_BAD_CAPTION, "empty caption")
     try:
         tags = parse_prompt(caption)
-    except ValueError as e:
-        raise _BadImage(_BAD_CAPTION, f"caption does not parse: {_first_line(e)}") from None
+    except CondvecError as e:
+        raise _BadImage(_BAD_CAPTION, f"caption does not parse: {_first_line(e)}") from e
     if not tags:
         raise _BadImage(_BAD_CAPTION, "caption has no tags (only commas and spaces)")
     if len(tags) > MAX_TAGS:
@@ -138,7 +138,7 @@ def _jsonl_captions(root: Path, images: list[str]) -> dict[str, str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CondvecError(f"{where}: not valid JSON ({e.msg}); each line must be like {_JSONL_EXAMPLE}") from None
+            raise CondvecError(f"{where}: not valid JSON ({e.msg}); each line must be like {_JSONL_EXAMPLE}") from e
         if not isinstance(record, dict):
             raise CondvecError(f"{where}: expected a JSON object like {_JSONL_EXAMPLE}, got {type(record).__name__}")
         for key in ("file_name", "text"):

@@ -48,6 +48,13 @@ class _SubcommandsAction(argparse._SubParsersAction):
         return parser
 
 
+def _out_of_memory() -> tuple[type[BaseException], ...]:
+    """torch's out-of-memory error (a ``RuntimeError`` subclass; every other ``RuntimeError`` is a bug)."""
+    import torch
+
+    return (torch.OutOfMemoryError,)
+
+
 def error_line(err: BaseException) -> str:
     """The first line of an exception's message (a ``KeyError``'s key without quotes; the type name when empty)."""
     message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
@@ -55,22 +62,19 @@ def error_line(err: BaseException) -> str:
     return message.splitlines()[0] if message else type(err).__name__
 
 
-def run_cli(prog: str, fn: Callable[[], int | None], errors: tuple[type[BaseException], ...] = (),
-            interrupted: str = "interrupted") -> int:
+def run_cli(prog: str, fn: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Run a command-line body, turning user errors into one line on stderr.
 
     Args:
         prog (`str`): the program name written before ``error:`` (e.g. ``"condvec-merge"``).
         fn (`Callable[[], int | None]`): the body; its return value (``None`` counts as 0) is the exit code.
-        errors (`tuple[type[BaseException], ...]`, defaults to `()`): further exception types to report as user
-            errors, besides ``ValueError``, ``OSError``, ``KeyError`` and ``SafetensorError``.
         interrupted (`str`, defaults to `"interrupted"`): what to print on Ctrl-C (exit code 130).
 
     Returns:
         `int`: the body's exit code; 2 after a user error — a :class:`~conditioner.errors.CondvecError`, a missing
         or unreadable file (``OSError``), a damaged safetensors file — (``PROG: error: <first line>`` on stderr;
-        with ``CONDVEC_DEBUG=1`` the traceback instead); 130 after ``KeyboardInterrupt``. Any other exception is a
-        bug and propagates with its traceback.
+        with ``CONDVEC_DEBUG=1`` the traceback instead); 2 after running out of memory (its own message); 130
+        after ``KeyboardInterrupt``. Any other exception is a bug and propagates with its traceback.
 
     Example:
         ```py
@@ -82,7 +86,7 @@ def run_cli(prog: str, fn: Callable[[], int | None], errors: tuple[type[BaseExce
     """
     try:
         code = fn()
-    except (*USER_ERRORS, *errors) as err:
+    except USER_ERRORS as err:
         if os.environ.get("CONDVEC_DEBUG") == "1":
             raise
         print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
@@ -90,4 +94,10 @@ def run_cli(prog: str, fn: Callable[[], int | None], errors: tuple[type[BaseExce
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+    except (MemoryError, *_out_of_memory()) as err:
+        if os.environ.get("CONDVEC_DEBUG") == "1":
+            raise
+        print(f"{prog}: error: out of memory ({error_line(err)}); use a smaller batch, image size or number of "
+              "images, or a device with more memory", file=sys.stderr)
+        return 2
     return 0 if code is None else int(code)

@@ -109,7 +109,7 @@ def tokenize(
             padding masked.
 
     Raises:
-        ValueError: unknown tags (listing them with close matches) or an unparsable prompt.
+        CondvecError: unknown tags (listing them with close matches) or an unparsable prompt.
     """
     if isinstance(prompts, str):
         prompts = [prompts]

@@ -7,7 +7,7 @@ exit code 2; anything else is a bug and keeps its traceback. ``CONDVEC_DEBUG=1``
 from __future__ import annotations
 
 
-class CondvecError(ValueError):
+class CondvecError(Exception):
     """Bad input to condvec: a prompt, a table file, a config, a model folder, a command-line argument."""
 
 

@@ -111,8 +111,8 @@ def table_mode(name: str) -> TableMode:
     """
     try:
         return MODES[name]
-    except (KeyError, TypeError):
-        raise CondvecError(f"unknown table mode {name!r}; choose from {', '.join(MODES)}") from None
+    except (KeyError, TypeError) as err:
+        raise CondvecError(f"unknown table mode {name!r}; choose from {', '.join(MODES)}") from err
 
 
 def sources(layer_slice: LayerSlice, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

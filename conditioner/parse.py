@@ -1,6 +1,6 @@
 """Prompt parsing: comma-separated tags with A1111 / ComfyUI emphasis syntax.
 
-Grammar (every prompt string either parses or raises a one-line ``ValueError``):
+Grammar (every prompt string either parses or raises a one-line ``CondvecError``):
 
 - Tags are separated by commas. Surrounding whitespace is stripped, inner whitespace collapsed to one space,
   empty tags ignored.
@@ -212,7 +212,7 @@ def parse_prompt(prompt: str, normalization: TagNormalization | None = None) -> 
         `list[Tag]`: tags in prompt order, duplicates merged (first position kept, weights multiplied).
 
     Raises:
-        ValueError: a malformed weight, an unbalanced bracket, emphasis inside a tag, a LoRA / prompt-editing
+        CondvecError: a malformed weight, an unbalanced bracket, emphasis inside a tag, a LoRA / prompt-editing
             syntax condvec does not run, naming the offending part.
     """
     global _said_break

@@ -36,7 +36,7 @@ def regroup(table: TagTable, groups) -> TagTable:
         layout; the table's provenance records the change.
 
     Raises:
-        ValueError: the table is in key/value mode (its rows are per-layer K and V, which cannot be regrouped).
+        CondvecError: the table is in key/value mode (its rows are per-layer K and V, which cannot be regrouped).
     """
     if not table.mode_spec.groupable:
         raise CondvecError("a key/value-mode table cannot be regrouped: its rows are each layer's own K and V")

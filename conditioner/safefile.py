@@ -77,16 +77,16 @@ def check_safetensors(path: str | os.PathLike, max_header: int = MAX_HEADER_BYTE
             if header_len > max_header:
                 raise _fail(path, f"header of {header_len} bytes is over the limit of {max_header}: not a table")
             raw = f.read(header_len)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"table file {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise _fail(path, "is a folder, not a .safetensors file") from None
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"table file {path!r} does not exist") from err
+    except IsADirectoryError as err:
+        raise _fail(path, "is a folder, not a .safetensors file") from err
     if len(raw) != header_len:
         raise _fail(path, "file changed while reading its header")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise _fail(path, "header is not JSON: not a safetensors file, or a damaged one") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise _fail(path, "header is not JSON: not a safetensors file, or a damaged one") from err
     if not isinstance(header, dict):
         raise _fail(path, f"header is a JSON {type(header).__name__}, not an object: not a safetensors file")
 

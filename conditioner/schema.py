@@ -77,7 +77,7 @@ FIELDS = {
 
 
 def check_metadata(meta: dict) -> None:
-    """Raise ``ValueError`` naming the first metadata field of the wrong type or out of range.
+    """Raise ``CondvecError`` naming the first metadata field of the wrong type or out of range.
 
     Args:
         meta (`dict`): a table's parsed JSON metadata.

@@ -321,7 +321,7 @@ class TagTable:
         """Append new tags and return their rows.
 
         Args:
-            names (`list[str]`): tag names (normalised here); existing names raise ``ValueError``.
+            names (`list[str]`): tag names (normalised here); existing names raise ``CondvecError``.
             vectors (`int`, defaults to 1): vectors per tag; ``n > 1`` adds rows ``NAME#2`` … ``NAME#n`` too.
             init (`str`, defaults to `"zeros"`): ``"zeros"``, ``"normal"`` (std ``std``), ``"mean"`` (mean of the
                 existing rows plus noise of std ``std``), ``"mean:A,B,…"`` (mean of the named tags' rows, no noise),
@@ -387,7 +387,7 @@ class TagTable:
         return None
 
     def check_whole_tags(self, names: list[str], verb: str) -> None:
-        """Raise ``ValueError`` if a name is one row (``OWNER#k``) of a multi-vector tag: edits move whole tags.
+        """Raise ``CondvecError`` if a name is one row (``OWNER#k``) of a multi-vector tag: edits move whole tags.
 
         Args:
             names (`list[str]`): tag names about to be edited.
@@ -404,7 +404,7 @@ class TagTable:
         """Remove tags and all their data (rows of every vector, split value sources, counts).
 
         Raises:
-            ValueError: a name is one row (``OWNER#k``) of a multi-vector tag; drop its owner instead.
+            CondvecError: a name is one row (``OWNER#k``) of a multi-vector tag; drop its owner instead.
         """
         self.check_whole_tags(names, "drop")
         rows = {r for n in names for r in self.expand(self.tags[self.row(n)])}
@@ -589,7 +589,7 @@ class TagTable:
         """Check everything :meth:`load` checks (shapes, groups, anchors, sizes, finite values).
 
         Raises:
-            TableFileError: (a ``ValueError``) naming the first problem.
+            TableFileError: (a ``CondvecError``) naming the first problem.
         """
         check_table(self)
 
@@ -612,7 +612,7 @@ class TagTable:
                 :meth:`load` always returns fp32 tensors for computation.
 
         Raises:
-            TableFileError: (a ``ValueError``) the table would not load again (NaN or infinite values, a broken
+            TableFileError: (a ``CondvecError``) the table would not load again (NaN or infinite values, a broken
                 multi-vector tag, bad sizes); nothing is written and an existing file is left as it was.
         """
         if self.disk_backed:
@@ -673,8 +673,8 @@ class TagTable:
 
         Raises:
             FileNotFoundError: no such file.
-            TableFileError: (a ``ValueError``) the file is not a condvec table (not safetensors, truncated, missing or
-                broken metadata, shapes that contradict it), is from a newer condvec, or holds NaN/inf values.
+            TableFileError: (a ``CondvecError``) the file is not a condvec table (not safetensors, truncated, missing
+                or broken metadata, shapes that contradict it), is from a newer condvec, or holds NaN/inf values.
         """
         return cls._read(path, device, lazy=False)
 
@@ -697,7 +697,7 @@ class TagTable:
                     tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
             message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TableFileError(f"{path!r} is not a readable .safetensors table ({message})") from None
+            raise TableFileError(f"{path!r} is not a readable .safetensors table ({message})") from err
         tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) and k not in mapped else v
                    for k, v in tensors.items()}
         if raw is None:
@@ -705,7 +705,7 @@ class TagTable:
         try:
             meta = json.loads(raw)
         except (json.JSONDecodeError, RecursionError) as err:
-            raise TableFileError(f"{path!r}: condvec metadata is not valid JSON ({err})") from None
+            raise TableFileError(f"{path!r}: condvec metadata is not valid JSON ({err})") from err
         if not isinstance(meta, dict):
             raise TableFileError(f"{path!r}: condvec metadata is not a JSON object — not a condvec table")
         odd = [(k, v["dtype"]) for k, v in header.items() if k != "__metadata__" and v["dtype"] not in TABLE_DTYPES]
@@ -721,23 +721,27 @@ class TagTable:
                              f"version {FORMAT_VERSION})")
         try:
             check_metadata(meta)
-        except ValueError as err:
-            raise TableFileError(f"{path!r}: {err}") from None
+        except CondvecError as err:
+            raise TableFileError(f"{path!r}: {err}") from err
         try:
             split = meta.get("split_tags", [])
             values = {}
             if split:
                 stacked = tensors["values"]
+                if stacked.ndim != 3 or stacked.shape[0] != len(split):
+                    raise TableFileError(f"{path!r}: metadata contradicts the tensors: split_tags names {len(split)} "
+                                         f"tag(s), tensor 'values' has shape {tuple(stacked.shape)}")
                 values = {name: stacked[i].clone() for i, name in enumerate(split)}
             data = FactorRows(*(tensors[f"data.{n}"] for n in FACTORS)) if "data.shared" in tensors \
                 else tensors["data"]
             table = cls(data=data, special=tensors["special"], values=values,
                         pooled=tensors.get("pooled"), null_pooled=tensors.get("null_pooled"), **_fields(meta))
         except KeyError as err:
-            raise TableFileError(f"{path!r}: table is missing {err}: incomplete or not a condvec table") from None
-        except (TypeError, AttributeError, IndexError, ValueError, OverflowError) as err:
-            message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TableFileError(f"{path!r}: metadata contradicts the tensors or is malformed ({message})") from None
+            raise TableFileError(f"{path!r}: table is missing {err}: incomplete or not a condvec table") from err
+        except TableFileError:
+            raise
+        except CondvecError as err:
+            raise TableFileError(f"{path!r}: metadata contradicts the tensors ({err})") from err
         table.lazy, table.source = lazy, path
         check_table(table, path, scan_rows=not lazy)
         return table

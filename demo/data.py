@@ -192,7 +192,7 @@ def render(record: dict, size: int = 32) -> Image.Image:
         `PIL.Image.Image`: an RGB image of ``size`` x ``size`` pixels.
 
     Raises:
-        `ValueError`: for an unknown attribute value, a bad size or a wrong number of objects.
+        `CondvecError`: for an unknown attribute value, a bad size or a wrong number of objects.
     """
     _check_size(size)
     _check_choice("background", record.get("background"), tuple(BACKGROUNDS))
@@ -294,7 +294,7 @@ def generate_demo_dataset(
         `list[dict]`: the ground-truth records, in file order (as written to ``ground_truth.jsonl``).
 
     Raises:
-        `ValueError`: for a bad argument, or when ``exclude`` rejects 1000 draws in a row.
+        `CondvecError`: for a bad argument, or when ``exclude`` rejects 1000 draws in a row.
     """
     _check_size(size)
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -360,7 +360,7 @@ def generate_concept_dataset(
         `list[dict]`: the ground-truth records, each with ``"concept": tag``.
 
     Raises:
-        `ValueError`: for a bad tag, attribute or argument.
+        `CondvecError`: for a bad tag, attribute or argument.
     """
     _check_size(size)
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:

@@ -136,8 +136,8 @@ def _combine(args) -> str:
             result.save(out)
         else:
             result = combine_streamed(left, right, out, on_conflict=args.on_conflict, files=files)
-    except ValueError as err:
-        raise CondvecError(f"{args.left} + {args.right}: {err}") from None
+    except CondvecError as err:
+        raise CondvecError(f"{args.left} + {args.right}: {err}") from err
     record = result.provenance[-1]
     conflicts = f", {len(record['conflicts'])} conflicts resolved ({args.on_conflict})" if record["conflicts"] else ""
     return f"wrote {out}: combined, {record['added']} tags added from {args.right}{conflicts} ({len(result)} tags)"

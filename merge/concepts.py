@@ -61,7 +61,7 @@ def blend(
         `TagTable`: a copy with the result tag (training count 0) and a provenance entry.
 
     Raises:
-        ValueError: unknown tags (with close matches), a repeated tag, an expression that does not parse, a layer
+        CondvecError: unknown tags (with close matches), a repeated tag, an expression that does not parse, a layer
             spec that matches nothing, ``new`` exists, or ``slerp`` with other than two terms or weights not summing
             to 1.
 
@@ -148,7 +148,7 @@ def swap(
         `TagTable`: a copy with the result tag (training count 0; split in vector mode) and a provenance entry.
 
     Raises:
-        ValueError: unknown tags, a layer spec that matches nothing or splits a group, a bad ``rest``, ``new``
+        CondvecError: unknown tags, a layer spec that matches nothing or splits a group, a bad ``rest``, ``new``
             exists.
 
     Example:
@@ -213,7 +213,7 @@ def mix(
         `TagTable`: a copy with the result tag (training count 0) and a provenance entry.
 
     Raises:
-        ValueError: unknown tags, a layer spec that matches nothing or splits a group, ``new`` exists.
+        CondvecError: unknown tags, a layer spec that matches nothing or splits a group, ``new`` exists.
 
     Example:
         ```py
@@ -250,8 +250,8 @@ def _terms(expr_or_terms) -> list[tuple[str, float]]:
         try:
             name, weight = item
             weight = float(weight)
-        except (TypeError, ValueError):
-            raise CondvecError(f"blend terms must be (tag, weight) pairs, got {item!r}") from None
+        except (TypeError, ValueError) as err:
+            raise CondvecError(f"blend terms must be (tag, weight) pairs, got {item!r}") from err
         if not math.isfinite(weight):
             raise CondvecError(f"blend weight of {name!r} is not a finite number: {weight}")
         terms.append((str(name), weight))

@@ -41,7 +41,7 @@ def select_groups(table: TagTable, spec: str | Sequence[int | str] | None) -> li
         `list[int]`: sorted, unique group indices.
 
     Raises:
-        ValueError: an item matches nothing (the message lists the groups, layers and blocks that exist), a group
+        CondvecError: an item matches nothing (the message lists the groups, layers and blocks that exist), a group
             index is out of range, the spec is empty, or it selects only part of a group.
 
     Example:

@@ -36,7 +36,7 @@ def drop(table: TagTable, tags: Sequence[str] = (), match: str | None = None) ->
         `TagTable`: a copy without those tags.
 
     Raises:
-        ValueError: nothing to drop, unknown tags (with close matches), an invalid regex or one that matches no tag.
+        CondvecError: nothing to drop, unknown tags (with close matches), an invalid regex or one that matches no tag.
 
     Example:
         ```py
@@ -52,7 +52,7 @@ def drop(table: TagTable, tags: Sequence[str] = (), match: str | None = None) ->
         try:
             pattern = re.compile(match)
         except re.error as err:
-            raise CondvecError(f"match pattern {match!r} is not a valid regular expression ({err})") from None
+            raise CondvecError(f"match pattern {match!r} is not a valid regular expression ({err})") from err
         matched = [name for name in table.tags if pattern.search(name)]
         if not matched:
             raise CondvecError(f"match pattern {match!r} matches no tag of the {len(table.tags)} in the table")
@@ -103,7 +103,7 @@ def rename(table: TagTable, old: str, new: str, overwrite: bool = False) -> TagT
         `TagTable`: a copy with the tag renamed and a provenance entry.
 
     Raises:
-        ValueError: ``old`` unknown (with close matches), ``new`` empty, or ``new`` exists.
+        CondvecError: ``old`` unknown (with close matches), ``new`` empty, or ``new`` exists.
     """
     (old_name,) = _resolve(table, [old])
     new_name = table.normalization.apply(new)
@@ -136,7 +136,7 @@ def extract(table: TagTable, tags: Sequence[str]) -> TagTable:
         `TagTable`: a new table with those tags (their vectors, value sources and training counts).
 
     Raises:
-        ValueError: no tags given, or unknown tags (with close matches).
+        CondvecError: no tags given, or unknown tags (with close matches).
     """
     if isinstance(tags, str):
         tags = [tags]
@@ -185,7 +185,7 @@ def combine(left: TagTable, right: TagTable, on_conflict: str = "error") -> TagT
         `TagTable`: the combined table, with a provenance entry that also records right's provenance.
 
     Raises:
-        ValueError: the tables differ in layout (the message says what differs), a bad ``on_conflict``, or conflicts
+        CondvecError: the tables differ in layout (the message says what differs), a bad ``on_conflict``, or conflicts
             with ``on_conflict="error"``.
     """
     _check_combinable(left, right, on_conflict)
@@ -237,7 +237,7 @@ def combine_streamed(left: TagTable, right: TagTable, path, on_conflict: str = "
     ``files`` (the inputs' names) go into the provenance record.
 
     Raises:
-        ValueError: as :func:`combine`; nothing is written then.
+        CondvecError: as :func:`combine`; nothing is written then.
     """
     from types import SimpleNamespace
 

@@ -28,7 +28,7 @@ def parse_weights(expression: str) -> list[tuple[str, float]]:
         `list[tuple[str, float]]`: the raw tag names (not yet normalised) and their weights.
 
     Raises:
-        ValueError: the expression does not parse (empty term, missing tag, a weight that is not a finite number,
+        CondvecError: the expression does not parse (empty term, missing tag, a weight that is not a finite number,
             more than one ``*`` in a term); the message names the offending part.
 
     Example:

@@ -2,7 +2,7 @@
 
 Each bad case is built in ``tmp_path`` next to a good image: with ``on_bad_image="skip"`` the good image is kept and
 the bad one is skipped with exactly one warning line naming it and the reason, plus a count at the end; with
-``on_bad_image="error"`` the scan raises a one-line ``ValueError`` naming the file and the reason. Valid but unusual
+``on_bad_image="error"`` the scan raises a one-line ``CondvecError`` naming the file and the reason. Valid but unusual
 images (grayscale, alpha, palette, 16-bit) just work.
 """
 
@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile, PngImagePlugin
 
+from conditioner.errors import CondvecError
 from train.data import MAX_CAPTION_BYTES, MAX_TAG_CHARS, MAX_TAGS, Item, assign_buckets, load_image, scan_dataset
 
 LOGGER = "train.data"
@@ -154,7 +155,7 @@ def test_bad_image_in_error_mode_is_one_line_naming_file_and_reason(tmp_path, ca
     build, _, reason = BAD_CASES[case]
     _good(tmp_path)
     bad = build(tmp_path)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(CondvecError) as error:
         scan_dataset(str(tmp_path), on_bad_image="error")
     message = str(error.value)
     assert "\n" not in message and len(message) < 600
@@ -190,7 +191,7 @@ def test_only_bad_images_is_one_line_error_never_an_empty_dataset(tmp_path):
     _bad_image(b"junk")(tmp_path)
     (tmp_path / "empty.png").write_bytes(_PNG)
     (tmp_path / "empty.txt").write_text(",,,", encoding="utf-8")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(CondvecError) as error:
         scan_dataset(str(tmp_path))
     message = str(error.value)
     assert "\n" not in message
@@ -205,17 +206,17 @@ def test_huge_header_is_refused_without_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "verify", no_decoding)
     _bad_image(_png_claiming(12000, 12000))(tmp_path)
-    with pytest.raises(ValueError, match=r"bad.png .*: image is 12000x12000 pixels, over the limit"):
+    with pytest.raises(CondvecError, match=r"bad.png .*: image is 12000x12000 pixels, over the limit"):
         scan_dataset(str(tmp_path), on_bad_image="error")
     (tmp_path / "bad.png").write_bytes(_png_claiming(20000, 20000))
-    with pytest.raises(ValueError, match=r"bad.png .*: image is too large"):
+    with pytest.raises(CondvecError, match=r"bad.png .*: image is too large"):
         scan_dataset(str(tmp_path), on_bad_image="error")
 
 
 def test_max_pixels_is_the_limit(tmp_path):
     _good(tmp_path)  # 16x16 = 256 pixels
     assert len(scan_dataset(str(tmp_path), max_pixels=256)) == 1
-    with pytest.raises(ValueError, match=r"16x16 pixels, over the limit of 255"):
+    with pytest.raises(CondvecError, match=r"16x16 pixels, over the limit of 255"):
         scan_dataset(str(tmp_path), max_pixels=255, on_bad_image="error")
 
 
@@ -319,7 +320,7 @@ def test_cmyk_jpeg_loads_as_rgb(tmp_path):
 def test_load_image_of_a_file_broken_after_the_scan_is_one_line_error(tmp_path):
     item = Item(path=str(_good(tmp_path)), caption="cat", repeats=1, width=16, height=16, bucket=(16, 16))
     Path(item.path).write_bytes(_PNG[: len(_PNG) // 2])
-    with pytest.raises(ValueError, match=r"cannot decode image .*good.png: .*; replace or remove the file") as error:
+    with pytest.raises(CondvecError, match=r"cannot decode image .*good.png: .*; replace or remove the file") as error:
         load_image(item)
     assert "\n" not in str(error.value)
 

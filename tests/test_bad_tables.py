@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from testkit import make_unet
 
+from conditioner.errors import CondvecError
 from conditioner.safefile import TableFileError, check_safetensors
 from conditioner.table import FORMAT_VERSION, METADATA_KEY, TagTable
 from unet_patch import discover
@@ -158,7 +159,7 @@ def _bad_table_cases(tmp_path: Path, good_table: TagTable, good_file: Path) -> d
          r"metadata contradicts the tensors .*shape")
     case("split tag without a value row", _write(tmp_path / "split.safetensors", tensors,
                                                  meta | {"split_tags": ["cat", "red circle"]}),
-         r"metadata contradicts the tensors or is malformed")
+         r"metadata contradicts the tensors: split_tags names 2 tag\(s\), tensor 'values' has shape \(1, ")
     case("layer group out of range", _write(tmp_path / "group.safetensors", tensors,
                                             meta | {"layer_group": [0] * (len(meta["layer_group"]) - 1) + [99]}),
          r"layer group 99 does not exist")
@@ -196,7 +197,7 @@ def test_every_bad_table_is_a_one_line_table_file_error(tmp_path, good_table, go
             TagTable.load(path)
         text = str(error.value)
         assert "\n" not in text and path.name in text, (name, text)
-        assert isinstance(error.value, ValueError)
+        assert isinstance(error.value, CondvecError)
 
 
 # ---------------------------------------------------------------------------------------------------- CLIs

@@ -1,6 +1,7 @@
 """One CLI error path: `PROG: error: <one line>` on stderr and exit code 2, for every command of the project."""
 
 import pytest
+import torch
 from safetensors import SafetensorError
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
@@ -36,8 +37,22 @@ def test_interrupt_is_130_and_bugs_keep_their_traceback(capsys):
         run_cli("prog", _raise(ValueError("an internal bug")))
     with pytest.raises(KeyError):
         run_cli("prog", _raise(KeyError("missing")))
-    assert run_cli("prog", _raise(RuntimeError("x")), errors=(RuntimeError,)) == 2
+    with pytest.raises(RuntimeError, match="a shape bug"):  # a RuntimeError is a bug, out of memory is not
+        run_cli("prog", _raise(RuntimeError("a shape bug")))
     assert run_cli("prog", lambda: None) == 0 and run_cli("prog", lambda: 3) == 3
+
+
+def test_out_of_memory_is_its_own_one_line_message(capsys):
+    assert run_cli("prog", _raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prog: error: out of memory (CUDA out of memory. Tried to "
+                                                   "allocate 2 GiB); use a smaller batch")
+    assert run_cli("prog", _raise(MemoryError())) == 2 and "out of memory" in capsys.readouterr().err
+
+
+def test_condvec_error_is_not_a_value_error():
+    """A builtin ValueError raised by a bug is never mistaken for bad input by an ``except CondvecError``."""
+    assert not issubclass(CondvecError, ValueError) and issubclass(UsageError, CondvecError)
 
 
 def test_parser_errors_name_the_subcommand_without_the_usage_block(capsys):

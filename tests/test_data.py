@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from conditioner.errors import CondvecError
 from demo.data import generate_demo_dataset
 from train.cache import LatentCache, PixelCache, vae_identity
 from train.data import Item, assign_buckets, epoch_batches, load_image, scan_dataset
@@ -96,7 +97,7 @@ def test_jsonl_captions_replace_sidecars(tmp_path):
         items = scan_dataset(str(tmp_path), metadata=mode)
         assert [(rel, item.caption) for rel, item in zip(_rels(items, tmp_path), items)] == [
             ("a.png", "cat, dog"), ("sub/b.png", "fox")]
-    with pytest.raises(ValueError, match="sub/b.png"):  # sidecar mode ignores the jsonl: b.png has no caption
+    with pytest.raises(CondvecError, match="sub/b.png"):  # sidecar mode ignores the jsonl: b.png has no caption
         scan_dataset(str(tmp_path), metadata="sidecar", on_bad_image="error")
 
 
@@ -119,7 +120,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, case):
     _image(tmp_path / "a.png")
     (tmp_path / "readme.md").write_text("hi", encoding="utf-8")
     jsonl = _write_jsonl(tmp_path, lines)
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(CondvecError, match=message) as error:
         scan_dataset(str(tmp_path), metadata="jsonl")
     assert str(jsonl.resolve()) in str(error.value)
     assert "\n" not in str(error.value)
@@ -135,7 +136,7 @@ def test_image_missing_from_jsonl_is_reported(tmp_path):
     _image(tmp_path / "a.png")
     _image(tmp_path / "b.png")
     _write_jsonl(tmp_path, [GOOD])
-    with pytest.raises(ValueError, match=r"image b.png in .*: not listed in metadata.jsonl; add a line"):
+    with pytest.raises(CondvecError, match=r"image b.png in .*: not listed in metadata.jsonl; add a line"):
         scan_dataset(str(tmp_path), on_bad_image="error")
     assert [Path(item.path).name for item in scan_dataset(str(tmp_path))] == ["a.png"]
 
@@ -164,9 +165,9 @@ def test_explicit_repeats_override_folders_below_them(tmp_path):
 def test_repeats_key_matching_no_folder_lists_the_folders(tmp_path):
     _pair(tmp_path, "10_mascot/a.png")
     _pair(tmp_path, "sub/b.png")
-    with pytest.raises(ValueError, match=r"repeats key 'mascot' matches no folder.*folders: 10_mascot, sub$"):
+    with pytest.raises(CondvecError, match=r"repeats key 'mascot' matches no folder.*folders: 10_mascot, sub$"):
         scan_dataset(str(tmp_path), repeats={"mascot": 3})
-    with pytest.raises(ValueError, match=r"repeats\['sub'\] must be an integer >= 1, got 0"):
+    with pytest.raises(CondvecError, match=r"repeats\['sub'\] must be an integer >= 1, got 0"):
         scan_dataset(str(tmp_path), repeats={"sub": 0})
 
 
@@ -177,14 +178,14 @@ def test_missing_root_is_an_error(tmp_path):
 
 def test_no_images_names_the_extensions(tmp_path):
     (tmp_path / "a.txt").write_text("cat", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"no images found .*\.png, \.jpg, \.jpeg, \.webp, \.bmp"):
+    with pytest.raises(CondvecError, match=r"no images found .*\.png, \.jpg, \.jpeg, \.webp, \.bmp"):
         scan_dataset(str(tmp_path))
 
 
 def test_missing_captions_all_missing_is_one_error_with_the_hint(tmp_path):
     for name in "abcde":
         _pair(tmp_path, f"{name}.png", caption=None)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(CondvecError) as error:
         scan_dataset(str(tmp_path))
     message = str(error.value)
     assert "no usable images" in message
@@ -195,14 +196,14 @@ def test_missing_captions_all_missing_is_one_error_with_the_hint(tmp_path):
 def test_missing_caption_in_error_mode_names_the_first_image(tmp_path):
     for name in "abc":
         _pair(tmp_path, f"{name}.png", caption=None if name != "a" else "cat")
-    with pytest.raises(ValueError, match=r"^image b.png in .*: no caption file b.txt; write a NAME.txt file"):
+    with pytest.raises(CondvecError, match=r"^image b.png in .*: no caption file b.txt; write a NAME.txt file"):
         scan_dataset(str(tmp_path), on_bad_image="error")
 
 
 def test_caption_that_is_not_utf8_is_an_error_in_error_mode(tmp_path):
     _image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"image a.png in .*: caption file a.txt is not UTF-8"):
+    with pytest.raises(CondvecError, match=r"image a.png in .*: caption file a.txt is not UTF-8"):
         scan_dataset(str(tmp_path), on_bad_image="error")
 
 
@@ -210,7 +211,7 @@ def test_corrupt_image_is_named_in_error_mode(tmp_path):
     _pair(tmp_path, "good.png")
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     (tmp_path / "bad.txt").write_text("cat", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"image bad.png in .*: unreadable image"):
+    with pytest.raises(CondvecError, match=r"image bad.png in .*: unreadable image"):
         scan_dataset(str(tmp_path), on_bad_image="error")
 
 
@@ -224,7 +225,7 @@ def test_corrupt_image_is_named_in_error_mode(tmp_path):
 ])
 def test_bad_arguments_are_rejected(tmp_path, kwargs, message):
     _pair(tmp_path, "a.png")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(CondvecError, match=message):
         scan_dataset(str(tmp_path), **kwargs)
 
 
@@ -270,7 +271,7 @@ def test_disabled_bucketing_gives_every_image_the_square():
 
 
 def test_resolution_must_be_a_multiple_of_step():
-    with pytest.raises(ValueError, match="resolution must be a positive multiple of the bucket step 64, got 500"):
+    with pytest.raises(CondvecError, match="resolution must be a positive multiple of the bucket step 64, got 500"):
         assign_buckets([_item(10, 10)], 500)
 
 
@@ -309,7 +310,7 @@ def test_transparent_pixels_become_white(tmp_path):
 
 
 def test_load_image_requires_a_bucket(tmp_path):
-    with pytest.raises(ValueError, match="call assign_buckets"):
+    with pytest.raises(CondvecError, match="call assign_buckets"):
         load_image(_item(16, 16, path=str(_image(tmp_path / "a.png"))))
 
 

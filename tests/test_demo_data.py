@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conditioner.errors import CondvecError
 from demo.data import (
     BACKGROUNDS,
     COLOURS,
@@ -93,7 +94,7 @@ def test_exclude_keeps_a_combination_out(tmp_path):
     assert len(records) == 200
     assert not any(o["colour"] == "yellow" and o["shape"] == "triangle" for r in records for o in r["objects"])
     assert not any(held_out in _caption_tags(p) for p in (tmp_path / "held").glob("*.txt"))
-    with pytest.raises(ValueError, match="exclude"):
+    with pytest.raises(CondvecError, match="exclude"):
         generate_demo_dataset(tmp_path / "none", 3, exclude=lambda r: True)
 
 
@@ -112,9 +113,9 @@ def test_concept_dataset_captions(tmp_path):
         tmp_path / "fixed", "mascot", attributes | {"position": "right", "background": "gray"}, 5, seed=1
     )
     assert all(r["objects"][0]["position"] == "right" and r["background"] == "gray" for r in fixed)
-    with pytest.raises(ValueError):
+    with pytest.raises(CondvecError):
         generate_concept_dataset(tmp_path / "bad", "a, b", attributes, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(CondvecError):
         generate_concept_dataset(tmp_path / "bad", "mascot", attributes | {"colour": "purple"}, 1)
 
 

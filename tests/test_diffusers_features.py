@@ -8,6 +8,7 @@ from diffusers.models.embeddings import ImageProjection
 from testkit import make_unet
 
 from conditioner import TagTable, encode
+from conditioner.errors import CondvecError
 from unet_patch import discover, install, is_installed, remove
 
 
@@ -31,7 +32,7 @@ def test_attention_slicing_after_install_is_refused_then_works_when_installed_ag
     want = _run(unet, x, cond)
     unet.set_attention_slice(1)
     assert not is_installed(unet)
-    with pytest.raises(ValueError, match="attention slicing: call unet_patch.install"):
+    with pytest.raises(CondvecError, match="attention slicing: call unet_patch.install"):
         _run(unet, x, cond)
     install(unet, table)  # takes over the slice size
     assert is_installed(unet)
@@ -44,9 +45,9 @@ def test_fused_qkv_is_refused_in_one_line(setup):
     unet, table, cond, x = setup
     install(unet, table)
     unet.fuse_qkv_projections()
-    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+    with pytest.raises(CondvecError, match="unfuse_qkv_projections"):
         _run(unet, x, cond)
-    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+    with pytest.raises(CondvecError, match="unfuse_qkv_projections"):
         install(unet, table)
     unet.unfuse_qkv_projections()
     install(unet, table)
@@ -58,14 +59,14 @@ def test_set_default_attn_processor_after_install_gives_a_clear_message_and_remo
     unet, table, cond, x = setup
     before = dict(unet.attn_processors)
     install(unet, table)
-    with pytest.raises(ValueError, match="remove\\(unet\\) first"):
+    with pytest.raises(CondvecError, match="remove\\(unet\\) first"):
         unet.set_default_attn_processor()
     assert is_installed(unet)
     from diffusers.models.attention_processor import AttnProcessor
 
     unet.set_attn_processor(AttnProcessor())  # the same replacement by hand: the next forward says what happened
     assert not is_installed(unet)
-    with pytest.raises(ValueError, match="remove\\(unet\\)"):
+    with pytest.raises(CondvecError, match="remove\\(unet\\)"):
         _run(unet, x, cond)
     with pytest.warns(UserWarning):
         remove(unet)
@@ -118,7 +119,7 @@ def test_ip_adapter_loaded_after_install_is_refused_in_one_line(setup):
     unet, table, cond, x = setup
     install(unet, table)
     _load_ip_adapter(unet)
-    with pytest.raises(ValueError, match="load_ip_adapter"):
+    with pytest.raises(CondvecError, match="load_ip_adapter"):
         _run(unet, x, cond, added_cond_kwargs={"image_embeds": [torch.randn(2, 1, 12)]})
 
 
@@ -136,9 +137,9 @@ def test_processors_replaced_after_install_run_plain_conditioning_and_refuse_pac
     unet.set_attn_processor(AttnProcessor())  # on purpose, after install
     assert not is_installed(unet)
     torch.testing.assert_close(_run(unet, x, plain), stock, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="cannot read this packed conditioning"):
+    with pytest.raises(CondvecError, match="cannot read this packed conditioning"):
         _run(unet, x, cond)
     unet.set_attention_slice(1)
     torch.testing.assert_close(_run(unet, x, plain), stock, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="attention slicing: call unet_patch.install"):
+    with pytest.raises(CondvecError, match="attention slicing: call unet_patch.install"):
         _run(unet, x, cond)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from testkit import make_unet
 
+from conditioner.errors import CondvecError
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.safefile import TableFileError
 from conditioner.table import TagTable
@@ -31,11 +32,11 @@ PROMPTS = st.one_of(st.text(max_size=80), _SYNTAX)
 
 @FAST
 @given(PROMPTS, st.booleans(), st.sampled_from(["space", "keep"]))
-def test_parse_prompt_returns_tags_or_raises_value_error(prompt, lowercase, underscores):
+def test_parse_prompt_returns_tags_or_raises_condvec_error(prompt, lowercase, underscores):
     normalization = TagNormalization(lowercase=lowercase, underscores=underscores)
     try:
         tags = parse_prompt(prompt, normalization)
-    except ValueError as err:
+    except CondvecError as err:
         assert str(err) and "\n" not in str(err).strip()
         return
     names = [tag.name for tag in tags]
@@ -59,7 +60,7 @@ def _format(tags: list[Tag]) -> str:
 def test_parsed_prompt_written_back_parses_to_the_same_tags(prompt):
     try:
         tags = parse_prompt(prompt)
-    except ValueError:
+    except CondvecError:
         return
     assert parse_prompt(_format(tags)) == tags
 

@@ -5,6 +5,7 @@ import pytest
 from diffusers.utils import make_image_grid
 from PIL import Image
 
+from conditioner.errors import CondvecError
 from train.plot import curves_plot, loss_plot
 from unet_patch.grid import image_grid, labelled_grid, upscale
 
@@ -20,7 +21,7 @@ def test_upscale_is_nearest_neighbour_blocks():
     assert big.shape == (9, 12, 3)
     assert np.array_equal(big, np.asarray(image).repeat(3, axis=0).repeat(3, axis=1))
     assert upscale(image, 1) is image
-    with pytest.raises(ValueError, match="integer >= 1"):
+    with pytest.raises(CondvecError, match="integer >= 1"):
         upscale(image, 0)
 
 
@@ -33,7 +34,7 @@ def test_labelled_grid_places_the_upscaled_images_exactly_as_make_image_grid():
     assert np.array_equal(np.asarray(body), np.asarray(expected))
     margin = np.asarray(grid)[: grid.height - expected.height]
     assert (margin < 128).any(), "labels are drawn in the margin"
-    with pytest.raises(ValueError, match="1 row labels for 2 rows"):
+    with pytest.raises(CondvecError, match="1 row labels for 2 rows"):
         labelled_grid(rows, ["a"], [])
 
 

@@ -5,6 +5,7 @@ import torch
 from testkit import capture_kv_inputs, make_unet
 
 from conditioner import TagTable, encode
+from conditioner.errors import CondvecError
 from merge import blend, combine, drop, extract, mix, parse_weights, rename, select_groups, swap
 from unet_patch import discover, patched, table_for_unet
 
@@ -348,7 +349,7 @@ def test_select_groups_kv_mode_has_one_group_per_layer():
     ("single", "mid", "selects only some layers of group 0 'all'"),
 ])
 def test_select_groups_errors(groups, spec, message):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CondvecError) as err:
         select_groups(_table(groups=groups), spec)
     assert message in str(err.value)
 
@@ -356,7 +357,7 @@ def test_select_groups_errors(groups, spec, message):
 def test_select_groups_kohya_needs_kohya_names():
     table = table_for_unet(make_unet(layers_per_block=1), tags=["a"])
     table.layers = [type(layer)(**{**layer.to_dict(), "kohya": None}) for layer in table.layers]
-    with pytest.raises(ValueError, match="have no kohya names"):
+    with pytest.raises(CondvecError, match="have no kohya names"):
         select_groups(table, "IN01-IN05")
 
 
@@ -383,7 +384,7 @@ def test_parse_weights(expression, terms):
     ("1e999*cat", "is not a finite number"),
 ])
 def test_parse_weights_errors(expression, message):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CondvecError) as err:
         parse_weights(expression)
     assert message in str(err.value)
 
@@ -412,13 +413,13 @@ def test_parse_weights_errors(expression, message):
     (lambda t: combine(t, t, on_conflict="max"), "on_conflict must be one of"),
 ])
 def test_errors(call, message):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CondvecError) as err:
         call(_table())
     assert message in str(err.value)
 
 
 def test_swap_rest_tied_is_refused_in_kv_mode():
-    with pytest.raises(ValueError, match="exists only in vector mode"):
+    with pytest.raises(CondvecError, match="exists only in vector mode"):
         swap(_table(mode="kv"), "new", key="cat", value="dog", layers="mid", rest="tied")
 
 
@@ -516,7 +517,7 @@ def test_combine_conflict_modes(mode):
 
 def test_combine_conflicts_error_by_default_listing_them():
     left, right = _conflicting_pair()
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CondvecError) as err:
         combine(left, right)
     assert "2 tags with different vectors in both tables: 'cat', 'dog'" in str(err.value)
 
@@ -526,7 +527,7 @@ def test_combine_identical_tags_are_not_conflicts_but_different_special_rows_are
     assert combine(table, extract(table, ["cat"])).tags == table.tags
     other = table.copy()
     other.special += 1
-    with pytest.raises(ValueError, match="different sink/padding rows"):
+    with pytest.raises(CondvecError, match="different sink/padding rows"):
         combine(table, other)
     assert torch.equal(combine(table, other, on_conflict="right").special, other.special)
 
@@ -541,7 +542,7 @@ def test_combine_identical_tags_are_not_conflicts_but_different_special_rows_are
     (lambda: table_for_unet(make_unet(), tags=["x"], base_name="other"), "base model name 'tiny' vs 'other'"),
 ])
 def test_combine_refuses_tables_of_another_layout_saying_what_differs(other, message):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CondvecError) as err:
         combine(_table(), other())
     assert "not built for the same base and layout" in str(err.value) and message in str(err.value)
 
@@ -549,5 +550,5 @@ def test_combine_refuses_tables_of_another_layout_saying_what_differs(other, mes
 def test_combine_refuses_other_normalisation():
     from conditioner import TagNormalization
 
-    with pytest.raises(ValueError, match="tag normalisation"):
+    with pytest.raises(CondvecError, match="tag normalisation"):
         combine(_table(), _table(normalization=TagNormalization(lowercase=False)))

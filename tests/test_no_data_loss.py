@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from testkit import make_unet, micro_run
 
 from conditioner import TagTable
+from conditioner.errors import CondvecError
 from conditioner.safefile import TableFileError
 from conditioner.table import METADATA_KEY
 from demo.data import generate_demo_dataset
@@ -63,7 +64,7 @@ def test_save_refuses_non_finite_values_and_leaves_the_file_alone(tmp_path, pois
 def test_save_refuses_a_broken_multi_vector_tag(tmp_path):
     table = _table()
     table.vectors["cat"] = 2  # claims a row cat#2 that does not exist
-    with pytest.raises(ValueError, match=r"multi-vector tag 'cat' lacks its row\(s\) 'cat#2'"):
+    with pytest.raises(CondvecError, match=r"multi-vector tag 'cat' lacks its row\(s\) 'cat#2'"):
         table.save(tmp_path / "t.safetensors")
     assert not (tmp_path / "t.safetensors").exists()
 
@@ -232,7 +233,7 @@ def test_a_corrupt_checkpoint_is_refused_and_the_runs_table_survives(demo_dir, t
     key = next(k for k, v in state.items() if v.is_floating_point() and v.numel())
     state[key] = torch.full_like(state[key], float("nan"))
     save_file(state, latest / "state.safetensors")
-    with pytest.raises(ValueError, match=rf"checkpoint file .*state.safetensors.* is damaged: {key} holds NaN"):
+    with pytest.raises(CondvecError, match=rf"checkpoint file .*state.safetensors.* is damaged: {key} holds NaN"):
         Trainer(load_config(None, _args(demo_dir, run, "training.steps=4", "output.resume=latest")))
     assert _snapshot(run / "table.safetensors") == table_before
 
@@ -314,5 +315,5 @@ def test_on_bad_image_error_is_honoured(demo_dir, tmp_path):
     generate_demo_dataset(data, 4, size=32, seed=1)
     (data / "broken.png").write_bytes(b"not a png")
     (data / "broken.txt").write_text("red circle\n")
-    with pytest.raises(ValueError, match=r"image broken.png in .*set on_bad_image='skip'"):
+    with pytest.raises(CondvecError, match=r"image broken.png in .*set on_bad_image='skip'"):
         Trainer(load_config(None, _args(data, tmp_path / "run", "data.on_bad_image=error")))

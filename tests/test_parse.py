@@ -4,6 +4,7 @@ import warnings
 import pytest
 
 from conditioner import Tag, TagNormalization, parse_prompt
+from conditioner.errors import CondvecError
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ def test_parse_cases(prompt, expected):
     ],
 )
 def test_parse_errors_name_the_problem(prompt, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(CondvecError, match=re.escape(message)):
         parse_prompt(prompt)
 
 
@@ -58,7 +59,7 @@ def test_normalization_options():
     keep = TagNormalization(lowercase=False, underscores="keep")
     assert parse_prompt("Long_Hair, Red  Eyes", keep) == [Tag("Long_Hair"), Tag("Red Eyes")]
     assert parse_prompt("Long_Hair, Red  Eyes") == [Tag("long hair"), Tag("red eyes")]
-    with pytest.raises(ValueError, match="underscores must be"):
+    with pytest.raises(CondvecError, match="underscores must be"):
         TagNormalization(underscores="dash")
 
 
@@ -71,7 +72,7 @@ def test_any_string_parses_or_raises_value_error():
         prompt = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 16)))
         try:
             tags = parse_prompt(prompt)
-        except ValueError as err:
+        except CondvecError as err:
             assert str(err) and "\n" not in str(err)
         else:
             assert all(t.name and t.weight > 0 for t in tags)
@@ -79,7 +80,7 @@ def test_any_string_parses_or_raises_value_error():
 
 
 def test_non_string_prompt():
-    with pytest.raises(ValueError, match="must be a string"):
+    with pytest.raises(CondvecError, match="must be a string"):
         parse_prompt(None)
 
 
@@ -103,9 +104,9 @@ def test_prompt_weights_and_blend_weights_accept_the_same_numbers(text, value):
         assert parse_prompt(f"(cat:{text})") == [Tag("cat", value)]
         assert parse_weights(f"{text}*cat") == [("cat", value)]
     elif value is None:
-        with pytest.raises(ValueError, match="malformed weight"):
+        with pytest.raises(CondvecError, match="malformed weight"):
             parse_prompt(f"(cat:{text})")
-        with pytest.raises(ValueError, match="must be WEIGHT\\*TAG"):
+        with pytest.raises(CondvecError, match="must be WEIGHT\\*TAG"):
             parse_weights(f"{text}*cat")
 
 

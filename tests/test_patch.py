@@ -5,6 +5,7 @@ import torch
 from testkit import capture_kv_inputs, make_unet
 
 from conditioner import TableMismatchError, encode
+from conditioner.errors import CondvecError
 from unet_patch import discover, install, is_installed, patched, remove, table_for_unet
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -174,7 +175,7 @@ def test_mismatched_table_is_refused_with_what_differs():
 def test_wrong_width_conditioning_is_a_clear_error():
     unet = make_unet()
     table = table_for_unet(unet, groups="blocks")
-    with patched(unet, table), pytest.raises(ValueError, match="packed conditioning has width 16"):
+    with patched(unet, table), pytest.raises(CondvecError, match="packed conditioning has width 16"):
         _run(unet, torch.zeros(1, 3, 16))
 
 

@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
 from testkit import make_unet
 
 from conditioner import TagTable
+from conditioner.errors import CondvecError
 from unet_patch import TagDiffusionPipeline, is_installed, table_for_unet
 from unet_patch.cli import main as generate_main
 from unet_patch.pipeline import rescale_noise_cfg
@@ -80,7 +81,7 @@ def test_guidance_rescale():
 
     assert np.array_equal(run(), run(guidance_rescale=0.0))
     assert not np.array_equal(run(), run(guidance_rescale=0.7))
-    with pytest.raises(ValueError, match="guidance_rescale must be between 0 and 1"):
+    with pytest.raises(CondvecError, match="guidance_rescale must be between 0 and 1"):
         run(guidance_rescale=1.5)
 
 
@@ -111,7 +112,7 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_unknown_tag_in_pipeline():
     pipe = _pipe(False)
-    with pytest.raises(ValueError, match="unknown tag 'red circl' \\(did you mean 'red circle'"):
+    with pytest.raises(CondvecError, match="unknown tag 'red circl' \\(did you mean 'red circle'"):
         pipe("red circl", num_inference_steps=1)
 
 

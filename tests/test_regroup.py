@@ -5,6 +5,7 @@ import torch
 from testkit import make_unet
 
 from conditioner import TagTable, encode, regroup
+from conditioner.errors import CondvecError
 from unet_patch import discover, kv_table, patched
 
 
@@ -58,7 +59,7 @@ def test_to_kv_generates_the_same_output(unet):
 
 
 def test_kv_tables_cannot_be_regrouped(unet):
-    with pytest.raises(ValueError, match="key/value-mode"):
+    with pytest.raises(CondvecError, match="key/value-mode"):
         regroup(TagTable.create(discover(unet), mode="kv"), "single")
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conditioner.errors import CondvecError
+
 REPO = Path(__file__).resolve().parents[1]
 # Modules whose every use can unpickle: importing them at all is refused.
 BANNED_MODULES = ("dill", "joblib", "cloudpickle", "shelve", "cPickle", "_pickle")
@@ -179,7 +181,7 @@ def test_demo_concept_tag_cannot_write_outside_the_data_folder(tmp_path, concept
     before = set(tmp_path.rglob("*"))
     try:
         _generate_demo(cfg, _accelerator_stub())
-    except ValueError as err:  # refusing the tag is fine: one line naming it
+    except CondvecError as err:  # refusing the tag is fine: one line naming it
         assert "\n" not in str(err) and "evil" in str(err)
     written = {p for p in set(tmp_path.rglob("*")) - before if p.is_file()}
     outside = [p for p in written if data.resolve() not in p.resolve().parents]

@@ -6,6 +6,7 @@ from testkit import make_unet
 
 from conditioner import TagTable, encode
 from conditioner.encode import encode_pooled
+from conditioner.errors import CondvecError
 from unet_patch import discover
 
 
@@ -63,7 +64,7 @@ def test_special_rows_roundtrip_and_validate(tmp_path, layers):
     assert torch.equal(loaded.special, table.special)
     assert torch.equal(loaded.pooled, table.pooled) and torch.equal(loaded.null_pooled, table.null_pooled)
     assert loaded.negative_zeros
-    with pytest.raises(ValueError, match="special rows"):
+    with pytest.raises(CondvecError, match="special rows"):
         TagTable(layers=table.layers, mode="vector", group_names=table.group_names, layer_group=table.layer_group,
                  anchors=table.anchors, tags=[], data=table.data[:0], special=table.special[:1])
 
@@ -83,7 +84,7 @@ def test_pooled_is_the_weighted_mean_of_tags_and_null_for_empty(layers):
 
 
 def test_pooled_needs_an_sdxl_table(layers):
-    with pytest.raises(ValueError, match="no pooled vectors"):
+    with pytest.raises(CondvecError, match="no pooled vectors"):
         encode_pooled(TagTable.create(layers, tags=["red"]), ["red"])
 
 

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conditioner import TagTable
+from conditioner.errors import CondvecError
 from conditioner.layout import LayerSpec
 from train.optim import RowSparseAdamW, SparseEMA
 
@@ -157,10 +158,10 @@ def test_table_storage_dtype_round_trips(tmp_path, dtype, torch_dtype):
 
 def test_table_storage_dtype_errors(tmp_path):
     table = _table()
-    with pytest.raises(ValueError, match="storage dtype 'int8' is not supported: use one of fp32, fp16, bf16"):
+    with pytest.raises(CondvecError, match="storage dtype 'int8' is not supported: use one of fp32, fp16, bf16"):
         table.save(str(tmp_path / "t.safetensors"), dtype="int8")
     table.data[0] = 1e6
-    with pytest.raises(ValueError, match="beyond fp16's range"):
+    with pytest.raises(CondvecError, match="beyond fp16's range"):
         table.save(str(tmp_path / "t.safetensors"), dtype="fp16")
     table.save(str(tmp_path / "t.safetensors"), dtype="bf16")
     assert TagTable.load(str(tmp_path / "t.safetensors")).data[0].max() > 9e5

@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 from testkit import make_unet
 
 from conditioner import TagNormalization, TagTable, encode, tokenize
+from conditioner.errors import CondvecError
 from unet_patch import discover, table_for_unet
 
 
@@ -72,7 +73,7 @@ def test_groups_resolve(layers):
     ],
 )
 def test_group_errors(layers, groups, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(CondvecError, match=message):
         TagTable.create(layers, groups=groups)
 
 
@@ -88,7 +89,7 @@ def test_add_remove_rename(layers):
     table.remove_tags(["a", "c new"])
     assert table.tags == ["b", "d"] and not table.values and "c new" not in table.counts
     assert torch.equal(table.data[0], b_row)
-    with pytest.raises(ValueError, match="already in the table"):
+    with pytest.raises(CondvecError, match="already in the table"):
         table.add_tags(["b"])
     with pytest.raises(KeyError, match="did you mean 'b'"):
         table.row("bb")
@@ -96,7 +97,7 @@ def test_add_remove_rename(layers):
 
 def test_unknown_tags_error_and_lenient(layers):
     table = TagTable.create(layers, tags=["red circle", "blue square"])
-    with pytest.raises(ValueError, match=r"unknown tags 'red circel' \(did you mean 'red circle'\?\), 'zzz'"):
+    with pytest.raises(CondvecError, match=r"unknown tags 'red circel' \(did you mean 'red circle'\?\), 'zzz'"):
         encode(table, ["red circel, zzz, blue square"])
     with pytest.warns(UserWarning, match="skipping unknown tag"):
         out = encode(table, ["red circel, blue square"], lenient=True)
@@ -123,7 +124,7 @@ def test_timestep_anchor_interpolation_by_hand(layers):
     frac = 333.0 / 999.0
     expected = torch.stack([v0, (1 - frac) * v0 + frac * v1, v1, v1])
     torch.testing.assert_close(out[:, 1], expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="pass the timesteps"):
+    with pytest.raises(CondvecError, match="pass the timesteps"):
         encode(table, ["a"])
 
 
@@ -149,7 +150,7 @@ def test_weights_become_log_bias_and_split_adds_value_part(layers):
 def test_corrupt_table_files(tmp_path, content, message):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(CondvecError, match=message):
         TagTable.load(path)
 
 
@@ -159,16 +160,16 @@ def test_truncated_and_foreign_files(tmp_path, layers):
     table.save(good)
     truncated = tmp_path / "trunc.safetensors"
     truncated.write_bytes(good.read_bytes()[:-40])
-    with pytest.raises(ValueError, match="not a readable .safetensors table"):
+    with pytest.raises(CondvecError, match="not a readable .safetensors table"):
         TagTable.load(truncated)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"x": torch.zeros(2)}, foreign)
-    with pytest.raises(ValueError, match="without condvec metadata"):
+    with pytest.raises(CondvecError, match="without condvec metadata"):
         TagTable.load(foreign)
     future = tmp_path / "future.safetensors"
     meta = table.metadata() | {"format_version": 99}
     save_file({"data": table.data, "special": table.special}, future, metadata={"condvec": json.dumps(meta)})
-    with pytest.raises(ValueError, match="format version 99 is not supported"):
+    with pytest.raises(CondvecError, match="format version 99 is not supported"):
         TagTable.load(future)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TagTable.load(tmp_path / "missing.safetensors")

@@ -6,6 +6,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from bootstrap.load import load_model
 from bootstrap.text import null_sequence, tag_positions, tag_vectors
+from conditioner.errors import CondvecError
 from tests.standins import make_sd2, make_sd15, make_sdxl
 
 FAMILIES = {
@@ -109,7 +110,7 @@ def test_tag_positions_rule():
     assert tag_positions(5, 1) == [5]
     assert tag_positions(5, 2) == [3, 5]
     assert tag_positions(8, 3) == [3, 6, 8]
-    with pytest.raises(ValueError, match="tokens_per_tag"):
+    with pytest.raises(CondvecError, match="tokens_per_tag"):
         tag_positions(2, 0)
 
 
@@ -143,8 +144,8 @@ def test_long_tags_are_truncated_like_the_pipeline(family):
 
 def test_bootstrap_needs_the_text_encoders(tmp_path):
     model = load_model(make_sd15(tmp_path), with_text_encoders=False)
-    with pytest.raises(ValueError, match="with_text_encoders=True") as err:
+    with pytest.raises(CondvecError, match="with_text_encoders=True") as err:
         null_sequence(model)
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="text encoder"):
+    with pytest.raises(CondvecError, match="text encoder"):
         tag_vectors(model, ["cat"], progress=False)

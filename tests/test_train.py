@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from testkit import micro_config, run_until_killed
 
 from conditioner import TagTable
+from conditioner.errors import CondvecError
 from demo.data import generate_demo_dataset
 from train.config import load_config
 from train.loop import Trainer
@@ -223,7 +224,7 @@ def test_single_file_unet_with_local_config(tmp_path):
     save_file({"conv_in.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
     cfg = load_config(None, ["data.path=x", f"model.single_file={tmp_path / 'bad.safetensors'}",
                              f"model.single_file_config={tmp_path / 'cfg'}"])
-    with pytest.raises(ValueError, match="cannot load .*bad.safetensors with .*config.json"):
+    with pytest.raises(CondvecError, match="cannot load .*bad.safetensors with .*config.json"):
         load_base(cfg.model)
 
 
@@ -246,10 +247,10 @@ def test_v_prediction_and_gradient_checkpointing(demo_dir, tmp_path):
 
 def test_fresh_run_never_overwrites_and_resume_refuses_a_changed_config(demo_dir, tmp_path):
     Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=2")).run()
-    with pytest.raises(ValueError, match=r"already holds a run \(checkpoints, .*\): continue it with "
+    with pytest.raises(CondvecError, match=r"already holds a run \(checkpoints, .*\): continue it with "
                                          r"output.resume=latest, replace it with output.overwrite=true"):
         Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=2"))
-    with pytest.raises(ValueError, match=r"the config changed: training.lr \(0.05 → 0.1\)"):
+    with pytest.raises(CondvecError, match=r"the config changed: training.lr \(0.05 → 0.1\)"):
         Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=4", "training.lr=0.1", "output.resume=latest"))
     resumed = Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=4", "output.resume=latest"))
     assert resumed.state.step == 2

@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from testkit import micro_config
 
 import train.checkpoint as ckpt
+from conditioner.errors import CondvecError
 from demo.data import generate_demo_dataset
 from train.config import load_config
 from train.loop import NonFiniteError, Trainer
@@ -112,7 +113,7 @@ def test_trainer_ema_equals_a_dense_ema(demo_dir, tmp_path):
 
 def test_resume_refuses_a_changed_step_count_when_the_schedule_depends_on_it(demo_dir, tmp_path):
     Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=2", "training.lr_schedule=cosine")).run()
-    with pytest.raises(ValueError, match=r"the config changed: training.steps \(2 → 4\)"):
+    with pytest.raises(CondvecError, match=r"the config changed: training.steps \(2 → 4\)"):
         Trainer(_cfg(demo_dir, tmp_path / "run", "training.steps=4", "training.lr_schedule=cosine",
                      "output.resume=latest"))
 

@@ -64,8 +64,8 @@ def _file_key(item: Item) -> str:
     """Path, size and mtime of the image file; a changed file gives a new key."""
     try:
         stat = os.stat(item.path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {item.path} no longer exists; scan the dataset again") from None
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image {item.path} no longer exists; scan the dataset again") from err
     return f"{os.path.abspath(item.path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
 
 

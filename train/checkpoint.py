@@ -83,7 +83,7 @@ def check_fingerprint(path: str, cfg, world_size: int) -> None:
     """Refuse to resume checkpoint ``path`` with a config that changed where it must not.
 
     Raises:
-        ValueError: one line naming the changed keys (old → new).
+        CondvecError: one line naming the changed keys (old → new).
     """
     with open(os.path.join(path, "state.json")) as f:
         saved = json.load(f).get("fingerprint", {})
@@ -197,7 +197,7 @@ def load_checkpoint(path: str, unet: torch.nn.Module | None = None,
     """Read a checkpoint: returns ``(table, tensors, info)`` and loads UNet weights / optimiser in place.
 
     Raises:
-        ValueError: a file of the checkpoint holds NaN or infinite values (optimiser moments, EMA, UNet weights):
+        CondvecError: a file of the checkpoint holds NaN or infinite values (optimiser moments, EMA, UNet weights):
             resuming from it would write them into the run's table, so it is refused, naming the file.
     """
     with open(os.path.join(path, "state.json")) as f:
@@ -251,7 +251,7 @@ def restore_trainer(trainer, path: str) -> None:
     """Continue a ``train.loop.Trainer`` from checkpoint ``path``, exactly where it was saved.
 
     Raises:
-        ValueError: the config changed where it must not, or the table's tags differ from this run's.
+        CondvecError: the config changed where it must not, or the table's tags differ from this run's.
     """
     check_fingerprint(path, trainer.cfg, trainer.world)
     trained = trainer.unet_optimizer is not None

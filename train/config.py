@@ -256,9 +256,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
-        raise ConfigError(_explain(err)) from None
+        raise ConfigError(_explain(err)) from err
     except Exception as err:  # YAML syntax errors and the like
-        raise ConfigError(f"cannot read config {path!r}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"cannot read config {path!r}: {str(err).splitlines()[0]}") from err
     validate(cfg)
     return cfg
 

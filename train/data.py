@@ -11,7 +11,7 @@ A caption is comma-separated tags, parsed by :func:`conditioner.parse.parse_prom
 Bad data never stops a run with a traceback: an image that cannot be used (unreadable, truncated, too large, no
 caption, an empty, non-UTF-8 or unparsable caption, a caption of only commas, a tag longer than
 :data:`MAX_TAG_CHARS`, more than :data:`MAX_TAGS` tags) is skipped with one warning line naming the file and the
-reason, and a count at the end (``on_bad_image="skip"``, the default), or is a one-line ``ValueError``
+reason, and a count at the end (``on_bad_image="skip"``, the default), or is a one-line ``CondvecError``
 (``on_bad_image="error"``). A dataset left without any usable image is always an error. Images are checked at scan
 time from their headers (PNG chunk checksums, JPEG decoded at 1/8 scale), so later stages never see a bad file.
 """
@@ -155,9 +155,9 @@ def _image_size(path: Path, max_pixels: int) -> tuple[int, int]:
     except _BadImage:
         raise
     except Image.DecompressionBombError as e:
-        raise _BadImage(_TOO_LARGE, f"image is too large ({_first_line(e)})") from None
+        raise _BadImage(_TOO_LARGE, f"image is too large ({_first_line(e)})") from e
     except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error, EOFError... on bad files
-        raise _BadImage(_UNREADABLE, f"unreadable image ({_first_line(e)})") from None
+        raise _BadImage(_UNREADABLE, f"unreadable image ({_first_line(e)})") from e
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return width, height
@@ -207,7 +207,7 @@ def scan_dataset(
             ``{"characters/mascot": 5}``; ``"."`` is the root.
         default_repeats (`int`, defaults to 1): repeats of images outside any repeat folder or ``repeats`` entry.
         on_bad_image (`str`, defaults to `"skip"`): ``"skip"`` leaves bad images out with a warning each;
-            ``"error"`` raises a ``ValueError`` naming the first bad image and the reason.
+            ``"error"`` raises a ``CondvecError`` naming the first bad image and the reason.
         max_pixels (`int`, defaults to :data:`MAX_IMAGE_PIXELS`): largest accepted ``width * height``; larger
             images are bad, refused from their header alone.
         default_caption (`str`, *optional*): the caption of images without a caption file (kohya's
@@ -218,7 +218,7 @@ def scan_dataset(
 
     Raises:
         `FileNotFoundError`: when ``root`` is not a folder, or ``metadata="jsonl"`` and there is no metadata.jsonl.
-        `ValueError`: when no image is found, no usable image is left, a bad image is found with
+        `CondvecError`: when no image is found, no usable image is left, a bad image is found with
             ``on_bad_image="error"``, the metadata file is not UTF-8 or a line of it is malformed, or an argument is
             invalid.
     """
@@ -283,7 +283,7 @@ def scan_dataset(
             if on_bad_image == "error":
                 hint = caption_hint if bad.category == _NO_CAPTION else "fix or remove the file"
                 raise CondvecError(f"image {rel} in {base}: {bad.reason}; {hint}, or set on_bad_image='skip' "
-                                   "(data.on_bad_image) to skip bad images") from None
+                                   "(data.on_bad_image) to skip bad images") from bad
             logger.warning("skipping image %s: %s", rel, bad.reason)
             skipped[bad.category] += 1
             first_bad = first_bad or f"{rel}: {bad.reason}"
@@ -339,7 +339,7 @@ def assign_buckets(
         `list[tuple[int, int]]`: the ``(width, height)`` buckets in use, sorted.
 
     Raises:
-        `ValueError`: for a resolution that is not a positive multiple of ``step``, a bad ``step`` or ``max_aspect``,
+        `CondvecError`: for a resolution that is not a positive multiple of ``step``, a bad ``step`` or ``max_aspect``,
             or an item without a positive size.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
@@ -394,10 +394,10 @@ def _load_uint8(item: Item) -> torch.Tensor:
     try:
         with Image.open(item.path) as opened:
             image = _to_rgb(ImageOps.exif_transpose(opened))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {item.path} no longer exists; scan the dataset again") from None
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image {item.path} no longer exists; scan the dataset again") from err
     except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error... on bad files
-        raise CondvecError(f"cannot decode image {item.path}: {_first_line(e)}; replace or remove the file") from None
+        raise CondvecError(f"cannot decode image {item.path}: {_first_line(e)}; replace or remove the file") from e
 
     # Resize so the image covers the bucket, keeping its aspect ratio, then crop the centre.
     (new_w, new_h), (left, top) = _cover_and_crop(image.size, item.bucket)
@@ -450,7 +450,7 @@ def load_image(item: Item, flip: bool = False) -> torch.Tensor:
         `torch.Tensor`: float32 of shape ``(3, bucket height, bucket width)`` with values in ``[-1, 1]``.
 
     Raises:
-        `ValueError`: when the item has no bucket or the image cannot be decoded.
+        `CondvecError`: when the item has no bucket or the image cannot be decoded.
         `FileNotFoundError`: when the image file is gone.
     """
     return _to_float(_load_uint8(item), flip)  # (3, h, w)
@@ -478,7 +478,7 @@ def epoch_batches(items: list[Item], batch_size: int, seed: int, epoch: int) -> 
         `list[list[int]]`: the batches, each a list of ``batch_size`` indices into ``items``.
 
     Raises:
-        `ValueError`: for a ``batch_size`` below 1.
+        `CondvecError`: for a ``batch_size`` below 1.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise CondvecError(f"batch_size must be an integer >= 1, got {batch_size!r}")

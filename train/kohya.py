@@ -63,16 +63,16 @@ def _load_toml(path: str) -> dict:
     except ModuleNotFoundError:  # Python 3.10
         try:
             import tomli as tomllib
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as err:
             raise CondvecError("reading a kohya dataset config needs Python >= 3.11 (tomllib) or `pip install "
-                               "tomli`") from None
+                               "tomli`") from err
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data.kohya_config {path!r} does not exist")
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
-        raise CondvecError(f"data.kohya_config {path!r} is not valid TOML ({str(err).splitlines()[0]})") from None
+        raise CondvecError(f"data.kohya_config {path!r} is not valid TOML ({str(err).splitlines()[0]})") from err
 
 
 def _int(value, key: str, where: str, low: int = 0) -> int:

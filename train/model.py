@@ -141,14 +141,14 @@ def build_from_config(path: str, seed: int = 0) -> UNet2DConditionModel:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as err:
-        raise CondvecError(f"model.unet_config {path!r} is not a readable JSON file: {err}") from None
+        raise CondvecError(f"model.unet_config {path!r} is not a readable JSON file: {err}") from err
     if not isinstance(config, dict):
         raise CondvecError(f"model.unet_config {path!r} must hold a JSON object of UNet2DConditionModel arguments")
     torch.manual_seed(seed)
     try:
         return UNet2DConditionModel.from_config(config)
     except (TypeError, ValueError) as err:
-        raise CondvecError(f"model.unet_config {path!r}: {str(err).splitlines()[0]}") from None
+        raise CondvecError(f"model.unet_config {path!r}: {str(err).splitlines()[0]}") from err
 
 
 def describe(unet: torch.nn.Module) -> str:

@@ -59,7 +59,7 @@ def acquire(folder: str) -> str:
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        except FileExistsError as err:
             holder = _read(path)
             pid, host = holder.get("pid"), holder.get("host")
             if pid == me["pid"] and host == me["host"]:
@@ -67,10 +67,10 @@ def acquire(folder: str) -> str:
                 return path  # this process already holds it (a second Trainer in the same process)
             if isinstance(pid, int) and host == me["host"] and _alive(pid):
                 raise RunFolderError(f"output.dir {folder!r} is in use by another condvec-train (pid {pid}); wait "
-                                     "for it to finish or choose another output.dir") from None
+                                     "for it to finish or choose another output.dir") from err
             if host not in (None, me["host"]):
                 raise RunFolderError(f"output.dir {folder!r} is locked by a run on host {host!r} (pid {pid}); if no "
-                                     f"run uses it, delete {path}") from None
+                                     f"run uses it, delete {path}") from err
             _take_over(path, holder)
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as f:

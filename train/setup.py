@@ -68,7 +68,7 @@ def build(cfg, acc: Accelerator) -> Setup:
     """Prepare a run from its resolved config (see ``train.config.RunConfig``); logs one line per decision.
 
     Raises:
-        ValueError: bad data, table or config combinations, with a one-line message.
+        CondvecError: bad data, table or config combinations, with a one-line message.
     """
     say = print if acc.is_main_process else _silent
     log = say  # lines about the table and tags; a resumed run's table is the checkpoint's, so they are left out
@@ -115,8 +115,8 @@ def build(cfg, acc: Accelerator) -> Setup:
     for prompt in cfg.output.sample_prompts:
         try:
             tokenize(table, [prompt])
-        except ValueError as err:
-            raise CondvecError(f"output.sample_prompts {prompt!r}: {str(err).split(' (pass lenient')[0]}") from None
+        except CondvecError as err:
+            raise CondvecError(f"output.sample_prompts {prompt!r}: {str(err).split(' (pass lenient')[0]}") from err
     if str(cfg.training.table_device) == "accelerator":
         table.to(acc.device)
     train_special = cfg.table.train_special
@@ -312,8 +312,8 @@ def _factorise(cfg, table: TagTable, log) -> TagTable:
 def _parse_caption(caption: str, path: str, table: TagTable) -> list[Tag]:
     try:
         return parse_prompt(caption, table.normalization)
-    except ValueError as err:
-        raise CondvecError(f"caption of {path}: {err}") from None
+    except CondvecError as err:
+        raise CondvecError(f"caption of {path}: {err}") from err
 
 
 def _add_data_tags(cfg, table: TagTable, captions: list[list[Tag]], base: Base, log) -> None:

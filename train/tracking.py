@@ -36,7 +36,7 @@ def trackers(report_to: str) -> list[str]:
         report_to (`str`): ``none``, ``tensorboard``, ``wandb`` or ``all`` (both).
 
     Raises:
-        ValueError: a tracker's package is missing; the message says what to install.
+        CondvecError: a tracker's package is missing; the message says what to install.
     """
     names = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
     for name in names:

@@ -66,7 +66,7 @@ def _parser() -> OneLineArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``condvec-generate``; returns 0, or 2 with a one-line error on stderr on bad input."""
-    return run_cli(PROG, lambda: _run(argv), errors=(RuntimeError,))
+    return run_cli(PROG, lambda: _run(argv))
 
 
 def _run(argv: list[str] | None) -> int:

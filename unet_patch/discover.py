@@ -29,7 +29,7 @@ def discover(unet: torch.nn.Module) -> list[LayerSpec]:
         ``IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03 … OUT11``.
 
     Raises:
-        ValueError: the module has no cross-attention layers.
+        CondvecError: the module has no cross-attention layers.
     """
     found = []
     for name, module in unet.named_modules():

@@ -23,7 +23,7 @@ def upscale(image: Image.Image, factor: int) -> Image.Image:
         `PIL.Image.Image`: the enlarged image.
 
     Raises:
-        ValueError: ``factor`` is not an integer >= 1.
+        CondvecError: ``factor`` is not an integer >= 1.
     """
     if not isinstance(factor, int) or factor < 1:
         raise CondvecError(f"upscale factor must be an integer >= 1, got {factor!r}")
@@ -71,7 +71,7 @@ def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labe
         `PIL.Image.Image`: the labelled grid.
 
     Raises:
-        ValueError: no images, or as many labels as rows are not given.
+        CondvecError: no images, or as many labels as rows are not given.
     """
     if not rows or not rows[0]:
         raise CondvecError("labelled_grid needs at least one row with one image")

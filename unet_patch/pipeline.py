@@ -25,12 +25,12 @@ from unet_patch.processor import cached_kv
 
 
 def check_device(device: str) -> None:
-    """Raise ``ValueError`` in one line if torch cannot use ``device`` here (``cuda`` on a CPU build, a typo)."""
+    """Raise ``CondvecError`` in one line if torch cannot use ``device`` here (``cuda`` on a CPU build, a typo)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise CondvecError(f"--device {device!r} is not a torch device ({str(err).splitlines()[0]}); "
-                           "use cpu, cuda, cuda:1 or mps") from None
+                           "use cpu, cuda, cuda:1 or mps") from err
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if not available.get(dev.type, False):
