@@ -12,10 +12,11 @@ Grammar (every prompt string either parses or raises a one-line ``CondvecError``
   ``ganyu \\(genshin impact\\)``), ``\\,`` a literal comma, ``\\:`` a literal colon, ``\\\\`` a literal
   backslash. Brackets in the middle of a tag (``ganyu (genshin impact)``) are part of its name, as in booru tag
   lists; emphasis must enclose whole tags.
-- ``BREAK`` (A1111's 75-token chunk break) separates tags like a comma; condvec has no token limit, so it has no
-  other meaning (said once per process). ComfyUI's ``embedding:NAME`` is the tag ``NAME``. ``<lora:…>``,
-  ``<lyco:…>`` and ``<hypernet:…>`` are refused in one line: condvec loads no networks from prompts. A1111's prompt
-  editing ``[a:b:when]`` and alternation ``[a|b]`` are refused too.
+- ``BREAK`` (A1111's 75-token chunk break: uppercase, a word of its own, as in ``a, BREAK, b`` or ``a BREAK b``)
+  separates tags like a comma; condvec has no token limit, so it has no other meaning (said once per process).
+  ComfyUI's ``embedding:NAME`` is the tag ``NAME``. ``<lora:…>``, ``<lyco:…>`` and ``<hypernet:…>`` are refused in
+  one line: condvec loads no networks from prompts. A1111's prompt editing ``[a:b:when]`` and alternation
+  ``[a|b]`` are refused too.
 - What a weight does is condvec's own: an additive bias ``log(weight)`` on that tag's attention logits in every
   cross-attention layer, so a weight of 2 doubles the tag's share of attention before normalisation (exactly like
   two identical tokens in the sequence). Only the syntax is shared with A1111.
@@ -104,7 +105,7 @@ class TagNormalization:
 
 EMPHASIS = 1.1  # A1111's factor per bracket level
 _NETWORK = re.compile(r"(?<!\\)<\s*(lora|lyco|hypernet|lycoris)\s*:[^>]*>", re.IGNORECASE)
-_BREAK = re.compile(r"(?<!\S)BREAK(?!\S)")
+_BREAK = re.compile(r"\bBREAK\b")  # A1111: uppercase, a word of its own (commas or spaces around it)
 _SEP = (",", "sep")  # a tag boundary in the scanned characters (commas and BREAK)
 _said_break = False
 
