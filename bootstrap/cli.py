@@ -21,6 +21,8 @@ from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
 PROG = "condvec-bootstrap"
 #: Vectors per tag from its tokens, and from its EOS / padding, when distilling (BENCHMARKS.md, "Distillation").
 DISTILL_TOKENS, DISTILL_CONTEXT = 3, 16
+#: Positions of the SD text encoders' sequence (BOS, 75 tokens, EOS): a tag's vectors are read from one encoding.
+CLIP_TOKENS = 77
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,14 +191,14 @@ def _bootstrap(args) -> str:
     from bootstrap.distill import DistillConfig
     from bootstrap.load import describe, load_model
     from bootstrap.table import bootstrap_table
-    from conditioner.schema import MAX_VECTORS
 
     tokens = args.tokens_per_tag if args.tokens_per_tag is not None else DISTILL_TOKENS if args.distill else 1
     context = args.context_rows if args.context_rows is not None else DISTILL_CONTEXT if args.distill else 0
     if tokens < 1 or args.batch_size < 1 or context < 0:
         raise UsageError("--tokens-per-tag and --batch-size must be >= 1, --context-rows >= 0")
-    if tokens + context > MAX_VECTORS:
-        raise UsageError(f"--tokens-per-tag + --context-rows must be at most {MAX_VECTORS}, got {tokens + context}")
+    if tokens > CLIP_TOKENS - 2 or context > CLIP_TOKENS - 1:
+        raise UsageError(f"--tokens-per-tag must be at most {CLIP_TOKENS - 2} and --context-rows at most "
+                         f"{CLIP_TOKENS - 1} (CLIP's {CLIP_TOKENS} positions), got {tokens} and {context}")
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"-o must name a .safetensors file, got {args.output!r}")
     if os.path.exists(args.output) and not args.force:

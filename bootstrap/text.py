@@ -218,6 +218,13 @@ def tag_vectors(model: BaseModel, tags: list[str], tokens_per_tag: int = 1, batc
     _check_encoders(model)
     if batch_size < 1:
         raise CondvecError(f"batch_size must be ≥ 1, got {batch_size}")
+    length = min(tokenizer.model_max_length for tokenizer in model.tokenizers)
+    if not 1 <= tokens_per_tag <= length - 2:
+        raise CondvecError(f"tokens_per_tag must be between 1 and {length - 2} (the tokenizer's {length} positions "
+                           f"less BOS and EOS), got {tokens_per_tag}")
+    if not 0 <= context_rows <= length - 1:
+        raise CondvecError(f"context_rows must be between 0 and {length - 1} (EOS and the padding after it), got "
+                           f"{context_rows}")
     tags = list(tags)
     eos_ids = [tokenizer.eos_token_id for tokenizer in model.tokenizers]
     vectors, pooled, positions, counts = [], [], [], []

@@ -119,15 +119,15 @@ def tokenize(
         pad_to = table.pad_to
     index = table.index
     parsed: list[list[Tag]] = []
-    unknown: list[str] = []
+    unknown: dict[str, None] = {}
     for prompt in prompts:
         tags = parse_prompt(prompt, table.normalization) if isinstance(prompt, str) else list(prompt)
         kept = [tag for tag in tags if tag.name in index]
         if len(kept) != len(tags):
-            unknown.extend(t.name for t in tags if t.name not in index and t.name not in unknown)
+            unknown.update((t.name, None) for t in tags if t.name not in index)
         parsed.append(kept)
     if unknown:
-        message = table.unknown_message(unknown)
+        message = table.unknown_message(list(unknown))
         if not lenient:
             raise CondvecError(message + " (pass lenient=True / --lenient to skip unknown tags)")
         warnings.warn("skipping " + message, stacklevel=2)

@@ -303,9 +303,12 @@ class TagTable:
             raise UnknownTagError(f"unknown tag {name!r}{_close(key, self.tags)}")
         return self._index[key]
 
-    def unknown_message(self, names: list[str]) -> str:
-        parts = [f"{n!r}{_close(n, self.tags)}" for n in names]
-        return f"unknown tag{'s' if len(names) > 1 else ''} {', '.join(parts)}; the table has {len(self.tags)} tags"
+    def unknown_message(self, names: list[str], shown: int = 8) -> str:
+        """One line naming unknown tags: the first ``shown`` with close matches, the rest counted."""
+        parts = [f"{n!r}{_close(n, self.tags)}" for n in names[:shown]]
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        return (f"{len(names)} unknown tags: " if len(names) > 1 else "unknown tag ") + ", ".join(parts) + more + \
+            f"; the table has {len(self.tags)} tags"
 
     def is_split(self, name: str) -> bool:
         """Whether a tag has a separate value source (the result of a key/value swap)."""

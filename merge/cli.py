@@ -131,7 +131,8 @@ def _output_options(p: argparse.ArgumentParser, in_place: bool = True) -> None:
     p.add_argument("-o", "--output", metavar="OUT", required=not in_place, help="write the result here")
     if in_place:
         p.add_argument("--in-place", action="store_true", help="rewrite TABLE instead of writing OUT")
-    p.add_argument("--force", action="store_true", help="overwrite an existing OUT or replace an existing NEW tag")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing OUT (with --in-place: a read-only TABLE) or replace a NEW tag")
 
 
 if __name__ == "__main__":

@@ -24,10 +24,21 @@ def _destination(args, source: str | None) -> str:
     if not in_place and not args.output:
         raise UsageError(f"{args.command}: say where to write: -o OUT.safetensors, or --in-place to rewrite TABLE")
     if in_place:
+        _check_writable(source, args.force)
         return source
     if os.path.exists(args.output) and not args.force:
         raise UsageError(f"{args.command}: output {args.output!r} already exists; pass --force to overwrite it")
     return args.output
+
+
+def _check_writable(path: str, force: bool) -> None:
+    """Refuse to rewrite a table the user marked read-only (no write bit) or cannot write, unless ``force``."""
+    if force or not os.path.exists(path):
+        return
+    marked = not os.stat(path).st_mode & 0o222
+    if marked or not os.access(path, os.W_OK):
+        why = "is marked read-only" if marked else "is not writable by you"
+        raise UsageError(f"--in-place: {path!r} {why}; pass --force to replace it anyway, or write -o OUT")
 
 
 def _write(table: TagTable, path: str, what: str) -> str:

@@ -17,6 +17,56 @@ from conditioner.table import TagTable, extra_rows
 from merge.concepts import _resolve
 
 _CONFLICT = ("error", "left", "right", "mean")
+#: Longest ``drop`` pattern accepted (a tag list is matched, not a document).
+MAX_PATTERN = 1000
+
+
+def _risky_repeat(items, inside: bool = False) -> bool:
+    """Whether a parsed pattern repeats something that itself repeats or alternates (``(a+)+``, ``(a|aa)*``):
+    the shapes whose backtracking can take exponential time on a non-matching name."""
+    from re import _constants as c
+
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            repeats = av[1] != av[0]  # a variable count: the backtracking kind
+            if repeats and inside:
+                return True
+            if _risky_repeat(av[2], inside or repeats):
+                return True
+        elif op is c.BRANCH:
+            if inside:
+                return True
+            if any(_risky_repeat(branch, inside) for branch in av[1]):
+                return True
+        elif op is c.SUBPATTERN:
+            if _risky_repeat(av[3], inside):
+                return True
+        elif op in (c.ASSERT, c.ASSERT_NOT, getattr(c, "ATOMIC_GROUP", None)):
+            if _risky_repeat(av[1] if op in (c.ASSERT, c.ASSERT_NOT) else av, inside):
+                return True
+        elif op is c.GROUPREF_EXISTS:
+            if any(part is not None and _risky_repeat(part, inside) for part in av[1:]):
+                return True
+    return False
+
+
+def compile_match(match: str) -> re.Pattern:
+    """``match`` compiled, or a one-line :class:`CondvecError`: not a regex, too long, or shaped for catastrophic
+    backtracking (a repeated group that repeats or alternates inside; write ``a+`` for ``(a+)+``)."""
+    if len(match) > MAX_PATTERN:
+        raise CondvecError(f"match pattern is {len(match)} characters long; the limit is {MAX_PATTERN}")
+    try:
+        pattern = re.compile(match)
+        from re import _parser
+
+        parsed = _parser.parse(match)
+    except re.error as err:
+        raise CondvecError(f"match pattern {match!r} is not a valid regular expression ({err})") from err
+    if _risky_repeat(list(parsed)):
+        raise CondvecError(f"match pattern {match!r} repeats a group that itself repeats or alternates, which can "
+                           "take exponential time; write it without the nesting (e.g. 'a+' for '(a+)+', "
+                           "'(?:cat|dog)' without a repeat around it)")
+    return pattern
 
 
 def drop(table: TagTable, tags: Sequence[str] = (), match: str | None = None) -> TagTable:
@@ -49,10 +99,7 @@ def drop(table: TagTable, tags: Sequence[str] = (), match: str | None = None) ->
         raise CondvecError("nothing to drop: name tags or give a regular expression to match")
     names = _resolve(table, list(tags))
     if match is not None:
-        try:
-            pattern = re.compile(match)
-        except re.error as err:
-            raise CondvecError(f"match pattern {match!r} is not a valid regular expression ({err})") from err
+        pattern = compile_match(match)
         matched = [name for name in table.tags if pattern.search(name)]
         if not matched:
             raise CondvecError(f"match pattern {match!r} matches no tag of the {len(table.tags)} in the table")

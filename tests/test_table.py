@@ -97,7 +97,7 @@ def test_add_remove_rename(layers):
 
 def test_unknown_tags_error_and_lenient(layers):
     table = TagTable.create(layers, tags=["red circle", "blue square"])
-    with pytest.raises(CondvecError, match=r"unknown tags 'red circel' \(did you mean 'red circle'\?\), 'zzz'"):
+    with pytest.raises(CondvecError, match=r"2 unknown tags: 'red circel' \(did you mean 'red circle'\?\), 'zzz'"):
         encode(table, ["red circel, zzz, blue square"])
     with pytest.warns(UserWarning, match="skipping unknown tag"):
         out = encode(table, ["red circel, blue square"], lenient=True)

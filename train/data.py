@@ -22,7 +22,6 @@ import logging
 import math
 import re
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,26 +29,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from conditioner.captions import (  # noqa: F401 - re-exported: the dataset's layout lives in conditioner.captions
-    _BAD_CAPTION,
-    _CATEGORIES,
-    _JSONL_EXAMPLE,
-    _NO_CAPTION,
-    _TOO_LARGE,
-    _UNREADABLE,
+from conditioner.captions import (
     IMAGE_EXTENSIONS,
     MAX_CAPTION_BYTES,
     MAX_TAG_CHARS,
     MAX_TAGS,
-    METADATA_FILE,
-    _BadImage,
-    _check_caption,
-    _find_images,
-    _first_line,
-    _jsonl_captions,
-    _normalize_rel,
-    _read_text,
-    _sidecar_caption,
+    ON_BAD_IMAGE,
+    TOO_LARGE,
+    UNREADABLE,
+    BadImage,
+    find_images,
+    first_line,
+    normalize_rel,
+    read_captions,
 )
 from conditioner.errors import CondvecError
 
@@ -59,10 +51,10 @@ _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5-8 rotate by 90 degrees: the displayed image has width and height swapped.
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
-_MAX_LISTED = 3
 
-#: What :func:`scan_dataset` does with an image it cannot use.
-ON_BAD_IMAGE = ("skip", "error")
+__all__ = ["IMAGE_EXTENSIONS", "MAX_CAPTION_BYTES", "MAX_TAG_CHARS", "MAX_TAGS", "ON_BAD_IMAGE",
+           "MAX_IMAGE_PIXELS", "Item", "scan_dataset", "assign_buckets", "load_image", "micro_conditioning",
+           "epoch_batches"]
 #: Largest image accepted, in pixels (8192 x 8192); a larger header is refused before any pixel is decoded, so a
 #: decompression bomb (a small file claiming a huge size) never allocates its pixels.
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -127,7 +119,7 @@ def _repeats_of(rel: str, explicit: dict[str, int], default_repeats: int) -> int
 
 
 def _image_size(path: Path, max_pixels: int) -> tuple[int, int]:
-    """Displayed (width, height) of a usable image; raises :class:`_BadImage` otherwise.
+    """Displayed (width, height) of a usable image; raises :class:`BadImage` otherwise.
 
     The size is read from the header and checked against ``max_pixels`` before any pixel data is touched. Then the
     file is checked cheaply: a PNG's chunk checksums (``verify``, no decompression), a JPEG decoded at 1/8 scale;
@@ -139,9 +131,9 @@ def _image_size(path: Path, max_pixels: int) -> tuple[int, int]:
             with Image.open(path) as im:
                 width, height = im.size
                 if width < 1 or height < 1:
-                    raise _BadImage(_UNREADABLE, f"image header says {width}x{height} pixels")
+                    raise BadImage(UNREADABLE, f"image header says {width}x{height} pixels")
                 if width * height > max_pixels:
-                    raise _BadImage(_TOO_LARGE, f"image is {width}x{height} pixels, over the limit of {max_pixels}; "
+                    raise BadImage(TOO_LARGE, f"image is {width}x{height} pixels, over the limit of {max_pixels}; "
                                                 "downscale it")
                 # getexif() on a PNG without an eXIf chunk in its header would decode the whole image.
                 orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if "exif" in im.info else 1
@@ -152,20 +144,15 @@ def _image_size(path: Path, max_pixels: int) -> tuple[int, int]:
                     if im.format == "JPEG":
                         im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                     im.load()
-    except _BadImage:
+    except BadImage:
         raise
     except Image.DecompressionBombError as e:
-        raise _BadImage(_TOO_LARGE, f"image is too large ({_first_line(e)})") from e
+        raise BadImage(TOO_LARGE, f"image is too large ({first_line(e)})") from e
     except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error, EOFError... on bad files
-        raise _BadImage(_UNREADABLE, f"unreadable image ({_first_line(e)})") from e
+        raise BadImage(UNREADABLE, f"unreadable image ({first_line(e)})") from e
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return width, height
-
-
-def _skip_counts(counts: Counter) -> str:
-    """``"2 unreadable, 1 without caption"``."""
-    return ", ".join(f"{counts[c]} {c}" for c in _CATEGORIES if counts[c])
 
 
 def scan_dataset(
@@ -191,8 +178,10 @@ def scan_dataset(
 
     Bad images: an unreadable, truncated or too large image, an image without a caption, and a caption that is
     empty, not UTF-8, unparsable, only commas, has a tag over :data:`MAX_TAG_CHARS` characters or more than
-    :data:`MAX_TAGS` tags, are skipped with one warning line each on the ``train.data`` logger and a count at the end
-    (``"skipped 3 of 20 images in DATA: 2 unreadable, 1 without caption"``), or raise, depending on ``on_bad_image``.
+    :data:`MAX_TAGS` tags, are skipped — after the scan, one warning line each on the ``train.data`` logger (the
+    first :data:`~conditioner.captions.MAX_SKIP_LINES`) and a count (``"skipped 3 of 20 images in DATA: 2
+    unreadable, 1 without caption"``); none when no image is usable, which is one error line — or raise, depending
+    on ``on_bad_image`` (the scan is :func:`conditioner.captions.read_captions`, shared with the bootstrap CLI).
     Grayscale, alpha, palette and 16-bit images are valid (see :func:`load_image`).
 
     Args:
@@ -222,82 +211,23 @@ def scan_dataset(
             ``on_bad_image="error"``, the metadata file is not UTF-8 or a line of it is malformed, or an argument is
             invalid.
     """
-    base = Path(root).expanduser()
-    if not base.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder; pass the folder that holds "
-                                "the images and their captions")
-    if metadata not in ("auto", "jsonl", "sidecar"):
-        raise CondvecError(f"metadata must be 'auto', 'jsonl' or 'sidecar', got {metadata!r}")
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise CondvecError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
-    if not isinstance(caption_ext, str) or not caption_ext.startswith(".") or len(caption_ext) < 2:
-        raise CondvecError(f"caption_ext must be a file extension starting with '.', e.g. '.txt'; got {caption_ext!r}")
-    if caption_ext.lower() in IMAGE_EXTENSIONS:
-        raise CondvecError(f"caption_ext {caption_ext!r} is an image extension; captions are text files, e.g. '.txt'")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise CondvecError(f"max_pixels must be an integer >= 1, got {max_pixels!r}")
     _check_repeat_count(default_repeats, "default_repeats")
-    base = base.resolve()
-
-    images = _find_images(base)
-    if not images:
-        raise CondvecError(f"no images found in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}, "
-                           "any case); check the path")
-
-    use_jsonl = metadata == "jsonl" or (metadata == "auto" and (base / METADATA_FILE).is_file())
-    jsonl_captions = _jsonl_captions(base, images) if use_jsonl else {}
-
+    base, images = find_images(root)
     explicit: dict[str, int] = {}
     folders = _folders(images)
     for key, value in (repeats or {}).items():
-        folder = _normalize_rel(str(key))
+        folder = normalize_rel(str(key))
         if folder != "." and folder not in folders:
             shown = ", ".join(folders[:20]) + (f" and {len(folders) - 20} more" if len(folders) > 20 else "")
             raise CondvecError(f"repeats key {key!r} matches no folder with images in {root}; folders: "
                                f"{shown or '(none: every image is directly in the root)'}")
         explicit[folder] = _check_repeat_count(value, f"repeats[{key!r}]")
-
-    if use_jsonl:
-        caption_hint = f"add a line {_JSONL_EXAMPLE} for it to {base / METADATA_FILE}"
-    else:
-        caption_hint = (f"write a NAME{caption_ext} file next to each image, pass caption_ext if the captions use "
-                        f"another extension, or list the captions in {base / METADATA_FILE}")
-    items, skipped, first_bad = [], Counter(), ""
-    for rel in images:
-        path = base / rel
-        try:
-            if use_jsonl:
-                if rel not in jsonl_captions:
-                    raise _BadImage(_NO_CAPTION, f"not listed in {METADATA_FILE}")
-                caption = jsonl_captions[rel]
-            else:
-                try:
-                    caption = _sidecar_caption(path.with_suffix(caption_ext)).strip()
-                except _BadImage as bad:
-                    if bad.category != _NO_CAPTION or not default_caption:
-                        raise
-                    caption = default_caption  # kohya's class_tokens: the caption of uncaptioned images
-            _check_caption(caption)
-            width, height = _image_size(path, max_pixels)
-        except _BadImage as bad:
-            if on_bad_image == "error":
-                hint = caption_hint if bad.category == _NO_CAPTION else "fix or remove the file"
-                raise CondvecError(f"image {rel} in {base}: {bad.reason}; {hint}, or set on_bad_image='skip' "
-                                   "(data.on_bad_image) to skip bad images") from bad
-            logger.warning("skipping image %s: %s", rel, bad.reason)
-            skipped[bad.category] += 1
-            first_bad = first_bad or f"{rel}: {bad.reason}"
-            continue
-        items.append(Item(path=str(path), caption=caption, repeats=_repeats_of(rel, explicit, default_repeats),
-                          width=width, height=height))
-    if not items:
-        hint = caption_hint if set(skipped) == {_NO_CAPTION} else "fix the files named in the warnings"
-        raise CondvecError(f"no usable images in {root}: all {len(images)} skipped ({_skip_counts(skipped)}; first "
-                           f"{first_bad}); {hint}")
-    if skipped:
-        logger.warning("skipped %d of %d images in %s: %s", sum(skipped.values()), len(images), base,
-                       _skip_counts(skipped))
-    return items
+    usable = read_captions(base, images, caption_ext, metadata, on_bad_image, default_caption,
+                           check=lambda path: _image_size(path, max_pixels), root=root)
+    return [Item(path=str(base / rel), caption=caption, repeats=_repeats_of(rel, explicit, default_repeats),
+                 width=size[0], height=size[1]) for rel, caption, size in usable]
 
 
 # ---------------------------------------------------------------------------------------------------- buckets
@@ -397,7 +327,7 @@ def _load_uint8(item: Item) -> torch.Tensor:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"image {item.path} no longer exists; scan the dataset again") from err
     except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error... on bad files
-        raise CondvecError(f"cannot decode image {item.path}: {_first_line(e)}; replace or remove the file") from e
+        raise CondvecError(f"cannot decode image {item.path}: {first_line(e)}; replace or remove the file") from e
 
     # Resize so the image covers the bucket, keeping its aspect ratio, then crop the centre.
     (new_w, new_h), (left, top) = _cover_and_crop(image.size, item.bucket)

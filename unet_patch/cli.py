@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
@@ -19,6 +20,11 @@ SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
     "pndm": "PNDMScheduler",
 }
+
+
+def _outputs(out: str, num: int) -> list[str]:
+    """The files a run writes: ``out``, and with several images ``OUT-0.png`` … as well."""
+    return [out] if num == 1 else [out] + [f"{out[:-4]}-{i}.png" for i in range(num)]
 
 
 def _write(images: list, out: str, upscale_by: int) -> str:
@@ -60,7 +66,9 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscale factor for viewing tiny images")
     p.add_argument("--lenient", action="store_true", help="skip unknown tags with a warning instead of failing")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--out", default="condvec.png", help="output PNG (default condvec.png)")
+    p.add_argument("--out", default="condvec.png",
+                   help="output PNG (default condvec.png); with --num N also OUT-0.png … OUT-(N-1).png")
+    p.add_argument("--force", action="store_true", help="replace output PNGs that already exist")
     return p
 
 
@@ -81,8 +89,14 @@ def _run(argv: list[str] | None) -> int:
         raise UsageError(f"--guidance must be between 0 and 100, got {args.guidance}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         raise UsageError(f"--guidance-rescale must be between 0 and 1, got {args.guidance_rescale}")
+    if not 0 <= args.seed < 2 ** 64:
+        raise UsageError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out must be a .png path, got {args.out!r}")
+    existing = [path for path in _outputs(args.out, args.num) if os.path.lexists(path)]
+    if existing and not args.force:
+        raise UsageError(f"{existing[0]!r} already exists ({len(existing)} of the {len(_outputs(args.out, args.num))} "
+                         "output file(s)); pass --force to replace, or choose another --out")
     import diffusers
     import torch
 
