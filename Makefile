@@ -31,6 +31,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	@touch $(STAMP)
 
 quickstart: setup
+	$(BIN)/python -m demo.data runs/data/quickstart-concepts --num 64 --if-missing \
+		--concept "mascot=large magenta circle" --concept "badge=small cyan square"
 	$(BIN)/condvec-train configs/quickstart.yaml $(ARGS)
 
 test: setup

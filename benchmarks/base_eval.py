@@ -168,13 +168,15 @@ def three_way(model: str, guidance: float, steps: int, num: int, finetune_steps:
     (default :data:`FINETUNE_LR`: the rates the published table used).
     ``tokens_per_tag`` vectors per tag: the tag's tokens, then its EOS (:func:`bootstrap.text.tag_vectors`).
     """
-    from bootstrap.load import load_model
     from bootstrap.table import bootstrap_table
     from demo.data import tag_vocabulary
     from train.config import load_config
     from train.loop import train
+    from unet_patch.load import load_model
 
     work.mkdir(parents=True, exist_ok=True)
+    if not (work / "data").exists():  # the scenes the fine-tuning learns from (seed 0, as condvec-train's default)
+        generate_demo_dataset(work / "data", data_images, size=32, seed=0)
     results = {"clip": evaluate(model, guidance, steps, num, text_encoder=True)}
     base = load_model(model)
     for groups in layouts:
@@ -185,7 +187,7 @@ def three_way(model: str, guidance: float, steps: int, num: int, finetune_steps:
         run = work / f"finetune-{groups}"
         began = time.perf_counter()
         train(load_config(None, [
-            f"model.pretrained={model}", f"data.path={work / 'data'}", f"data.generate_demo={data_images}",
+            f"model.pretrained={model}", f"data.path={work / 'data'}",
             "data.resolution=32", "data.bucketing=false", "data.caption_dropout=0.0", f"table.start_from={start}",
             "table.train_special=false", "training.train=table", f"training.steps={finetune_steps}",
             f"training.lr={(finetune_lr or FINETUNE_LR)[groups]}",

@@ -156,7 +156,7 @@ class Base:
     def __init__(self, model: str):
         from diffusers import DDPMScheduler
 
-        from bootstrap.load import load_model
+        from unet_patch.load import load_model
 
         loaded = load_model(model)
         self.model = loaded  # bootstrap_table reads its text encoder

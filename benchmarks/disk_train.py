@@ -122,9 +122,9 @@ def write_table(path: str, model: str, family: str, tags: int) -> float:
     """A synthetic fp16 table of ``tags`` tags for ``model``'s UNet, streamed to ``path``; returns its GiB."""
     import torch
 
-    from bootstrap.load import load_model
     from conditioner import TagTable
     from unet_patch.discover import discover
+    from unet_patch.load import load_model
 
     layers = discover(load_model(model, with_text_encoders=False).unet)
     table = TagTable.create(layers, groups=FAMILIES[family]["groups"], pad_to=77,

@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import StableDiffusionPipeline
 
     from bootstrap.export import export_embedding
-    from bootstrap.load import load_model
     from conditioner.table import TagTable
     from unet_patch import TagDiffusionPipeline
+    from unet_patch.load import load_model
 
     table = TagTable.load(args.table)
     model = load_model(args.model)

@@ -126,9 +126,9 @@ def _export(args) -> str:
     from safetensors.torch import save_file
 
     from bootstrap.export import export_embedding, modelspec
-    from bootstrap.load import load_model
     from conditioner.fileio import atomic_path
     from conditioner.table import TagTable
+    from unet_patch.load import load_model
 
     table = TagTable.load(args.table)
     model = load_model(args.model, config=args.config)
@@ -189,8 +189,8 @@ def _read_tags(args) -> list[str]:
 
 def _bootstrap(args) -> str:
     from bootstrap.distill import DistillConfig
-    from bootstrap.load import describe, load_model
     from bootstrap.table import bootstrap_table
+    from unet_patch.load import describe, load_model
 
     tokens = args.tokens_per_tag if args.tokens_per_tag is not None else DISTILL_TOKENS if args.distill else 1
     context = args.context_rows if args.context_rows is not None else DISTILL_CONTEXT if args.distill else 0
@@ -291,7 +291,7 @@ def _import(args) -> str:
         if not args.model:
             raise UsageError("import: these embeddings are input-space (textual inversion / XTI): they go through the "
                              "model's text encoder; pass --model MODEL")
-        from bootstrap.load import load_model
+        from unet_patch.load import load_model
 
         model = load_model(args.model, config=args.config)
     added = []

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from bootstrap.load import BaseModel
 from bootstrap.text import _encode, null_sequence
 from conditioner.encode import Rows, pack, pack_pooled, tokenize
 from conditioner.errors import CondvecError
@@ -39,6 +38,7 @@ from conditioner.fileio import atomic_dir
 from conditioner.parse import parse_prompt
 from conditioner.rows import RowSparseAdamW
 from conditioner.table import TagTable
+from unet_patch.load import BaseModel
 from unet_patch.patch import patched
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from bootstrap.embeddings import XTI_LAYERS
-from bootstrap.load import BaseModel
 from conditioner.errors import CondvecError
 from conditioner.table import MODELSPEC_ARCHITECTURES, TagTable
+from unet_patch.load import BaseModel
 
 
 @dataclass

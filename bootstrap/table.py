@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from bootstrap.embeddings import Embedding, encode_input_embedding
-from bootstrap.load import BaseModel
 from bootstrap.text import null_sequence, tag_vectors
 from conditioner.errors import CondvecError
 from conditioner.modes import table_mode
@@ -23,6 +22,7 @@ from conditioner.regroup import regroup
 from conditioner.table import TagTable
 from unet_patch.discover import discover
 from unet_patch.kv import kv_table
+from unet_patch.load import BaseModel
 
 #: kohya XTI block names that differ from condvec's kohya layer names.
 _XTI_ALIASES = {"MID": "M00"}
@@ -44,7 +44,7 @@ def bootstrap_table(
     """A table for ``model`` with ``tags``, every vector taken from the model's own text encoder(s).
 
     Args:
-        model (`BaseModel`): from ``bootstrap.load_model`` with its text encoders.
+        model (`BaseModel`): from ``unet_patch.load_model`` with its text encoders.
         tags (`list[str]`): tag names (normalised with the default normalisation; duplicates dropped).
         groups (`str | dict`, defaults to `"single"`): layer grouping (``single``, ``blocks``, ``layers`` or a
             mapping); every group starts from the same vectors.

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bootstrap.load import BaseModel
 from conditioner.errors import CondvecError
+from unet_patch.load import BaseModel
 
 
 @dataclass

@@ -60,6 +60,7 @@ Same arguments and seed give byte-identical files. Command line::
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -403,6 +404,45 @@ def generate_concept_dataset(
     return records
 
 
+def parse_concept(spec: str) -> tuple[str, dict]:
+    """``"mascot=large magenta circle"`` → ``("mascot", {"size": "large", "colour": "magenta", "shape": "circle"})``.
+
+    Raises:
+        `CondvecError`: no ``=``, not one size, colour and shape, or a tag that cannot name a folder.
+    """
+    if "=" not in spec:
+        raise CondvecError(f"concept {spec!r} must look like 'mascot=large yellow triangle'")
+    tag, words = (part.strip() for part in spec.split("=", 1))
+    attributes = {}
+    for word in words.split():
+        for key, options in (("colour", tuple(COLOURS)), ("shape", SHAPES), ("size", SIZES)):
+            if word in options:
+                attributes[key] = word
+    if len(attributes) != 3 or len(words.split()) != 3:
+        raise CondvecError(f"concept {spec!r}: name a size ({', '.join(SIZES)}), a colour ({', '.join(COLOURS)}) "
+                           f"and a shape ({', '.join(SHAPES)})")
+    folder = tag.replace(" ", "_")
+    if not folder or folder in (".", "..") or any(c in folder for c in "/\\") or ":" in folder:
+        raise CondvecError(f"concept tag {tag!r} names its folder below the output folder: use a plain name (no "
+                           "'/', '\\', ':' or '..')")
+    return tag, attributes
+
+
+def generate_concepts(out_dir: str | Path, concepts: list[str], num_images: int, size: int = 32,
+                      seed: int = 0) -> list[dict]:
+    """One folder per concept below ``out_dir`` (``mascot=large magenta circle`` → ``out_dir/mascot/``), each with
+    ``num_images`` images of :func:`generate_concept_dataset` (seed ``seed + k`` for the k-th concept).
+
+    Every spec is checked (:func:`parse_concept`) before anything is written.
+    """
+    parsed = [parse_concept(spec) for spec in concepts]
+    records = []
+    for k, (tag, attributes) in enumerate(parsed):
+        records += generate_concept_dataset(Path(out_dir) / tag.replace(" ", "_"), tag, attributes, num_images,
+                                            size=size, seed=seed + k)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m demo.data``; returns 0, or 2 with a one-line error on bad input."""
     prog = "python -m demo.data"
@@ -415,12 +455,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32, help="image side in pixels: 32 or 64 (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--two-object-prob", type=float, default=0.5, help="chance of two objects (default 0.5)")
+    parser.add_argument("--concept", action="append", default=[], metavar="TAG=SIZE COLOUR SHAPE",
+                        help="instead of scenes, --num images of one fixed object captioned TAG, in OUT_DIR/TAG/ "
+                             "(repeatable), e.g. --concept 'mascot=large magenta circle'")
+    parser.add_argument("--if-missing", action="store_true", help="do nothing when OUT_DIR already exists")
 
     def run() -> int:
         args = parser.parse_args(argv)
-        records = generate_demo_dataset(
-            args.out_dir, args.num, size=args.size, seed=args.seed, two_object_prob=args.two_object_prob
-        )
+        if args.if_missing and os.path.exists(args.out_dir):
+            print(f"{args.out_dir} exists: nothing written")
+            return 0
+        if args.concept:
+            records = generate_concepts(args.out_dir, args.concept, args.num, size=args.size, seed=args.seed)
+        else:
+            records = generate_demo_dataset(
+                args.out_dir, args.num, size=args.size, seed=args.seed, two_object_prob=args.two_object_prob
+            )
         print(f"wrote {len(records)} images to {args.out_dir}")
         return 0
 

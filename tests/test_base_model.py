@@ -54,8 +54,8 @@ def test_mini_sd_is_an_sd1_folder_that_ships_in_the_repo():
 
 
 def test_family_detection_and_bootstrap_take_it_as_sd15():
-    from bootstrap.load import load_model
     from bootstrap.table import bootstrap_table
+    from unet_patch.load import load_model
 
     model = load_model(BASE)
     assert model.family == "sd1" and len(model.text_encoders) == 1

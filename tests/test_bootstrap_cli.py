@@ -7,9 +7,9 @@ from standins import make_sd15
 
 from bootstrap.cli import main
 from bootstrap.embeddings import XTI_LAYERS, encode_input_embedding
-from bootstrap.load import load_model
 from bootstrap.text import null_sequence, tag_vectors
 from conditioner import TagTable, encode
+from unet_patch.load import load_model
 
 
 @pytest.fixture(scope="module")

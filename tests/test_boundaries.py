@@ -89,10 +89,58 @@ def test_the_checks_see_violations():
 
 
 def test_one_model_loader():
-    """Only ``bootstrap/load.py`` reads model weights from disk (``from_pretrained`` / ``from_single_file`` of a
+    """Only ``unet_patch/load.py`` reads model weights from disk (``from_pretrained`` / ``from_single_file`` of a
     diffusers or transformers class): trainer, pipeline, CLIs and ComfyUI nodes all load through ``load_model``."""
     loaders = re.compile(r"\b(?!TagDiffusionPipeline)\w+\.(from_pretrained|from_single_file)\(")
     offenders = [f"{path.relative_to(ROOT)}:{n}" for package in PACKAGES if package != "benchmarks"
-                 for path in _modules(package) if path != ROOT / "bootstrap" / "load.py"
+                 for path in _modules(package) if path != ROOT / "unet_patch" / "load.py"
                  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if loaders.search(line)]
     assert offenders == []
+
+
+def _graph(edges_of) -> dict[str, set[str]]:
+    return {p: {q for q in edges_of(p) if q in PACKAGES and q != p} for p in PACKAGES}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the package graph as a path (first == last), or None."""
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [nxt])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start, [start])
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_packages_import_one_way_with_no_cycle():
+    """Both the design (the "may import" column) and the source's real imports form a graph without cycles."""
+    allowed = _graph(lambda p: ALLOWED[p] if ALLOWED[p] is not None else set())
+    assert _cycle(allowed) is None, f"docs/architecture.md allows an import cycle: {' → '.join(_cycle(allowed))}"
+    real = _graph(lambda p: {name for path in _modules(p) for _, name in _imports(path.read_text(encoding="utf-8"))})
+    assert _cycle(real) is None, f"the packages import in a cycle: {' → '.join(_cycle(real))}"
+
+
+def test_train_imports_no_demo_module():
+    assert "demo" not in (ALLOWED["train"] or set())
+    bad = [f"{path.relative_to(ROOT)}:{line}" for path in _modules("train")
+           for line, name in _imports(path.read_text(encoding="utf-8")) if name == "demo"]
+    assert not bad, "train/ imports demo: " + "; ".join(bad)

@@ -10,10 +10,10 @@ from standins import make_sd2, make_sd15, make_sdxl
 
 from bootstrap.cli import main as bootstrap_main
 from bootstrap.distill import DistillConfig, DistillError, distill, random_prompts, work_dir
-from bootstrap.load import load_model
 from bootstrap.table import bootstrap_table
 from conditioner import encode
 from conditioner.table import TagTable
+from unet_patch.load import load_model
 
 FAMILIES = {"sd1": make_sd15, "sd2-v": make_sd2, "sdxl": make_sdxl}
 TAGS = ["red", "blue hair", "elephant", "glass", "smile"]

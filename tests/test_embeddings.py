@@ -327,8 +327,8 @@ def test_exported_tag_loads_with_stock_load_textual_inversion(tmp_path, family, 
     from standins import make_sd15, make_sdxl
 
     from bootstrap.cli import main
-    from bootstrap.load import load_model
     from bootstrap.table import bootstrap_table
+    from unet_patch.load import load_model
 
     folder = (make_sd15 if family == "sd15" else make_sdxl)(tmp_path / "model")
     table = bootstrap_table(load_model(folder), ["red", "blue hair"], groups="layers", progress=False)
@@ -364,9 +364,9 @@ def test_exported_xti_imports_back_within_the_reported_error(tmp_path, capsys):
     from standins import make_sd15
 
     from bootstrap.cli import main
-    from bootstrap.load import load_model
     from bootstrap.table import bootstrap_table
     from conditioner.table import TagTable
+    from unet_patch.load import load_model
 
     folder = make_sd15(tmp_path / "model")
     table = bootstrap_table(load_model(folder), ["red", "blue hair"], groups="layers", progress=False)
@@ -395,8 +395,8 @@ def test_distilled_export_loads_into_the_stock_pipeline_and_beats_the_fitted_sta
     from standins import make_sd15
 
     from bootstrap.cli import main
-    from bootstrap.load import load_model
     from bootstrap.table import bootstrap_table
+    from unet_patch.load import load_model
 
     folder = make_sd15(tmp_path / "model")
     table = bootstrap_table(load_model(folder), ["red", "blue hair", "glass"], groups="layers", progress=False)

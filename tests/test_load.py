@@ -1,4 +1,4 @@
-"""bootstrap.load: SD1.x / SD2.x / SDXL models load offline with the right family; everything else is one line."""
+"""unet_patch.load: SD1.x / SD2.x / SDXL models load offline with the right family; everything else is one line."""
 
 import json
 import os
@@ -11,7 +11,8 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from bootstrap.load import (
+from tests.standins import make_sd2, make_sd15, make_sdxl, make_single_file
+from unet_patch.load import (
     DownloadRequiredError,
     MissingConfigError,
     ModelLoadError,
@@ -21,7 +22,6 @@ from bootstrap.load import (
     detect_family,
     load_model,
 )
-from tests.standins import make_sd2, make_sd15, make_sdxl, make_single_file
 
 
 @pytest.fixture(scope="module")

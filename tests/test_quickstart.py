@@ -13,11 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_quickstart_learns_the_new_concepts(tmp_path, monkeypatch):
+    from demo.data import main as demo_data
     from train.cli import main
     from unet_patch import TagDiffusionPipeline
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "quickstart"
+    assert demo_data([str(tmp_path / "data"), "--num", "64", "--concept", "mascot=large magenta circle",
+                      "--concept", "badge=small cyan square"]) == 0  # as make quickstart writes them
     assert main(["configs/quickstart.yaml", f"output.dir={out}", f"data.path={tmp_path / 'data'}",
                  "output.progress=false"]) == 0
     from omegaconf import OmegaConf

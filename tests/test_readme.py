@@ -58,7 +58,8 @@ def test_readme_two_commands_are_make_targets_that_run_the_documented_commands()
     block = re.search(r"## The two commands\n\n```bash\n(.*?)```", text, flags=re.S).group(1)
     assert [line.split("#")[0].strip() for line in block.strip().splitlines()] == ["make quickstart", "make test"]
     makefile = MAKEFILE.read_text()
-    assert re.search(r"^quickstart: setup\n\t\$\(BIN\)/condvec-train configs/quickstart.yaml", makefile, flags=re.M)
+    assert re.search(r"^quickstart: setup\n\t\$\(BIN\)/python -m demo.data runs/data/quickstart-concepts .*\n.*\n"
+                     r"\t\$\(BIN\)/condvec-train configs/quickstart.yaml", makefile, flags=re.M)
     assert re.search(r"^test: setup\n\tHF_HUB_OFFLINE=1 \$\(BIN\)/python -m pytest -q", makefile, flags=re.M)
     ci = (README.parent / ".ci" / "run").read_text()
     assert re.search(r"^make test VENV=\S+$", ci, flags=re.M) and re.search(r"^make lint VENV=\S+$", ci, flags=re.M)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from standins import make_sd2, make_sd15, make_sdxl
 
-from bootstrap.load import load_model
 from bootstrap.table import bootstrap_table
 from bootstrap.text import null_sequence, tag_vectors
 from conditioner import encode, encode_pooled
 from unet_patch import TagDiffusionPipeline, install, patched, remove
+from unet_patch.load import load_model
 
 FAMILIES = {"sd1": make_sd15, "sd2-v": make_sd2, "sdxl": make_sdxl}
 TAGS = ["red", "blue hair", "elephant", "zqxv"]  # one-token words, a two-word tag, a rare word split into pieces

@@ -4,10 +4,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from bootstrap.load import load_model
 from bootstrap.text import null_sequence, tag_positions, tag_vectors
 from conditioner.errors import CondvecError
 from tests.standins import make_sd2, make_sd15, make_sdxl
+from unet_patch.load import load_model
 
 FAMILIES = {
     "sd1": (make_sd15, StableDiffusionPipeline),

@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 from standins import make_sd15, make_sdxl
 
-from bootstrap.load import load_model
 from bootstrap.text import null_sequence, tag_vectors
 from conditioner import TagTable, encode
 from train.cli import main
 from unet_patch import TagDiffusionPipeline
+from unet_patch.load import load_model
 
 TEMPLATES = {"sd15": ("configs/sd15.yaml", make_sd15), "sdxl": ("configs/sdxl.yaml", make_sdxl)}
 

@@ -88,8 +88,6 @@ class DataConfig:
     caption_dropout: float = _f(0.05, "probability of training a sample on the null prompt (keeps CFG working)")
     cache_latents: bool = _f(True, "cache VAE latents on disk (keyed by VAE identity and image size/mtime)")
     cache_dir: str | None = _f(None, "latent cache folder; default DATA/.condvec_cache")
-    generate_demo: int = _f(0, "if > 0 and data.path is missing, write that many demo images there first")
-    demo_concepts: list[str] = _f([], "demo concepts 'TAG=size colour shape' to generate instead of demo scenes")
 
 
 @dataclass
@@ -342,9 +340,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'data.keep_tags' must be an integer >= 0 or a list of tag names, got {keep!r}")
     if tr.epochs < 0 or o.save_every_epochs < 0:
         raise ConfigError("'training.epochs' and 'output.save_every_epochs' must be >= 0")
-    for concept in d.demo_concepts:
-        if "=" not in concept:
-            raise ConfigError(f"data.demo_concepts item {concept!r} must look like 'mascot=large yellow triangle'")
 
 
 def flatten(node: dict, prefix: str = "") -> dict:

@@ -1,4 +1,4 @@
-"""The base model of a run: loaded through ``bootstrap.load`` (folders, single files), or built (built-ins)."""
+"""The base model of a run: loaded through ``unet_patch.load`` (folders, single files), or built (built-ins)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 
-from bootstrap.load import BaseModel, load_model
 from conditioner.errors import CondvecError
 from conditioner.table import TagTable
+from unet_patch.load import BaseModel, load_model
 
 # A small pixel-space UNet: 32 px images, cross-attention at 16 and 8 px only (attention at 32 px costs ~3×).
 TINY_UNET = dict(
@@ -78,7 +78,7 @@ class Base:
     Attributes:
         unet: the denoiser. vae: its VAE, or `None` in pixel space. noise_scheduler: the training scheduler (DDPM).
         table: the base's own condvec table, if it ships one. name: recorded in the table.
-        text: the model with its text encoders (``bootstrap.load.BaseModel``) when it has them: new tables and tags
+        text: the model with its text encoders (``unet_patch.load.BaseModel``) when it has them: new tables and tags
             start from its CLIP encoding; free it after.
     """
 
@@ -93,7 +93,7 @@ class Base:
 def load_base(model_cfg, seed: int = 0) -> Base:
     """Load a run's base model from its ``model`` section.
 
-    Folders and single files load through :func:`bootstrap.load.load_model` (the one loader: offline, pickles
+    Folders and single files load through :func:`unet_patch.load.load_model` (the one loader: offline, pickles
     refused, family detected, unsupported architectures named); built-ins and ``model.unet_config`` are built here,
     freshly initialised. A model with text encoders keeps them in ``text`` (new tables and tags start from its CLIP).
 

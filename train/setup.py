@@ -12,7 +12,6 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from bootstrap.load import describe
 from bootstrap.table import add_bootstrapped_tags, bootstrap_table
 from conditioner.encode import tokenize
 from conditioner.errors import CondvecError
@@ -21,7 +20,6 @@ from conditioner.modes import table_mode
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.regroup import regroup
 from conditioner.table import TagTable
-from demo import data as demo_data
 from train import checkpoint as ckpt
 from train import runlock
 from train.cache import LatentCache, LatentEncoder, PixelCache
@@ -32,6 +30,7 @@ from train.model import describe as describe_unet
 from train.tracking import shown, trackers
 from unet_patch.discover import discover, table_for_unet, takes_pooled
 from unet_patch.kv import kv_table
+from unet_patch.load import describe
 from unet_patch.patch import install
 from unet_patch.pipeline import vae_scale_factor
 from unet_patch.projections import bypassed_parameters, kv_projections, special_rows_from
@@ -86,7 +85,6 @@ def build(cfg, acc: Accelerator) -> Setup:
         with open(os.path.join(resume_path, "state.json")) as f:
             say(f"resumed from {resume_path} at step {json.load(f)['step']}", flush=True)
         log = _silent
-    _generate_demo(cfg, acc)
     base = load_base(cfg.model, cfg.training.seed)
     unet, vae, noise_scheduler = base.unet, base.vae, base.noise_scheduler
     say(f"base model: {base.name} — {describe(base.text) if base.text is not None else describe_unet(unet)}",
@@ -202,39 +200,6 @@ def _scan(cfg, say) -> list[Item]:
 def _frequent_captions(items: list[Item], count: int = 3) -> list[str]:
     """The ``count`` most frequent captions of the dataset (ties: first seen first)."""
     return [caption for caption, _ in Counter(item.caption for item in items).most_common(count)]
-
-
-def _generate_demo(cfg, acc: Accelerator) -> None:
-    d = cfg.data
-    needed = d.generate_demo > 0 and not os.path.exists(d.path)
-    acc.wait_for_everyone()  # every rank decides before rank 0 starts writing
-    if not needed:
-        return
-    if acc.is_main_process:
-        size = 64 if d.resolution > 32 else 32  # the demo generator draws at 32 or 64 px; buckets resize
-        if d.demo_concepts:
-            for k, concept in enumerate(d.demo_concepts):
-                tag, spec = (part.strip() for part in concept.split("=", 1))
-                attributes = {}
-                for word in spec.split():
-                    for key, options in (("colour", demo_data.COLOURS), ("shape", demo_data.SHAPES),
-                                         ("size", demo_data.SIZES)):
-                        if word in options:
-                            attributes[key] = word
-                if len(attributes) != 3:
-                    raise CondvecError(f"data.demo_concepts {concept!r}: name a size ({', '.join(demo_data.SIZES)}), "
-                                       f"a colour ({', '.join(demo_data.COLOURS)}) and a shape "
-                                       f"({', '.join(demo_data.SHAPES)})")
-                folder = tag.replace(" ", "_")
-                if not folder or folder in (".", "..") or any(c in folder for c in "/\\") or ":" in folder:
-                    raise CondvecError(f"data.demo_concepts tag {tag!r} names its folder below data.path: use a plain "
-                                       "name (no '/', '\\', ':' or '..')")
-                demo_data.generate_concept_dataset(os.path.join(d.path, folder), tag, attributes,
-                                                   d.generate_demo, size=size, seed=cfg.training.seed + k)
-        else:
-            demo_data.generate_demo_dataset(d.path, d.generate_demo, size=size, seed=cfg.training.seed)
-        print(f"wrote {d.generate_demo} demo images to {d.path}", flush=True)
-    acc.wait_for_everyone()
 
 
 def _make_table(cfg, base: Base, log) -> TagTable:

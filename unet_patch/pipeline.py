@@ -15,11 +15,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from bootstrap.load import TABLE_FILE, load_model
 from conditioner.encode import Rows, encode_pooled, pack, tokenize
 from conditioner.errors import CondvecError
 from conditioner.table import TagTable
 from unet_patch.discover import takes_pooled
+from unet_patch.load import TABLE_FILE, load_model
 from unet_patch.patch import patched
 from unet_patch.processor import cached_kv
 
@@ -368,7 +368,7 @@ class TagDiffusionPipeline(DiffusionPipeline):
 def load_components(model_dir: str, torch_dtype: torch.dtype | None = None, with_table: bool = True):
     """Load ``(unet, scheduler, vae | None, table | None)`` from a local diffusers-layout folder, offline.
 
-    Loads through :func:`bootstrap.load.load_model` (the same checks and family detection as training and
+    Loads through :func:`unet_patch.load.load_model` (the same checks and family detection as training and
     bootstrap), without text encoders; generation needs the folder's own ``scheduler/``.
     """
     model = load_model(model_dir, with_text_encoders=False, torch_dtype=torch_dtype, with_table=with_table)
