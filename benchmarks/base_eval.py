@@ -27,6 +27,7 @@ from PIL import Image
 from conditioner.encode import encode
 from demo.data import generate_demo_dataset
 from demo.detector import ATTRIBUTES, check_one, detect, match_two
+from train.optim import TABLE_LR
 from unet_patch import TagDiffusionPipeline, patched
 
 CASES = [("red", "circle", "large", "center", "white"), ("blue", "square", "small", "left", "black"),
@@ -154,7 +155,7 @@ def recovery(model: str, starts: list[float], num: int, guidance: float, steps: 
 
 # table-only fine-tuning rates of the three-way comparison (BENCHMARKS.md, "What dropping CLIP keeps"): every
 # bootstrapped tag trains at once here, unlike the few new concepts condvec-train's defaults were tuned for
-FINETUNE_LR = {"single": 5e-2, "layers": 1e-2}
+FINETUNE_LR = {layout: TABLE_LR["every tag"][layout] for layout in ("single", "layers")}
 
 
 def three_way(model: str, guidance: float, steps: int, num: int, finetune_steps: int, work: Path,

@@ -17,12 +17,14 @@ import os
 import sys
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
+from conditioner.modes import DEFAULT_MODE, MODES, VECTOR
+from conditioner.schema import BOOTSTRAP_GROUPS, GROUPINGS, SD_SEQUENCE
 
 PROG = "condvec-bootstrap"
 #: Vectors per tag from its tokens, and from its EOS / padding, when distilling (BENCHMARKS.md, "Distillation").
 DISTILL_TOKENS, DISTILL_CONTEXT = 3, 16
 #: Positions of the SD text encoders' sequence (BOS, 75 tokens, EOS): a tag's vectors are read from one encoding.
-CLIP_TOKENS = 77
+CLIP_TOKENS = SD_SEQUENCE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +59,9 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="TABLE", help="the table to write (.safetensors)")
     p.add_argument("--tags", metavar="FILE", help="tags, one per line (# starts a comment)")
     p.add_argument("--data", metavar="DIR", help="also every tag of this dataset's captions (as condvec-train reads)")
-    p.add_argument("--groups", default="single", choices=("single", "blocks", "layers"),
+    p.add_argument("--groups", default=BOOTSTRAP_GROUPS, choices=GROUPINGS,
                    help="layer groups; every group starts from the same vectors (default single)")
-    p.add_argument("--mode", default="vector", choices=("vector", "kv"),
+    p.add_argument("--mode", default=DEFAULT_MODE, choices=tuple(MODES),
                    help="vector: vectors through to_k/to_v; kv: each layer's K and V of them (default vector)")
     p.add_argument("--tokens-per-tag", type=int, metavar="N",
                    help=f"vectors per tag from its tokens (default 1; with --distill {DISTILL_TOKENS})")
@@ -207,7 +209,7 @@ def _bootstrap(args) -> str:
         raise UsageError("--distill-steps, --prompts and --resume belong to --distill")
     if args.distill and args.distill_steps < 1:
         raise UsageError(f"--distill-steps must be >= 1, got {args.distill_steps}")
-    if args.distill and args.mode != "vector":
+    if args.distill and args.mode != VECTOR:
         raise UsageError("--distill distils a vector-mode table: drop --mode kv (convert after, condvec-merge kv)")
     tags = _read_tags(args)
     prompts = _read_prompts(args.prompts, tags) if args.prompts else []

@@ -16,9 +16,10 @@ import torch
 from bootstrap.embeddings import Embedding, encode_input_embedding
 from bootstrap.text import null_sequence, tag_vectors
 from conditioner.errors import CondvecError
-from conditioner.modes import table_mode
+from conditioner.modes import DEFAULT_MODE, table_mode
 from conditioner.parse import TagNormalization
 from conditioner.regroup import regroup
+from conditioner.schema import BOOTSTRAP_GROUPS, SD_SEQUENCE
 from conditioner.table import TagTable
 from unet_patch.discover import discover
 from unet_patch.kv import kv_table
@@ -31,11 +32,11 @@ _XTI_ALIASES = {"MID": "M00"}
 def bootstrap_table(
     model: BaseModel,
     tags: list[str],
-    groups="single",
-    mode: str = "vector",
+    groups=BOOTSTRAP_GROUPS,
+    mode: str = DEFAULT_MODE,
     tokens_per_tag: int = 1,
     anchors: int = 1,
-    pad_to: int | None = 77,
+    pad_to: int | None = SD_SEQUENCE,
     batch_size: int = 256,
     progress: bool = True,
     normalization: TagNormalization | None = None,
@@ -61,7 +62,7 @@ def bootstrap_table(
     """
     null = null_sequence(model)
     layers = discover(model.unet)
-    table = TagTable.create(layers, groups="single", anchors=anchors,
+    table = TagTable.create(layers, groups=BOOTSTRAP_GROUPS, anchors=anchors,
                             num_train_timesteps=model.scheduler.config.num_train_timesteps, pad_to=pad_to,
                             normalization=normalization,
                             base_model={"name": model.name, "path": model.path, "family": model.family,
@@ -73,7 +74,7 @@ def bootstrap_table(
     table.negative_zeros = null.negative_zeros
     add_bootstrapped_tags(table, model, tags, tokens_per_tag=tokens_per_tag, batch_size=batch_size,
                           progress=progress, context_rows=context_rows)
-    if groups != "single":
+    if groups != BOOTSTRAP_GROUPS:
         table = regroup(table, groups)
     return kv_table(table, model.unet) if table_mode(mode).direct_kv else table
 

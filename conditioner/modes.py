@@ -101,6 +101,9 @@ class KVMode(TableMode):
 
 
 MODES: dict[str, TableMode] = {mode.name: mode for mode in (VectorMode(), KVMode())}
+#: Names of the modes, and the mode of a table when none is asked for.
+VECTOR, KV = VectorMode.name, KVMode.name
+DEFAULT_MODE = VECTOR
 
 
 def table_mode(name: str) -> TableMode:

@@ -39,11 +39,11 @@ from conditioner.errors import CondvecError, UnknownTagError
 from conditioner.factor import FACTORS, FactorRows, take_rows
 from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
-from conditioner.modes import TableMode, table_mode
+from conditioner.modes import DEFAULT_MODE, TableMode, table_mode
 from conditioner.parse import TagNormalization
 from conditioner.rows import DiskRows
 from conditioner.safefile import TableFileError, check_finite, check_safetensors, check_table
-from conditioner.schema import TABLE_DTYPES, check_metadata
+from conditioner.schema import DEFAULT_GROUPS, TABLE_DTYPES, check_metadata
 
 FORMAT_VERSION = 1
 #: ModelSpec architecture names of the base-model families (``modelspec.architecture``).
@@ -195,8 +195,8 @@ class TagTable:
         cls,
         layers: list[LayerSpec],
         tags: list[str] | None = None,
-        mode: str = "vector",
-        groups="layers",
+        mode: str = DEFAULT_MODE,
+        groups=DEFAULT_GROUPS,
         anchors: int | list[float] = 1,
         num_train_timesteps: int = 1000,
         use_sink: bool = True,

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from conditioner.cli_errors import OneLineArgumentParser, run_cli
+from conditioner.schema import GROUPINGS
 
 PROG = "condvec-merge"
 
@@ -101,7 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("regroup", help="another layer grouping: single → blocks → layers copies, back averages")
     p.add_argument("table", metavar="TABLE")
-    p.add_argument("--groups", required=True, choices=("single", "blocks", "layers"), help="the new grouping")
+    p.add_argument("--groups", required=True, choices=GROUPINGS, help="the new grouping")
     _output_options(p)
     p.set_defaults(run="_regroup")
 

@@ -29,3 +29,14 @@ def test_reference_lists_every_key_with_its_real_default():
     assert by_key["training.steps"] == f"`{defaults.training.steps}`"
     assert by_key["training.lr"] == ("`null`" if defaults.training.lr is None else f"`{defaults.training.lr!r}`")
     assert by_key["table.pad_to"] == ("`null`" if defaults.table.pad_to is None else f"`{defaults.table.pad_to}`")
+
+
+def test_the_config_reference_states_the_learning_rate_table():
+    """The measured default rates have one home (train.optim.TABLE_LR); the reference reads them from it."""
+    from train.optim import TABLE_LR
+
+    row = next(line for line in (ROOT / "docs" / "config.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("| `training.lr` |"))
+    for kind, rates in TABLE_LR.items():
+        for rate in rates.values():
+            assert f"{rate:g}" in row, (kind, rate, row)

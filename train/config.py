@@ -15,8 +15,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from conditioner.errors import CondvecError
-from conditioner.modes import table_mode
-from conditioner.schema import MAX_PAD_TO, MAX_VECTORS
+from conditioner.modes import MODES, table_mode
+from conditioner.schema import GROUPINGS, MAX_PAD_TO, MAX_VECTORS
+from train.optim import table_lr_text
 
 #: Upper bounds on what a user sets: beyond them a run can only diverge or exhaust memory.
 MAX_LR = 10.0
@@ -35,7 +36,7 @@ def _choices(name: str, *values: str) -> type[StrEnum]:
 Builtin = _choices("Builtin", "tiny", "micro")
 PredictionType = _choices("PredictionType", "epsilon", "v_prediction")
 Metadata = _choices("Metadata", "auto", "sidecar", "jsonl")
-Mode = _choices("Mode", "vector", "kv")
+Mode = _choices("Mode", *MODES)
 Underscores = _choices("Underscores", "space", "keep")
 Train = _choices("Train", "table", "table+kv", "full")
 LrSchedule = _choices("LrSchedule", "constant", "linear", "cosine")
@@ -125,9 +126,8 @@ class TrainingConfig:
     epochs: int = _f(0, "> 0: train this many epochs (passes over the data with repeats) instead of training.steps")
     batch_size: int = _f(8, "global batch per optimiser micro-step (split across processes)")
     grad_accum: int = _f(1, "micro-steps per optimiser step")
-    lr: float | None = _f(None, "learning rate of the table; null = measured defaults — with "
-                          "table.freeze_existing (new concepts only) 0.3 per-block / per-layer, 0.5 single-group, "
-                          "0.15 key/value; otherwise (every tag trains) 1e-2, 5e-2, 5e-2 (BENCHMARKS.md)")
+    lr: float | None = _f(None, f"learning rate of the table; null = measured defaults — {table_lr_text()} "
+                          "(BENCHMARKS.md)")
     lr_unet: float = _f(1e-4, "learning rate of UNet weights (table+kv, full)")
     lr_schedule: LrSchedule = _f(LrSchedule.constant, "constant | linear | cosine (after warmup)")
     warmup_steps: int = _f(0, "linear warmup steps")
@@ -291,7 +291,7 @@ def validate(cfg: DictConfig) -> None:
                           f"(got {', '.join(sources) or 'none'})")
     if m.single_file and not m.single_file_config:
         raise ConfigError("model.single_file needs model.single_file_config (a local config folder or config.json)")
-    if isinstance(t.groups, str) and t.groups not in ("single", "blocks", "layers"):
+    if isinstance(t.groups, str) and t.groups not in GROUPINGS:
         raise ConfigError(f"'table.groups' must be one of single, blocks, layers or a mapping, got {t.groups!r}")
     if tr.mixed_precision == "fp16":
         raise ConfigError("'training.mixed_precision' fp16 is not supported (the row-sparse optimiser does no loss "

@@ -20,6 +20,28 @@ import torch
 
 from conditioner.rows import RowSlots, RowSparseAdamW  # noqa: F401 (RowSparseAdamW: part of this API)
 
+#: The table learning rate when ``training.lr`` is unset: by what trains (``"new concepts"`` over a frozen table, or
+#: ``"every tag"``) and the layout (``"layers"``: per-block or per-layer vector rows, ``"single"``: one vector for
+#: every layer, ``"kv"``: direct key/value rows). The one home of these figures: :func:`default_lr`, the config
+#: reference (``training.lr``) and the benchmarks read them.
+TABLE_LR = {
+    "new concepts": {"layers": 0.3, "single": 0.5, "kv": 0.15},
+    "every tag": {"layers": 1e-2, "single": 5e-2, "kv": 5e-2},
+}
+
+
+def lr_layout(table) -> str:
+    """The :data:`TABLE_LR` column of a table: ``"kv"``, ``"single"`` or ``"layers"``."""
+    return "kv" if table.mode_spec.direct_kv else "single" if len(table.group_names) == 1 else "layers"
+
+
+def table_lr_text() -> str:
+    """:data:`TABLE_LR` in words, for the config reference."""
+    new, every = TABLE_LR["new concepts"], TABLE_LR["every tag"]
+    return (f"with table.freeze_existing (new concepts only) {new['layers']:g} per-block / per-layer, "
+            f"{new['single']:g} single-group, {new['kv']:g} key/value; otherwise (every tag trains) "
+            f"{every['layers']:g}, {every['single']:g}, {every['kv']:g}")
+
 
 def default_lr(table, new_concepts_only: bool = False) -> float:
     """The table learning rate when ``training.lr`` is unset, by what trains and the layout — each the best measured
@@ -35,9 +57,7 @@ def default_lr(table, new_concepts_only: bool = False) -> float:
       rows start where the model's CLIP put them; at 0.5 a `single` table fell from 98% of one-object samples
       right (5e-2) to 23%.
     """
-    if new_concepts_only:
-        return 0.15 if table.mode_spec.direct_kv else (0.5 if len(table.group_names) == 1 else 0.3)
-    return 5e-2 if table.mode_spec.direct_kv or len(table.group_names) == 1 else 1e-2
+    return TABLE_LR["new concepts" if new_concepts_only else "every tag"][lr_layout(table)]
 
 
 def lr_at(step: int, base_lr: float, schedule: str, warmup: int, total: int) -> float:

@@ -16,9 +16,10 @@ from bootstrap.table import add_bootstrapped_tags, bootstrap_table
 from conditioner.encode import tokenize
 from conditioner.errors import CondvecError
 from conditioner.factor import FactorRows, factorise
-from conditioner.modes import table_mode
+from conditioner.modes import DEFAULT_MODE, table_mode
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.regroup import regroup
+from conditioner.schema import DEFAULT_GROUPS, SD_SEQUENCE
 from conditioner.table import TagTable
 from train import checkpoint as ckpt
 from train import runlock
@@ -225,14 +226,15 @@ def _make_table(cfg, base: Base, log) -> TagTable:
                 "groups (table.groups)", flush=True)
             table = regroup(table, groups)
     elif base.text is not None and t.bootstrap:
-        table = bootstrap_table(base.text, [], groups=groups or "layers", anchors=t.anchors,
-                                pad_to=77 if t.pad_to is None else t.pad_to, progress=False,
+        table = bootstrap_table(base.text, [], groups=groups or DEFAULT_GROUPS, anchors=t.anchors,
+                                pad_to=SD_SEQUENCE if t.pad_to is None else t.pad_to, progress=False,
                                 normalization=TagNormalization(lowercase=t.lowercase, underscores=str(t.underscores)))
         log(f"table: bootstrapped from {base.name}'s text encoder(s): null sequence of {table.special.shape[0]} "
             f"positions from {table.base_model['bootstrap']['encoder']}", flush=True)
     else:
         table = table_for_unet(
-            unet, base_name=base.name, mode="vector" if t.mode is None else str(t.mode), groups=groups or "layers",
+            unet, base_name=base.name, mode=DEFAULT_MODE if t.mode is None else str(t.mode),
+            groups=groups or DEFAULT_GROUPS,
             anchors=t.anchors, num_train_timesteps=base.noise_scheduler.config.num_train_timesteps,
             use_sink=t.use_sink, pad_to=t.pad_to,
             normalization=TagNormalization(lowercase=t.lowercase, underscores=str(t.underscores)),

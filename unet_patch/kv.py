@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from conditioner.errors import CondvecError
+from conditioner.modes import KV
 from conditioner.table import TagTable
 from unet_patch.discover import discover
 
@@ -34,7 +35,7 @@ def kv_table(table: TagTable, unet: torch.nn.Module) -> TagTable:
         raise CondvecError("a factorised (or disk-backed) table cannot become a key/value table as it is: "
                            "unfactorise it (condvec-merge unfactorise) or load it whole first")
     table.check_layers(discover(unet))
-    out = TagTable.create(table.layers, mode="kv", anchors=table.anchors, use_sink=table.use_sink,
+    out = TagTable.create(table.layers, mode=KV, anchors=table.anchors, use_sink=table.use_sink,
                           pad_to=table.pad_to, normalization=table.normalization, base_model=table.base_model)
     width = out.width
     data = table.data.new_zeros(len(table), table.num_anchors, width)
