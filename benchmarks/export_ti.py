@@ -1,12 +1,15 @@
 """A condvec concept exported as textual inversion, through diffusers' stock pipeline, against the condvec tag.
 
-    python -m benchmarks.export_ti --table runs/quickstart/table.safetensors [--model models/mini-sd] [--num 16]
+    python -m benchmarks.export_ti --table runs/quickstart/table.safetensors [--model models/mini-sd] [--num 48]
+        [--out FILE.json]
 
 For each concept of the quickstart (``mascot``: a large magenta circle, ``badge``: a small cyan square): the tag is
-exported with :func:`bootstrap.export.export_embedding`, loaded into diffusers' own ``StableDiffusionPipeline`` with
-``load_textual_inversion`` and prompted as ``<tag>, white background``; the same prompt runs through condvec's
-``TagDiffusionPipeline`` with the table. The detector scores each sample (one object with the concept's colour,
-shape and size); the same seeds, sampler (25 DDIM steps) and guidance (3) for both. Prints one JSON object.
+exported as ``condvec-bootstrap export`` does, by each method — ``distill`` (its default for SD1.x / SD2.x:
+:func:`bootstrap.export.distil_embedding`) and ``fit`` (:func:`bootstrap.export.export_embedding`) — at the CLI's
+default steps, loaded into diffusers' own ``StableDiffusionPipeline`` with ``load_textual_inversion`` and prompted as
+``<tag>, white background``; the same prompt runs through condvec's ``TagDiffusionPipeline`` with the table. The
+detector scores each sample (one object with the concept's colour, shape and size); the same seeds, sampler (25 DDIM
+steps) and guidance (3) for all. Prints (and writes) one JSON object with Wilson 95% intervals.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.export_ti", description=__doc__.splitlines()[0])
     parser.add_argument("--table", default="runs/quickstart/table.safetensors")
     parser.add_argument("--model", default="models/mini-sd")
-    parser.add_argument("--num", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=400, help="export optimisation steps")
+    parser.add_argument("--num", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=400, help="export optimisation steps (the CLI's default)")
+    parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)
 
     from diffusers import StableDiffusionPipeline
 
-    from bootstrap.export import export_embedding
+    from benchmarks.heldout import wilson
+    from bootstrap.export import distil_embedding, export_embedding
     from conditioner.table import TagTable
     from unet_patch import TagDiffusionPipeline
     from unet_patch.load import load_model
@@ -54,19 +60,26 @@ def main(argv: list[str] | None = None) -> int:
         return pipe(prompt, num_inference_steps=25, guidance_scale=3.0, num_images_per_prompt=args.num,
                     generator=torch.Generator().manual_seed(0)).images
 
+    def scored(images, want):
+        hits = round(_right(images, want) * len(images))
+        return {"right": hits / len(images), "interval": [round(x, 3) for x in wilson(hits, len(images))]}
+
     result = {}
     for tag, want in CONCEPTS.items():
         if tag not in table:
             continue
-        tensors, report = export_embedding(model, table, tag, steps=args.steps)
-        stock = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
-                                                        requires_safety_checker=False, local_files_only=True)
-        stock.set_progress_bar_config(disable=True)
-        stock.load_textual_inversion(tensors["emb_params"], token=f"<{tag}>")
-        result[tag] = {"export relative error": round(report.relative_error, 4),
-                       "textual inversion (stock pipeline)": _right(sample(stock, f"<{tag}>, white background"),
-                                                                     want),
-                       "condvec tag": _right(sample(ours, f"{tag}, white background"), want), "samples": args.num}
+        result[tag] = {"condvec tag": scored(sample(ours, f"{tag}, white background"), want), "samples": args.num}
+        for method, export in (("distill", distil_embedding), ("fit", export_embedding)):
+            tensors, report = export(model, table, tag, steps=args.steps)
+            stock = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
+                                                            requires_safety_checker=False, local_files_only=True)
+            stock.set_progress_bar_config(disable=True)
+            stock.load_textual_inversion(tensors["emb_params"], token=f"<{tag}>")
+            result[tag][f"textual inversion, {method}"] = scored(sample(stock, f"<{tag}>, white background"), want) | {
+                "export relative error": round(report.relative_error, 4)}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
     print(json.dumps(result))
     return 0
 
