@@ -1,6 +1,7 @@
 """Data-free distillation (bootstrap.distill, condvec-bootstrap --distill) on tiny SD1.5 / SD2.x / SDXL stand-ins."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -192,3 +193,44 @@ def test_cli_kill_mid_distillation_then_resume(sd15, tmp_path):
     assert done.returncode == 0, done.stderr
     TagTable.load(out)  # complete and valid
     assert os.path.exists(os.path.join(work_dir(str(out)), "loss.png"))
+
+
+_TWO_PROCESS_SCRIPT = """
+import sys, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+from bootstrap.distill import DistillConfig, distill
+from bootstrap.table import bootstrap_table
+from unet_patch.load import load_model
+torch.set_num_threads(1)
+model = load_model(sys.argv[1])
+table = bootstrap_table(model, {tags!r}, tokens_per_tag=1, context_rows=1, progress=False)
+distill(model, table, DistillConfig(steps=4, **{small!r}), sys.argv[2], progress=False)
+if dist.get_rank() == 0:
+    table.save(sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_learn_what_one_does(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes half of every batch, only the touched rows' gradients are
+    all-reduced, and the table ends where one process's run ends (up to float summation order)."""
+    folder = make_sd15(tmp_path / "model")
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT.format(tags=TAGS, small=SMALL))
+    out = tmp_path / "two.safetensors"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                        "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as free:  # torchrun's workers need a real port (0 is not picked for them)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), str(folder), str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = load_model(folder)
+    table = bootstrap_table(model, TAGS, tokens_per_tag=1, context_rows=1, progress=False)
+    start = table.copy()
+    distill(model, table, DistillConfig(steps=4, **SMALL), str(tmp_path / "one.safetensors"), progress=False)
+    two = TagTable.load(out)
+    assert not torch.equal(table.data, start.data), "the one-process run learnt nothing"
+    assert torch.allclose(two.data, table.data, atol=1e-5, rtol=1e-4), (two.data - table.data).abs().max()
