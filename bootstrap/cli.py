@@ -45,7 +45,9 @@ def _run(argv: list[str] | None) -> int:
         print(_export(args))
     else:
         args = _parser().parse_args(argv)
-        print(_bootstrap(args))
+        line = _bootstrap(args)
+        if line:
+            print(line)
     return 0
 
 
@@ -227,6 +229,8 @@ def _bootstrap(args) -> str:
     note = ""
     if args.distill:
         note = _distill(args, model, table, prompts)
+        if _rank() > 0:  # under torchrun only the first process writes
+            return None
     table.save(args.output)
     return (f"wrote {args.output}: {len(tags)} tags × {tokens + context} vector(s), "
             f"{len(table.group_names)} group(s), {table.mode} mode, null sequence of {table.special.shape[0]} "
@@ -251,6 +255,21 @@ def _read_prompts(path: str, tags: list[str]) -> list[str]:
     return [", ".join(tag.name for tag in parse_prompt(line, norm)) for line in lines]
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _join_processes() -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL on GPUs, gloo on CPUs)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def _distill(args, model, table, prompts: list[str]) -> str:
     import json
     import shutil
@@ -260,7 +279,10 @@ def _distill(args, model, table, prompts: list[str]) -> str:
     if not model.text_encoders:
         raise UsageError(f"--distill needs the model's text encoder: {args.model!r} has none")
     config = DistillConfig(steps=args.distill_steps, prompts=prompts)
+    _join_processes()
     result = distill(model, table, config, args.output, resume=args.resume)
+    if _rank() > 0:
+        return ""
     work = work_dir(args.output)
     plot = plot_losses(result["losses"], os.path.join(work, "loss.png"))
     with open(os.path.join(work, "losses.json"), "w") as f:
