@@ -109,3 +109,12 @@ def test_disk_needs_a_table_file_and_keeps_its_layout(start, tmp_path):
         Trainer(micro_config(data, tmp_path / "a", "training.table_device=disk"))
     with pytest.raises(CondvecError, match="own layout"):
         Trainer(_cfg(data, path, tmp_path / "b", "training.table_device=disk", "table.groups=single"))
+
+
+def test_disk_without_a_table_file_is_refused_when_the_config_is_read(tmp_path):
+    """The rule lives in the config's validation: no model is loaded and no data scanned before it fires."""
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="table_device=disk trains a table file without loading it"):
+        micro_config(tmp_path / "no-data", tmp_path / "run", "training.table_device=disk")
+    assert not (tmp_path / "run").exists()

@@ -280,6 +280,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"'{key}' must be <= {high:g}, got {value:g}")
     if not 0 <= t.factor_rank <= 1024:
         raise ConfigError(f"'table.factor_rank' must be in [0, 1024] (0 = full rows), got {t.factor_rank}")
+    if str(tr.table_device) == "disk" and not t.start_from:
+        raise ConfigError("training.table_device=disk trains a table file without loading it: set "
+                          "table.start_from=TABLE.safetensors (condvec-bootstrap writes one from a model)")
     if t.factor_rank and str(tr.table_device) == "disk":
         raise ConfigError("'table.factor_rank' and training.table_device=disk do not go together: factorise the "
                           "table file first (condvec-merge factorise), then train it in memory — it is small")

@@ -207,10 +207,7 @@ def _make_table(cfg, base: Base, log) -> TagTable:
     """The run's table before the data's new tags: continued, the base's own, bootstrapped, or new."""
     t, unet = cfg.table, base.unet
     groups = t.groups if t.groups is None or isinstance(t.groups, str) else OmegaConf.to_container(t.groups)
-    if str(cfg.training.table_device) == "disk":
-        if not t.start_from:
-            raise CondvecError("training.table_device=disk trains a table file without loading it: set "
-                               "table.start_from=TABLE.safetensors (condvec-bootstrap writes one from a model)")
+    if str(cfg.training.table_device) == "disk":  # table.start_from is set: train.config.validate
         table = TagTable.open(t.start_from, writable=True)
         if (groups is not None and groups != table.group_kind) or (t.mode is not None and str(t.mode) != table.mode):
             raise CondvecError("training.table_device=disk trains the table file in its own layout: drop table.groups "
