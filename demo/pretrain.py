@@ -16,6 +16,10 @@ Design (chosen by measurement on 2 CPU cores, see BENCHMARKS.md "Miniature SD"):
 Every stage checkpoints (safetensors + JSON; optimiser state included) and resumes exactly: each step's batch,
 noise and timesteps come from a generator seeded by the step number, so a resumed run equals an uninterrupted one.
 
+Why not the trainer's schedule, EMA and checkpoints: the shipped weights were made with this cosine schedule (its
+floor at a tenth of the rate) and a dense EMA of two whole models, and rerunning the recipe must reproduce them;
+the trainer's ``train.optim`` schedules decay to zero and its EMA and checkpoints are row-sparse over a table.
+
     python -m demo.pretrain vae  --work runs/mini-sd [--steps 1500]
     python -m demo.pretrain unet --work runs/mini-sd [--steps 6000]
     python -m demo.pretrain export --work runs/mini-sd --out models/mini-sd
