@@ -93,10 +93,11 @@ def _run(argv: list[str] | None) -> int:
         raise UsageError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out must be a .png path, got {args.out!r}")
-    existing = [path for path in _outputs(args.out, args.num) if os.path.lexists(path)]
+    outputs = _outputs(args.out, args.num)
+    existing = [path for path in outputs if os.path.lexists(path)]
     if existing and not args.force:
-        raise UsageError(f"{existing[0]!r} already exists ({len(existing)} of the {len(_outputs(args.out, args.num))} "
-                         "output file(s)); pass --force to replace, or choose another --out")
+        raise UsageError(f"{existing[0]!r} already exists ({len(existing)} of the {len(outputs)} output file(s)); "
+                         "pass --force to replace, or choose another --out")
     import diffusers
     import torch
 
