@@ -17,14 +17,11 @@ import os
 import sys
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
-from conditioner.modes import DEFAULT_MODE, MODES, VECTOR
-from conditioner.schema import BOOTSTRAP_GROUPS, GROUPINGS, SD_SEQUENCE
+from conditioner.modes import MODES, VECTOR
+from conditioner.schema import GROUPINGS
+from conditioner.table_layout import Layout, LayoutError
 
 PROG = "condvec-bootstrap"
-#: Vectors per tag from its tokens, and from its EOS / padding, when distilling (BENCHMARKS.md, "Distillation").
-DISTILL_TOKENS, DISTILL_CONTEXT = 3, 16
-#: Positions of the SD text encoders' sequence (BOS, 75 tokens, EOS): a tag's vectors are read from one encoding.
-CLIP_TOKENS = SD_SEQUENCE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,15 +58,17 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="TABLE", help="the table to write (.safetensors)")
     p.add_argument("--tags", metavar="FILE", help="tags, one per line (# starts a comment)")
     p.add_argument("--data", metavar="DIR", help="also every tag of this dataset's captions (as condvec-train reads)")
-    p.add_argument("--groups", default=BOOTSTRAP_GROUPS, choices=GROUPINGS,
-                   help="layer groups; every group starts from the same vectors (default single)")
-    p.add_argument("--mode", default=DEFAULT_MODE, choices=tuple(MODES),
-                   help="vector: vectors through to_k/to_v; kv: each layer's K and V of them (default vector)")
+    plain, distilled = Layout.pretrained(), Layout.distilled()
+    p.add_argument("--groups", choices=GROUPINGS,
+                   help=f"layer groups; every group starts from the same vectors (default {plain.groups})")
+    p.add_argument("--mode", choices=tuple(MODES),
+                   help=f"vector: vectors through to_k/to_v; kv: each layer's K and V of them (default {plain.mode})")
     p.add_argument("--tokens-per-tag", type=int, metavar="N",
-                   help=f"vectors per tag from its tokens (default 1; with --distill {DISTILL_TOKENS})")
+                   help=f"vectors per tag from its tokens (default {plain.tokens_per_tag}; with --distill "
+                        f"{distilled.tokens_per_tag})")
     p.add_argument("--context-rows", type=int, metavar="N",
-                   help="more vectors per tag from its EOS and padding positions (default 0; with --distill "
-                        f"{DISTILL_CONTEXT})")
+                   help=f"more vectors per tag from its EOS and padding positions (default {plain.context_rows}; "
+                        f"with --distill {distilled.context_rows})")
     p.add_argument("--distill", action="store_true",
                    help="then distil the table from the model's own text encoder through the frozen UNet (no images)")
     p.add_argument("--distill-steps", type=int, default=DistillConfig.steps, metavar="N",
@@ -196,13 +195,9 @@ def _bootstrap(args) -> str:
     from bootstrap.table import bootstrap_table
     from unet_patch.load import describe, load_model
 
-    tokens = args.tokens_per_tag if args.tokens_per_tag is not None else DISTILL_TOKENS if args.distill else 1
-    context = args.context_rows if args.context_rows is not None else DISTILL_CONTEXT if args.distill else 0
-    if tokens < 1 or args.batch_size < 1 or context < 0:
-        raise UsageError("--tokens-per-tag and --batch-size must be >= 1, --context-rows >= 0")
-    if tokens > CLIP_TOKENS - 2 or context > CLIP_TOKENS - 1:
-        raise UsageError(f"--tokens-per-tag must be at most {CLIP_TOKENS - 2} and --context-rows at most "
-                         f"{CLIP_TOKENS - 1} (CLIP's {CLIP_TOKENS} positions), got {tokens} and {context}")
+    layout = _layout(args)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"-o must name a .safetensors file, got {args.output!r}")
     if os.path.exists(args.output) and not args.force:
@@ -211,7 +206,7 @@ def _bootstrap(args) -> str:
         raise UsageError("--distill-steps, --prompts and --resume belong to --distill")
     if args.distill and args.distill_steps < 1:
         raise UsageError(f"--distill-steps must be >= 1, got {args.distill_steps}")
-    if args.distill and args.mode != VECTOR:
+    if args.distill and layout.mode != VECTOR:
         raise UsageError("--distill distils a vector-mode table: drop --mode kv (convert after, condvec-merge kv)")
     tags = _read_tags(args)
     prompts = _read_prompts(args.prompts, tags) if args.prompts else []
@@ -224,17 +219,27 @@ def _bootstrap(args) -> str:
                              "--resume to continue it, or --force to start over")
     model = load_model(args.model, config=args.config)
     print(describe(model), flush=True)
-    table = bootstrap_table(model, tags, groups=args.groups, mode=args.mode, tokens_per_tag=tokens,
-                            batch_size=args.batch_size, context_rows=context)
+    table = bootstrap_table(model, tags, layout=layout, batch_size=args.batch_size)
     note = ""
     if args.distill:
         note = _distill(args, model, table, prompts)
         if _rank() > 0:  # under torchrun only the first process writes
             return None
     table.save(args.output)
-    return (f"wrote {args.output}: {len(tags)} tags × {tokens + context} vector(s), "
+    return (f"wrote {args.output}: {len(tags)} tags × {layout.vectors} vector(s), "
             f"{len(table.group_names)} group(s), {table.mode} mode, null sequence of {table.special.shape[0]} "
             f"positions from {table.base_model['bootstrap']['encoder']}" + note)
+
+
+def _layout(args) -> Layout:
+    """The table's layout from the flags: ``Layout.distilled()`` with --distill, else ``Layout.pretrained()``."""
+    flags = {"groups": args.groups, "mode": args.mode, "tokens_per_tag": args.tokens_per_tag,
+             "context_rows": args.context_rows}
+    try:
+        return (Layout.distilled if args.distill else Layout.pretrained)(
+            **{k: v for k, v in flags.items() if v is not None})
+    except LayoutError as err:
+        raise UsageError(f"--{err.field.replace('_', '-')} {err.problem}") from err
 
 
 def _read_prompts(path: str, tags: list[str]) -> list[str]:

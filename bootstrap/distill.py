@@ -266,8 +266,7 @@ def distill(model: BaseModel, table: TagTable, config: DistillConfig, output: st
         pool = load_file(pool_path)
         prompts = json.loads(open(pool_path + ".json").read())["prompts"]
     else:
-        owners = [t for t in table.tags if table.vector_owner(t) is None]
-        prompts = random_prompts(owners, config.pool, config.max_tags, config.seed, config.prompts)
+        prompts = random_prompts(table.names, config.pool, config.max_tags, config.seed, config.prompts)
         pool = teacher_pool(model, prompts, config, progress=progress and rank == 0)
         if rank == 0:  # the prompts first: a pool file on disk always has its prompts beside it
             with open(pool_path + ".json", "w") as f:

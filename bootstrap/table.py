@@ -16,11 +16,11 @@ import torch
 from bootstrap.embeddings import Embedding, encode_input_embedding
 from bootstrap.text import null_sequence, tag_vectors
 from conditioner.errors import CondvecError
-from conditioner.modes import DEFAULT_MODE, table_mode
+from conditioner.modes import VECTOR, table_mode
 from conditioner.parse import TagNormalization
 from conditioner.regroup import regroup
-from conditioner.schema import BOOTSTRAP_GROUPS, SD_SEQUENCE
 from conditioner.table import TagTable
+from conditioner.table_layout import BOOTSTRAP_GROUPS, Layout, layout_from
 from unet_patch.discover import discover
 from unet_patch.kv import kv_table
 from unet_patch.load import BaseModel
@@ -32,68 +32,65 @@ _XTI_ALIASES = {"MID": "M00"}
 def bootstrap_table(
     model: BaseModel,
     tags: list[str],
-    groups=BOOTSTRAP_GROUPS,
-    mode: str = DEFAULT_MODE,
-    tokens_per_tag: int = 1,
-    anchors: int = 1,
-    pad_to: int | None = SD_SEQUENCE,
+    layout: Layout | None = None,
     batch_size: int = 256,
     progress: bool = True,
     normalization: TagNormalization | None = None,
-    context_rows: int = 0,
+    **layout_fields,
 ) -> TagTable:
     """A table for ``model`` with ``tags``, every vector taken from the model's own text encoder(s).
 
     Args:
         model (`BaseModel`): from ``unet_patch.load_model`` with its text encoders.
         tags (`list[str]`): tag names (normalised with the default normalisation; duplicates dropped).
-        groups (`str | dict`, defaults to `"single"`): layer grouping (``single``, ``blocks``, ``layers`` or a
-            mapping); every group starts from the same vectors.
-        mode (`str`, defaults to `"vector"`): ``"vector"`` or ``"kv"`` (each layer's K and V of those vectors).
-        tokens_per_tag (`int`, defaults to 1): vectors per tag (textual inversion's "vectors per token").
-        anchors (`int`, defaults to 1): timestep anchors (all start equal).
-        pad_to (`int`, *optional*, defaults to 77): fixed sequence length; 77 is what SD UNets were trained with.
+        layout (`Layout`, *optional*, defaults to ``Layout.pretrained()``: one group, 77 positions, one vector per
+            tag): every group starts from the same vectors; a kv layout gets each layer's K and V of them;
+            ``tokens_per_tag`` vectors from the tag's tokens, then ``context_rows`` from its EOS and padding
+            positions (see :func:`bootstrap.text.tag_vectors`) — the tag's own share of what CLIP spreads over EOS
+            and padding, which ``--distill`` then teaches to compose.
         batch_size (`int`, defaults to 256): tags per encoder forward.
         progress (`bool`, defaults to `True`): show progress bars.
         normalization (`TagNormalization`, *optional*): tag-name normalisation (default: lower case, `_` → space).
-        context_rows (`int`, defaults to 0): more vectors per tag after its tokens, from its EOS and padding
-            positions (see :func:`bootstrap.text.tag_vectors`): the tag's own share of what CLIP spreads over EOS
-            and padding; what ``--distill`` then teaches to compose.
+        **layout_fields: single layout fields (``groups="layers"``, ``tokens_per_tag=4``, …) replacing ``layout``'s.
     """
+    layout = layout_from(layout, Layout.pretrained(), layout_fields)
     null = null_sequence(model)
     layers = discover(model.unet)
-    table = TagTable.create(layers, groups=BOOTSTRAP_GROUPS, anchors=anchors,
-                            num_train_timesteps=model.scheduler.config.num_train_timesteps, pad_to=pad_to,
+    boot = {"encoder": null.source, "tokens_per_tag": layout.tokens_per_tag}
+    table = TagTable.create(layers, layout=layout.replace(groups=BOOTSTRAP_GROUPS, mode=VECTOR),
+                            num_train_timesteps=model.scheduler.config.num_train_timesteps,
                             normalization=normalization,
                             base_model={"name": model.name, "path": model.path, "family": model.family,
-                                        "bootstrap": {"encoder": null.source, "tokens_per_tag": tokens_per_tag}
-                                        | ({"context_rows": context_rows} if context_rows else {})})
+                                        "bootstrap": boot | ({"context_rows": layout.context_rows}
+                                                             if layout.context_rows else {})})
     table.special = null.sequence[:, None, :].expand(-1, table.num_anchors, -1).clone()  # (77, A, D)
     if null.pooled is not None:
         table.pooled, table.null_pooled = null.pooled.new_zeros(0, null.pooled.shape[0]), null.pooled.clone()
     table.negative_zeros = null.negative_zeros
-    add_bootstrapped_tags(table, model, tags, tokens_per_tag=tokens_per_tag, batch_size=batch_size,
-                          progress=progress, context_rows=context_rows)
-    if groups != BOOTSTRAP_GROUPS:
-        table = regroup(table, groups)
-    return kv_table(table, model.unet) if table_mode(mode).direct_kv else table
+    add_bootstrapped_tags(table, model, tags, batch_size=batch_size, progress=progress)
+    if layout.groups != BOOTSTRAP_GROUPS:
+        table = regroup(table, layout.groups)
+    return kv_table(table, model.unet) if table_mode(layout.mode).direct_kv else table
 
 
-def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], tokens_per_tag: int = 1,
-                          batch_size: int = 256, progress: bool = True, context_rows: int = 0) -> list[str]:
+def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], layout: Layout | None = None,
+                          batch_size: int = 256, progress: bool = True, **layout_fields) -> list[str]:
     """Add the tags not yet in ``table``, each from the encoder's encoding of the tag; returns them.
 
     Every group of a vector table gets the same vectors; a key/value table gets each layer's K and V of them; SDXL
-    tables also get each tag's pooled vector.
+    tables also get each tag's pooled vector. Each new tag gets ``layout.tokens_per_tag`` token vectors and
+    ``layout.context_rows`` context rows; ``layout`` defaults to the table's own (``Layout.of(table)``: what it
+    was bootstrapped with), so tags added to a distilled table are blocks like its own.
     """
+    layout = layout_from(layout, Layout.of(table), layout_fields)
     if table.mode_spec.direct_kv:
         names = [n for n in dict.fromkeys(table.normalization.apply(t) for t in tags) if n and n not in table]
         if not names:
             return []
-        staging = kv_table(bootstrap_table(model, names, tokens_per_tag=tokens_per_tag, anchors=table.anchors,
-                                        pad_to=table.pad_to, batch_size=batch_size, progress=progress,
-                                        normalization=table.normalization, context_rows=context_rows), model.unet)
-        rows = table.add_tags(names, vectors=tokens_per_tag + context_rows)
+        staging = kv_table(bootstrap_table(model, names, layout=layout.replace(groups=BOOTSTRAP_GROUPS, mode=VECTOR),
+                                           batch_size=batch_size, progress=progress,
+                                           normalization=table.normalization), model.unet)
+        rows = table.add_tags(names, vectors=layout.vectors)
         source = [r for n in names for r in staging.expand(n)]
         table.data[rows] = staging.data[source].to(**_like(table.data))
         if table.pooled is not None and staging.pooled is not None:
@@ -104,14 +101,13 @@ def add_bootstrapped_tags(table: TagTable, model: BaseModel, tags: list[str], to
     if not names:
         return []
     _check_distinct_ids(model, names)
-    encoded = tag_vectors(model, names, tokens_per_tag=tokens_per_tag, batch_size=batch_size, progress=progress,
-                          context_rows=context_rows)
-    per_tag = tokens_per_tag + context_rows
-    rows = table.add_tags(names, vectors=per_tag)
+    encoded = tag_vectors(model, names, tokens_per_tag=layout.tokens_per_tag, batch_size=batch_size,
+                          progress=progress, context_rows=layout.context_rows)
+    rows = table.add_tags(names, vectors=layout.vectors)
     vectors = encoded.vectors.reshape(-1, encoded.vectors.shape[-1])  # (T·n, D), rows in add order
     _set_rows(table, rows, vectors)
     if table.pooled is not None and encoded.pooled is not None:  # every vector of a tag carries the tag's pooled
-        table.pooled[rows] = encoded.pooled.repeat_interleave(per_tag, 0).to(**_like(table.pooled))
+        table.pooled[rows] = encoded.pooled.repeat_interleave(layout.vectors, 0).to(**_like(table.pooled))
     return names
 
 

@@ -16,11 +16,6 @@ from conditioner.modes import MODES
 
 #: Layer groupings by name; an explicit ``{group: [layers]}`` mapping is the other kind (:func:`resolve_groups`).
 GROUPINGS = ("single", "blocks", "layers")
-#: Groups of a table that learns (``TagTable.create``, ``condvec-train``): one vector per tag per layer.
-DEFAULT_GROUPS = "layers"
-#: Groups of a table bootstrapped from CLIP alone (``condvec-bootstrap``): CLIP computes one vector per tag, the same
-#: for every layer, so one group holds it exactly; regroup or train to give layers their own.
-BOOTSTRAP_GROUPS = "single"
 #: The prompt sequence length of SD's text encoders (BOS, 75 tokens, EOS): what pretrained SD UNets were trained
 #: with, and the ``pad_to`` of tables made from a pretrained model.
 SD_SEQUENCE = 77

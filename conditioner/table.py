@@ -39,11 +39,12 @@ from conditioner.errors import CondvecError, UnknownTagError
 from conditioner.factor import FACTORS, FactorRows, take_rows
 from conditioner.fileio import atomic_path
 from conditioner.layout import LayerSlice, LayerSpec
-from conditioner.modes import DEFAULT_MODE, TableMode, table_mode
+from conditioner.modes import TableMode, table_mode
 from conditioner.parse import TagNormalization
 from conditioner.rows import DiskRows
 from conditioner.safefile import TableFileError, check_finite, check_safetensors, check_table
-from conditioner.schema import DEFAULT_GROUPS, TABLE_DTYPES, check_metadata
+from conditioner.schema import TABLE_DTYPES, check_metadata
+from conditioner.table_layout import Layout, layout_from
 
 FORMAT_VERSION = 1
 #: ModelSpec architecture names of the base-model families (``modelspec.architecture``).
@@ -195,65 +196,60 @@ class TagTable:
         cls,
         layers: list[LayerSpec],
         tags: list[str] | None = None,
-        mode: str = DEFAULT_MODE,
-        groups=DEFAULT_GROUPS,
-        anchors: int | list[float] = 1,
+        layout: Layout | None = None,
         num_train_timesteps: int = 1000,
-        use_sink: bool = True,
-        pad_to: int | None = None,
         normalization: TagNormalization | None = None,
         base_model: dict | None = None,
         init_std: float = 0.0,
         special_std: float = 0.02,
         seed: int = 0,
+        **layout_fields,
     ) -> TagTable:
         """Create an empty (or zero-initialised) table for a UNet's layers.
 
         Args:
             layers (`list[LayerSpec]`): from ``unet_patch.discover(unet)``.
-            tags (`list[str]`, *optional*): initial tag names (normalised here).
-            mode (`str`, defaults to `"vector"`): ``"vector"`` or ``"kv"``.
-            groups (`str | dict`, defaults to `"layers"`): see :func:`resolve_groups`; ignored in kv mode (one group
-                per layer).
-            anchors (`int | list[float]`, defaults to 1): number of timestep anchors spread evenly over
-                ``[0, num_train_timesteps - 1]``, or their explicit timesteps.
+            tags (`list[str]`, *optional*): initial tag names (normalised here), ``layout.tokens_per_tag`` vectors
+                each.
+            layout (`Layout`, *optional*, defaults to ``Layout()``): mode, groups, anchors, vectors per tag,
+                ``pad_to``, sink (``conditioner.table_layout``); anchors given as a count are spread evenly over
+                ``[0, num_train_timesteps - 1]``.
             num_train_timesteps (`int`, defaults to 1000): the scheduler's training timesteps.
-            use_sink (`bool`, defaults to `True`): start every sequence with the sink row.
-            pad_to (`int`, *optional*): fixed length (77 for pretrained SD UNets), `None` for dynamic length.
+            **layout_fields: single layout fields (``groups="single"``, ``pad_to=77``, …) replacing ``layout``'s.
             normalization (`TagNormalization`, *optional*): tag-name normalisation.
             base_model (`dict`, *optional*): identity of the base model, recorded in the file.
             init_std (`float`, defaults to 0.0): std of the normal init of tag rows (0 = zeros).
             special_std (`float`, defaults to 0.02): std of the normal init of the sink and padding rows.
             seed (`int`, defaults to 0): seed for the initialisation.
         """
-        spec = table_mode(mode)
+        layout = layout_from(layout, Layout(), layout_fields)
+        spec = table_mode(layout.mode)
         spec.check_layers(layers)
         if not spec.groupable:  # one group per layer, named by the mode
             group_names, layer_group, kind = [layer.short for layer in layers], list(range(len(layers))), spec.name
         else:
-            group_names, layer_group = resolve_groups(layers, groups)
-            kind = groups if isinstance(groups, str) else "custom"
+            group_names, layer_group = resolve_groups(layers, layout.groups)
+            kind = layout.group_kind
+        anchors = layout.anchors
         if isinstance(anchors, int):
-            if anchors < 1:
-                raise CondvecError(f"anchors must be >= 1, got {anchors}")
             top = float(num_train_timesteps - 1)
             anchor_list = [top * i / (anchors - 1) for i in range(anchors)] if anchors > 1 else [0.0]
         else:
-            anchor_list = [float(a) for a in anchors]
-            if not anchor_list or sorted(anchor_list) != anchor_list or len(set(anchor_list)) != len(anchor_list):
-                raise CondvecError(f"explicit anchors must be strictly ascending timesteps, got {anchors}")
+            anchor_list = list(anchors)
         normalization = normalization or TagNormalization()
         names = [normalization.apply(t) for t in (tags or [])]
         width = spec.width(layers, len(group_names))
         gen = torch.Generator().manual_seed(seed)
         special = torch.randn(2, len(anchor_list), width, generator=gen) * special_std
         table = cls(
-            layers=list(layers), mode=mode, group_names=group_names, layer_group=layer_group, anchors=anchor_list,
-            tags=[], data=torch.zeros(0, len(anchor_list), width), special=special, use_sink=use_sink,
-            pad_to=pad_to, normalization=normalization, base_model=dict(base_model or {}), group_kind=kind,
+            layers=list(layers), mode=layout.mode, group_names=group_names, layer_group=layer_group,
+            anchors=anchor_list, tags=[], data=torch.zeros(0, len(anchor_list), width), special=special,
+            use_sink=layout.use_sink, pad_to=layout.pad_to, normalization=normalization,
+            base_model=dict(base_model or {}), group_kind=kind,
         )
         if names:
-            table.add_tags(names, init="normal" if init_std > 0 else "zeros", std=init_std, seed=seed + 1)
+            table.add_tags(names, init="normal" if init_std > 0 else "zeros", std=init_std, seed=seed + 1,
+                           vectors=layout.tokens_per_tag)
         return table
 
     # ----------------------------------------------------------------- layout
@@ -287,6 +283,11 @@ class TagTable:
     # ----------------------------------------------------------------- tags
     def __len__(self) -> int:
         return len(self.tags)
+
+    @property
+    def names(self) -> list[str]:
+        """The tags a prompt can name: every row's tag, a multi-vector tag once (its ``NAME#k`` rows left out)."""
+        return [t for t in self.tags if self.vector_owner(t) is None]
 
     def __contains__(self, name: str) -> bool:
         return self.normalization.apply(name) in self._index
@@ -824,7 +825,9 @@ class TagTable:
         return table
 
     def __repr__(self) -> str:
-        return (f"TagTable({len(self.tags)} tags, mode={self.mode}, groups={len(self.group_names)} "
+        rows = len(self.tags)
+        count = f"{rows} tags" if not self.vectors else f"{len(self.names)} tags in {rows} rows"
+        return (f"TagTable({count}, mode={self.mode}, groups={len(self.group_names)} "
                 f"({self.group_kind}), anchors={self.num_anchors}, width={self.width}, split={len(self.values)}"
                 + (f", pooled={self.pooled.shape[1]}" if self.pooled is not None else "") + ")")
 

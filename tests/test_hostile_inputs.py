@@ -155,7 +155,7 @@ def test_skip_warnings_are_capped_with_a_count(tmp_path, caplog):
 
 @pytest.mark.parametrize("flags, message", [
     (["--tokens-per-tag", "1000"], "--tokens-per-tag must be at most 75"),
-    (["--context-rows", "500"], "--context-rows at most 76"),
+    (["--context-rows", "500"], "--context-rows must be at most 76"),
 ])
 def test_bootstrap_vectors_per_tag_are_bounded_by_the_encoder(tmp_path, capsys, flags, message):
     from bootstrap.cli import main

@@ -16,12 +16,16 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from conditioner.errors import CondvecError
 from conditioner.modes import MODES, table_mode
-from conditioner.schema import GROUPINGS, MAX_PAD_TO, MAX_VECTORS
+from conditioner.table_layout import Layout, LayoutError
 from train.optim import table_lr_text
 
 #: Upper bounds on what a user sets: beyond them a run can only diverge or exhaust memory.
 MAX_LR = 10.0
 MAX_INIT_STD = 10.0
+
+
+#: The layouts a run's table starts from (conditioner.table_layout holds their defaults).
+_PLAIN, _PRETRAINED = Layout(), Layout.pretrained()
 
 
 class ConfigError(CondvecError):
@@ -104,10 +108,16 @@ class TableConfig:
                           "per-group offsets (about 1 + r vectors a tag instead of one per group); 0 = full rows, "
                           "or a start_from table's own")
     bootstrap: bool = _f(True, "a base with text encoders: new tables and new tags start from its own CLIP encoding")
-    tokens_per_tag: int = _f(1, "vectors per new tag (textual inversion's vectors per token)")
-    anchors: int = _f(1, "timestep anchors (1 = off)")
-    pad_to: int | None = _f(None, "fixed sequence length (77 for pretrained SD UNets); null = dynamic")
-    use_sink: bool = _f(True, "start every sequence with the attention-sink row")
+    tokens_per_tag: int | None = _f(None, "vectors per new tag from its tokens (textual inversion's vectors per "
+                                    f"token); null = the table's own ({_PLAIN.tokens_per_tag} for a new table, "
+                                    "as many as a distilled table's tags have)")
+    context_rows: int | None = _f(None, "more vectors per new tag from its EOS and padding in the base's CLIP (the "
+                                  f"context rows of a distilled table); null = the table's own ({_PLAIN.context_rows}"
+                                  " for a new table)")
+    anchors: int | None = _f(None, f"timestep anchors; null = {_PLAIN.anchors} (off), or a start_from table's own")
+    pad_to: int | None = _f(None, f"fixed sequence length; null = {_PRETRAINED.pad_to} for a table bootstrapped from "
+                            "a base's CLIP (what SD UNets were trained with), else as long as the prompt")
+    use_sink: bool | None = _f(None, f"start every sequence with the attention-sink row; null = {_PLAIN.use_sink}")
     lowercase: bool = _f(True, "tag normalisation: fold case")
     underscores: Underscores = _f(Underscores.space, "tag normalisation: space (booru _ → space) | keep")
     init: str = _f("normal", "new tags without bootstrap: zeros | normal | mean | mean:A,B,… | tag:NAME")
@@ -271,10 +281,7 @@ def validate(cfg: DictConfig) -> None:
                              ("table.init_std", t.init_std, MAX_INIT_STD),
                              ("training.batch_size", tr.batch_size, 1 << 16),
                              ("training.grad_accum", tr.grad_accum, 1 << 16),
-                             ("training.steps", tr.steps, 10**9), ("table.anchors", t.anchors, 1000),
-                             ("data.resolution", d.resolution, 8192), ("table.tokens_per_tag", t.tokens_per_tag,
-                                                                        MAX_VECTORS),
-                             ("table.pad_to", t.pad_to, MAX_PAD_TO),
+                             ("training.steps", tr.steps, 10**9), ("data.resolution", d.resolution, 8192),
                              ("output.sample_upscale", o.sample_upscale, 16)]:
         if value is not None and value > high:
             raise ConfigError(f"'{key}' must be <= {high:g}, got {value:g}")
@@ -283,6 +290,8 @@ def validate(cfg: DictConfig) -> None:
     if str(tr.table_device) == "disk" and not t.start_from:
         raise ConfigError("training.table_device=disk trains a table file without loading it: set "
                           "table.start_from=TABLE.safetensors (condvec-bootstrap writes one from a model)")
+    if str(tr.table_device) == "disk":
+        _check_disk_layout(t)
     if t.factor_rank and str(tr.table_device) == "disk":
         raise ConfigError("'table.factor_rank' and training.table_device=disk do not go together: factorise the "
                           "table file first (condvec-merge factorise), then train it in memory — it is small")
@@ -294,8 +303,7 @@ def validate(cfg: DictConfig) -> None:
                           f"(got {', '.join(sources) or 'none'})")
     if m.single_file and not m.single_file_config:
         raise ConfigError("model.single_file needs model.single_file_config (a local config folder or config.json)")
-    if isinstance(t.groups, str) and t.groups not in GROUPINGS:
-        raise ConfigError(f"'table.groups' must be one of single, blocks, layers or a mapping, got {t.groups!r}")
+    run_layout(t)  # mode, groups, anchors, vectors per tag, pad_to: the layout's own rules
     if tr.mixed_precision == "fp16":
         raise ConfigError("'training.mixed_precision' fp16 is not supported (the row-sparse optimiser does no loss "
                           "scaling): use bf16 or no")
@@ -306,16 +314,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'training.num_threads' must be >= 0 (0 = torch's default), got {tr.num_threads}")
     if tr.max_bad_steps < 0:
         raise ConfigError(f"'training.max_bad_steps' must be >= 0, got {tr.max_bad_steps}")
-    if t.pad_to is not None and t.pad_to < 1:
-        raise ConfigError(f"'table.pad_to' must be >= 1 or null, got {t.pad_to}")
     if o.sample_every < 0 or tr.max_grad_norm < 0:
         raise ConfigError("'output.sample_every' and 'training.max_grad_norm' must be >= 0")
     if t.init not in ("zeros", "normal", "mean") and not t.init.startswith(("tag:", "mean:")):
         raise ConfigError(f"'table.init' must be zeros, normal, mean, mean:A,B,… or tag:NAME, got {t.init!r}")
-    if t.tokens_per_tag < 1:
-        raise ConfigError(f"'table.tokens_per_tag' must be >= 1, got {t.tokens_per_tag}")
     for key, value, low in [("training.steps", tr.steps, 1), ("training.batch_size", tr.batch_size, 1),
-                            ("training.grad_accum", tr.grad_accum, 1), ("table.anchors", t.anchors, 1),
+                            ("training.grad_accum", tr.grad_accum, 1),
                             ("data.resolution", d.resolution, 8), ("output.save_every", o.save_every, 1),
                             ("output.keep_last", o.keep_last, 1), ("output.log_every", o.log_every, 1),
                             ("output.sample_steps", o.sample_steps, 1),
@@ -343,6 +347,40 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'data.keep_tags' must be an integer >= 0 or a list of tag names, got {keep!r}")
     if tr.epochs < 0 or o.save_every_epochs < 0:
         raise ConfigError("'training.epochs' and 'output.save_every_epochs' must be >= 0")
+
+
+def _check_disk_layout(t: DictConfig) -> None:
+    """training.table_device=disk trains the file in its own layout: refuse a table section asking for another one,
+    from the file's header alone (before any model loads)."""
+    from conditioner.table import TagTable
+
+    table = TagTable.open(t.start_from)
+    asked = layout_fields(t)
+    if ("groups" in asked and asked["groups"] != table.group_kind) or asked.get("mode", table.mode) != table.mode:
+        raise ConfigError("training.table_device=disk trains the table file in its own layout: drop table.groups "
+                          "/ table.mode, or convert the table first (condvec-merge regroup)")
+
+
+def layout_fields(t: DictConfig) -> dict:
+    """The layout fields the ``table`` section sets; null ones are left to the layout's defaults."""
+    groups = t.groups if t.groups is None or isinstance(t.groups, str) else OmegaConf.to_container(t.groups)
+    values = {"mode": None if t.mode is None else str(t.mode), "groups": groups, "anchors": t.anchors,
+              "tokens_per_tag": t.tokens_per_tag, "context_rows": t.context_rows, "pad_to": t.pad_to,
+              "use_sink": t.use_sink}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def run_layout(t: DictConfig, start=Layout) -> Layout:
+    """The layout of a run's table: ``start`` (``Layout``, ``Layout.pretrained`` for a table bootstrapped from the
+    base's CLIP, or ``Layout.of(table).replace`` for a continued one) called with what the ``table`` section sets.
+
+    Raises:
+        ConfigError: a field out of range, named by its key (``'table.pad_to' must be …``).
+    """
+    try:
+        return start(**layout_fields(t))
+    except LayoutError as err:
+        raise ConfigError(f"'table.{err.field}' {err.problem}") from err
 
 
 def flatten(node: dict, prefix: str = "") -> dict:

@@ -49,6 +49,8 @@ class Trainer:
         if tr.batch_size % self.world:
             raise CondvecError(f"training.batch_size={tr.batch_size} must be divisible by the {self.world} processes")
         s = build(cfg, self.acc)  # train.setup.Setup: everything prepared before the first step
+        self.cfg = cfg = s.cfg  # resolved (kohya settings, epochs as steps) and read-only from here on
+        tr = cfg.training
         self.unet, self.vae, self.noise_scheduler, self.table = s.unet, s.vae, s.noise_scheduler, s.table
         self.existing_rows, self.train_special, self.unet_params = s.existing_rows, s.train_special, s.unet_params
         self.items, self.captions, self.cache = s.items, s.captions, s.cache

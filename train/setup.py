@@ -10,20 +10,21 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from bootstrap.table import add_bootstrapped_tags, bootstrap_table
 from conditioner.encode import tokenize
 from conditioner.errors import CondvecError
 from conditioner.factor import FactorRows, factorise
-from conditioner.modes import DEFAULT_MODE, table_mode
+from conditioner.modes import VECTOR, table_mode
 from conditioner.parse import Tag, TagNormalization, parse_prompt
 from conditioner.regroup import regroup
-from conditioner.schema import DEFAULT_GROUPS, SD_SEQUENCE
 from conditioner.table import TagTable
+from conditioner.table_layout import Layout
 from train import checkpoint as ckpt
 from train import runlock
 from train.cache import LatentCache, LatentEncoder, PixelCache
+from train.config import layout_fields, run_layout
 from train.data import Item, assign_buckets, scan_dataset
 from train.kohya import read_kohya_config
 from train.model import Base, load_base
@@ -53,6 +54,7 @@ class Setup:
     cache: LatentCache | LatentEncoder | PixelCache
     resume_path: str | None
     sample_prompts: list[str]  # output.sample_prompts, or the dataset's most frequent captions
+    cfg: DictConfig  # the run's config as resolved here (kohya settings, epochs as steps), read-only
 
 
 def make_accelerator(cfg) -> Accelerator:
@@ -90,8 +92,9 @@ def build(cfg, acc: Accelerator) -> Setup:
     unet, vae, noise_scheduler = base.unet, base.vae, base.noise_scheduler
     say(f"base model: {base.name} — {describe(base.text) if base.text is not None else describe_unet(unet)}",
         flush=True)
+    items, decided = _scan(cfg, say)
+    cfg = _resolved(cfg, decided)
     d = cfg.data
-    items = _scan(cfg, say)
     small = [item for item in items if min(item.width, item.height) < d.resolution]
     if small:
         say(f"data: {len(small)} of {len(items)} images are smaller than data.resolution={d.resolution} and are "
@@ -148,13 +151,25 @@ def build(cfg, acc: Accelerator) -> Setup:
         say(f"samples: no output.sample_prompts, so the grids show the dataset's most frequent captions: "
             f"{' | '.join(sample_prompts)}", flush=True)
     return Setup(unet, vae, noise_scheduler, table, existing_rows, train_special, unet_params, items, captions,
-                 cache, resume_path, sample_prompts)
+                 cache, resume_path, sample_prompts, cfg)
 
 
-def _scan(cfg, say) -> list[Item]:
-    """The dataset's items: ``data.path``, or every subset of ``data.kohya_config`` (which may set the resolution
-    and buckets); ``training.epochs`` / ``output.save_every_epochs`` become steps here."""
-    d = cfg.data
+def _resolved(cfg: DictConfig, decided: dict) -> DictConfig:
+    """A read-only copy of ``cfg`` with what the data decided (``{"section.key": value}``); ``cfg`` is unchanged."""
+    nested: dict = {}
+    for key, value in decided.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    out = OmegaConf.merge(cfg, nested)
+    OmegaConf.set_readonly(out, True)
+    return out
+
+
+def _scan(cfg, say) -> tuple[list[Item], dict]:
+    """The dataset's items, and what they decide of the config (``{"section.key": value}``): ``data.path``, or every
+    subset of ``data.kohya_config`` (which may set the resolution and buckets); ``training.epochs`` /
+    ``output.save_every_epochs`` become steps here."""
+    d, decided = cfg.data, {}
     if d.kohya_config is None:
         items = scan_dataset(d.path, caption_ext=d.caption_ext, metadata=d.metadata, repeats=dict(d.repeats),
                              default_repeats=d.default_repeats, on_bad_image=str(d.on_bad_image))
@@ -178,24 +193,26 @@ def _scan(cfg, say) -> list[Item]:
         if not items:
             raise CondvecError(f"data.kohya_config {d.kohya_config!r}: no subset left to train on")
         if kohya.resolution is not None:
-            d.resolution = kohya.resolution
+            decided["data.resolution"] = kohya.resolution
         if kohya.enable_bucket is not None:
-            d.bucketing = bool(kohya.enable_bucket)
+            decided["data.bucketing"] = bool(kohya.enable_bucket)
         if kohya.bucket_reso_steps is not None:
-            d.bucket_step = max(1, int(kohya.bucket_reso_steps) // 8)
-        say(f"kohya config: {len(kohya.subsets)} subset(s); resolution {d.resolution}, bucketing {d.bucketing}",
+            decided["data.bucket_step"] = max(1, int(kohya.bucket_reso_steps) // 8)
+        say(f"kohya config: {len(kohya.subsets)} subset(s); resolution "
+            f"{decided.get('data.resolution', d.resolution)}, bucketing {decided.get('data.bucketing', d.bucketing)}",
             flush=True)
     tr, o = cfg.training, cfg.output
     if tr.epochs or o.save_every_epochs:
         per_epoch = -(-sum(item.repeats for item in items) // (tr.batch_size * tr.grad_accum))
         if tr.epochs:
-            tr.steps = tr.epochs * per_epoch
-            say(f"training.epochs={tr.epochs}: {tr.steps} steps ({per_epoch} per epoch)", flush=True)
-        if o.save_every_epochs:
-            o.save_every = o.save_every_epochs * per_epoch
-            say(f"output.save_every_epochs={o.save_every_epochs}: a checkpoint every {o.save_every} steps",
+            decided["training.steps"] = tr.epochs * per_epoch
+            say(f"training.epochs={tr.epochs}: {decided['training.steps']} steps ({per_epoch} per epoch)",
                 flush=True)
-    return items
+        if o.save_every_epochs:
+            decided["output.save_every"] = o.save_every_epochs * per_epoch
+            say(f"output.save_every_epochs={o.save_every_epochs}: a checkpoint every {decided['output.save_every']} "
+                "steps", flush=True)
+    return items, decided
 
 
 def _frequent_captions(items: list[Item], count: int = 3) -> list[str]:
@@ -206,37 +223,30 @@ def _frequent_captions(items: list[Item], count: int = 3) -> list[str]:
 def _make_table(cfg, base: Base, log) -> TagTable:
     """The run's table before the data's new tags: continued, the base's own, bootstrapped, or new."""
     t, unet = cfg.table, base.unet
-    groups = t.groups if t.groups is None or isinstance(t.groups, str) else OmegaConf.to_container(t.groups)
-    if str(cfg.training.table_device) == "disk":  # table.start_from is set: train.config.validate
+    groups = layout_fields(t).get("groups")
+    normalization = TagNormalization(lowercase=t.lowercase, underscores=str(t.underscores))
+    if str(cfg.training.table_device) == "disk":  # its layout was checked against the file: train.config.validate
         table = TagTable.open(t.start_from, writable=True)
-        if (groups is not None and groups != table.group_kind) or (t.mode is not None and str(t.mode) != table.mode):
-            raise CondvecError("training.table_device=disk trains the table file in its own layout: drop table.groups "
-                               "/ table.mode, or convert the table first (condvec-merge regroup)")
-        log(f"table: {t.start_from} on disk ({len(table)} tags, memory-mapped; rows the run touches are held in "
+        log(f"table: {t.start_from} on disk ({len(table.names)} tags, memory-mapped; rows the run touches are held in "
             "memory)", flush=True)
     elif t.start_from or (base.table is not None and t.use_base_table):
         table = TagTable.load(t.start_from) if t.start_from else base.table
-        log(f"table: continuing {t.start_from} ({len(table)} tags)" if t.start_from
-            else f"table: the base model's own table ({len(table)} tags)", flush=True)
+        log(f"table: continuing {t.start_from} ({len(table.names)} tags)" if t.start_from
+            else f"table: the base model's own table ({len(table.names)} tags)", flush=True)
         if groups is not None and groups != table.group_kind and table.mode_spec.groupable:
             log(f"table: converted from {table.group_kind} to {groups if isinstance(groups, str) else 'custom'} "
                 "groups (table.groups)", flush=True)
             table = regroup(table, groups)
     elif base.text is not None and t.bootstrap:
-        table = bootstrap_table(base.text, [], groups=groups or DEFAULT_GROUPS, anchors=t.anchors,
-                                pad_to=SD_SEQUENCE if t.pad_to is None else t.pad_to, progress=False,
-                                normalization=TagNormalization(lowercase=t.lowercase, underscores=str(t.underscores)))
+        layout = run_layout(t, Layout.pretrained)
+        table = bootstrap_table(base.text, [], layout=layout.replace(mode=VECTOR), progress=False,
+                                normalization=normalization)
         log(f"table: bootstrapped from {base.name}'s text encoder(s): null sequence of {table.special.shape[0]} "
             f"positions from {table.base_model['bootstrap']['encoder']}", flush=True)
     else:
-        table = table_for_unet(
-            unet, base_name=base.name, mode=DEFAULT_MODE if t.mode is None else str(t.mode),
-            groups=groups or DEFAULT_GROUPS,
-            anchors=t.anchors, num_train_timesteps=base.noise_scheduler.config.num_train_timesteps,
-            use_sink=t.use_sink, pad_to=t.pad_to,
-            normalization=TagNormalization(lowercase=t.lowercase, underscores=str(t.underscores)),
-            seed=cfg.training.seed,
-        )
+        table = table_for_unet(unet, base_name=base.name, layout=run_layout(t),
+                               num_train_timesteps=base.noise_scheduler.config.num_train_timesteps,
+                               normalization=normalization, seed=cfg.training.seed)
         special = special_rows_from(base.table, table, unet) if base.table is not None else None
         if special is not None:
             table.special = special
@@ -286,13 +296,16 @@ def _add_data_tags(cfg, table: TagTable, captions: list[list[Tag]], base: Base, 
         for tag in tags:
             seen.setdefault(tag.name)
     new = [name for name in seen if name not in table]
+    own = {k: v for k, v in layout_fields(cfg.table).items() if k in ("tokens_per_tag", "context_rows")}
+    layout = Layout.of(table).replace(**own)  # vectors per new tag: the table's own unless the config sets them
     if new and base.text is not None and cfg.table.bootstrap:
-        add_bootstrapped_tags(table, base.text, new, tokens_per_tag=cfg.table.tokens_per_tag,
-                              progress=cfg.output.progress)
-        log(f"tags: {len(new)} new tag(s) start from {base.name}'s text encoding", flush=True)
+        add_bootstrapped_tags(table, base.text, new, layout=layout, progress=cfg.output.progress)
+        log(f"tags: {len(new)} new tag(s) start from {base.name}'s text encoding"
+            + (f", {layout.tokens_per_tag} token vector(s) and {layout.context_rows} context rows each"
+               if layout.vectors > 1 else ""), flush=True)
     elif new:
         table.add_tags(new, init=cfg.table.init, std=cfg.table.init_std, seed=cfg.training.seed + 7,
-                       vectors=cfg.table.tokens_per_tag)
+                       vectors=layout.vectors)
     split = [name for name in seen if name in table.values]
     if split:
         warnings.warn(f"{len(split)} tag(s) in the data are swapped (split) concepts, e.g. {split[0]!r}: only "
