@@ -45,7 +45,7 @@ CONCEPTS = {
     "mascot": {"shape": "circle", "colour": "magenta", "size": "large", "position": "left"},
     "badge": {"shape": "square", "colour": "cyan", "size": "small", "position": "right"},
 }
-MODES = {
+LAYOUTS = {
     "single": ["table.groups=single"],
     "blocks": ["table.groups=blocks"],
     "layers": ["table.groups=layers"],
@@ -119,7 +119,7 @@ def run_fidelity(out: str, seeds: list[int], steps: int, eval_at: list[int], n: 
     data = _data(out)
     results: dict = {}
     grid_rows, grid_labels = [], []
-    for mode, extra in MODES.items():
+    for mode, extra in LAYOUTS.items():
         if modes and mode not in modes:
             continue
         runs = []
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-at", type=int, nargs="+", default=[20, 40],
                         help="extra step counts at which fidelity is measured (it always is at --steps)")
     parser.add_argument("--samples", type=int, default=16, help="generated images per concept and measurement")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), help="fidelity for these modes only (default all)")
+    parser.add_argument("--modes", nargs="+", choices=list(LAYOUTS),
+                        help="fidelity for these layouts only (default all)")
     parser.add_argument("--lr", type=float, default=LR, help=f"table learning rate of every run (default {LR:g})")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--fidelity-only", action="store_true", help="skip the bleeding and swap measurements")

@@ -110,3 +110,22 @@ def test_user_errors_stay_one_line_and_debug_shows_their_cause(files, tmp_path, 
     assert raised.value.__cause__ is not None, "the original error stays attached for CONDVEC_DEBUG"
     assert not (tmp_path / "t.safetensors").exists()
 
+
+
+@pytest.mark.parametrize("error, becomes_one_line", [
+    (OSError, True), (ValueError, True), (KeyError, True),  # a missing, broken or foreign file in the user's folder
+    (RuntimeError, False), (AttributeError, False), (IndexError, False),  # a bug: the traceback stays
+])
+def test_model_loader_relabels_only_bad_file_errors(files, monkeypatch, error, becomes_one_line):
+    from diffusers import UNet2DConditionModel
+
+    from unet_patch.load import ModelLoadError, load_model
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", _boom(error))
+    if becomes_one_line:
+        with pytest.raises(ModelLoadError, match="cannot load .*unet") as info:
+            load_model(str(files / "model"))
+        assert isinstance(info.value.__cause__, error)
+    else:
+        with pytest.raises(error, match="injected bug"):
+            load_model(str(files / "model"))

@@ -201,19 +201,27 @@ def describe(model: BaseModel) -> str:
             f"VAE: {'yes' if model.vae is not None else 'none'}; scheduler: {type(model.scheduler).__name__}")
 
 
+#: What diffusers, transformers and safetensors raise for a folder whose files are missing, truncated or of another
+#: model (a missing or unreadable file; a bad config value or shape; a config key or type they cannot use). Anything
+#: else raised while loading (a RuntimeError, an AttributeError, an IndexError) is a bug and keeps its traceback.
+_BAD_FILES = (OSError, ValueError, KeyError, TypeError)
+
+
 @contextmanager
 def _one_line(what: str, hint: str = ""):
-    """Turn a diffusers / transformers / hub error raised while loading ``what`` into a one-line ModelLoadError."""
+    """Turn a library's bad-file error raised while loading ``what`` into a one-line ModelLoadError."""
+    from safetensors import SafetensorError
+
     try:
         yield
     except ModelLoadError:
         raise
-    except Exception as err:  # noqa: BLE001 - any library error becomes one line naming the component
+    except (*_BAD_FILES, SafetensorError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = lines[0] if lines else type(err).__name__
         if len(detail) > 300:
             detail = detail[:300] + "…"
-        if isinstance(err, (KeyError, AttributeError, TypeError)):
+        if isinstance(err, (KeyError, TypeError)):
             detail = f"{type(err).__name__} {detail}"
         raise ModelLoadError(f"cannot load {what}: {detail}{hint}") from err
 
