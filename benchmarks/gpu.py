@@ -13,6 +13,12 @@ nothing is downloaded; speed and memory do not depend on the weights' values. Wh
   backward every step (SDXL: both encoders).
 - **LoRA step**: peft LoRA (rank 4) on every attention projection of the UNet; the text encoder's output is fixed
   (cached), as LoRA trainers do when the text encoder is frozen.
+- **distillation step** (``condvec-bootstrap --distill``): a distilled-layout table of 1,000 tags (3 token vectors +
+  16 context rows each, one group), batch ``--distill-batch`` (default 32, the CLI's) of 8-tag prompts: the frozen
+  UNet's teacher prediction on the pool's CLIP conditioning (cached once per pool, so no text encoder runs per step),
+  the student's forward and backward into the batch's rows, the row-sparse AdamW. "Hours per 1,000 tags" is that step
+  time × the steps that give 1,000 tags as many occurrences each as the default run on ``models/mini-sd`` gives its
+  37 tags (1,500 steps of 32 prompts of 4.5 tags on average: 5,838 each), teacher pool left out.
 - **generation**: 30 denoising steps with classifier-free guidance (batch 2 · 1), stock processors on CLIP-shaped
   conditioning against condvec's processors on the packed tags with the constant K/V cached
   (``unet_patch.cached_kv``). VAE decode and prompt encoding are left out of both.
@@ -196,6 +202,50 @@ def condvec_step(unet, device, batch: int):
     return step
 
 
+#: Occurrences of each tag in the default distillation of ``models/mini-sd``: 1,500 steps × 32 prompts × 4.5 tags per
+#: prompt (1 … 8, uniform) / 37 tags.
+DISTILL_EXPOSURE = 1500 * 32 * 4.5 / 37
+
+
+def distillation_step(unet, device, batch: int):
+    """A callable: one distillation step (teacher prediction, student forward and backward into the rows, AdamW)."""
+    from conditioner import Layout, TagTable
+    from conditioner.encode import Rows, pack, tokenize
+    from train.optim import RowSparseAdamW
+    from unet_patch import discover, patched
+
+    layout = Layout.distilled()
+    table = TagTable.create(discover(unet), layout=layout)
+    table.add_tags([f"tag{i}" for i in range(TAGS)], init="normal", std=0.02, vectors=layout.vectors)
+    table.to(device)
+    width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim \
+        if unet.config.addition_embed_type == "text_time" else 0
+    pooled = torch.randn(len(table), width, device=device) if width else None
+    opt = RowSparseAdamW(len(table), (table.num_anchors, table.width), device=device)
+    teacher_states = torch.randn(batch, TOKENS, unet.config.cross_attention_dim, device=device)  # the pool's
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        prompts = [", ".join(f"tag{int(i)}" for i in torch.randperm(TAGS, generator=gen)[:TAGS_PER_PROMPT])
+                   for _ in range(batch)]
+        tokens = tokenize(table, prompts)
+        ids = tokens.rows.to(device)
+        rows = Rows(ids=ids, data=table.data[ids].clone().requires_grad_(True), special=table.special)
+        noisy, t, _ = _noisy(unet, batch, device)
+        with torch.no_grad(), _autocast(device):
+            target = unet(noisy, t, encoder_hidden_states=teacher_states,
+                          added_cond_kwargs=_added(unet, batch, device)).sample.float()
+        added = None
+        if pooled is not None:
+            added = _added(unet, batch, device, pooled[ids].mean(0, keepdim=True).expand(batch, -1).clone())
+        with patched(unet, table), _autocast(device):
+            pred = unet(noisy, t, encoder_hidden_states=pack(table, tokens, rows=rows), added_cond_kwargs=added).sample
+        F.mse_loss(pred.float(), target).backward()
+        opt.step(table.data, ids, rows.data.grad, 2e-2)
+
+    return step
+
+
 def textual_inversion_step(unet, encoders, device, batch: int):
     """A callable: one textual-inversion step (trainable token embeddings, text encoders forward and backward)."""
     embeddings = [e.get_input_embeddings() for e in encoders]
@@ -279,7 +329,8 @@ def generation(unet, device, condvec: bool, steps: int = 30):
     return run
 
 
-def measure(size: str, device: torch.device, warmup: int, repeats: int, batch: int) -> list[dict]:
+def measure(size: str, device: torch.device, warmup: int, repeats: int, batch: int,
+            distill_batch: int = 32) -> list[dict]:
     """Every row of the table, for both families."""
     clock, rows = Clock(device, warmup, repeats), []
     for family in ("sd15", "sdxl"):
@@ -296,6 +347,10 @@ def measure(size: str, device: torch.device, warmup: int, repeats: int, batch: i
             if checkpointing:
                 unet.disable_gradient_checkpointing()
         unet.eval()
+        row = clock(distillation_step(unet, device, distill_batch))
+        steps = DISTILL_EXPOSURE * 1000 / (distill_batch * (1 + TAGS_PER_PROMPT) / 2)
+        rows.append({"model": label, "what": f"distillation step (batch {distill_batch}; "
+                     f"{row['seconds'] * steps / 3600:.2f} h per 1,000 tags)", **row})
         step, release = textual_inversion_step(unet, encoders, device, batch)
         rows.append({"model": label, "what": "textual inversion step", **clock(step)})
         release()
@@ -330,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--distill-batch", type=int, default=32, help="prompts per distillation step")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.md"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -337,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda, but torch sees no CUDA device: pass --device cpu (with --size tiny)")
     command = "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv)
     began = time.perf_counter()
-    table = markdown(measure(args.size, device, args.warmup, args.repeats, args.batch), device, args.batch,
+    table = markdown(measure(args.size, device, args.warmup, args.repeats, args.batch, args.distill_batch), device,
+                     args.batch,
                      command.strip())
     table += f"\nWall time: {time.perf_counter() - began:.0f} s.\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)

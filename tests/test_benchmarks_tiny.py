@@ -21,9 +21,11 @@ def test_gpu_benchmark_runs_at_a_tiny_size_on_cpu(tmp_path):
     from benchmarks.gpu import main
 
     out = tmp_path / "gpu.md"
-    assert main(["--size", "tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["--size", "tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--distill-batch", "2",
+                 "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| sd")]
-    assert len(rows) == 12  # 6 measurements × (SD1.5, SDXL)
+    assert len(rows) == 14  # 7 measurements × (SD1.5, SDXL)
+    assert sum("distillation step (batch 2;" in row and "h per 1,000 tags" in row for row in rows) == 2
     for row in rows:
         seconds = float(row.split("|")[3])
         assert seconds > 0, row
