@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="models/mini-sd")
     parser.add_argument("--num", type=int, default=48)
     parser.add_argument("--steps", type=int, default=400, help="export optimisation steps (the CLI's default)")
+    parser.add_argument("--vectors", type=int, nargs="+", default=[1],
+                        help="vectors of the distilled embedding; one row per count (default 1, the CLI's)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -69,8 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         if tag not in table:
             continue
         result[tag] = {"condvec tag": scored(sample(ours, f"{tag}, white background"), want), "samples": args.num}
-        for method, export in (("distill", distil_embedding), ("fit", export_embedding)):
-            tensors, report = export(model, table, tag, steps=args.steps)
+        multi = len(table.expand(tag)) > 1
+        runs = [(f"distill, {v} vector(s)" if v > 1 else "distill", distil_embedding, {"vectors": v})
+                for v in args.vectors] + [("fit", export_embedding, {})]
+        for method, export, extra in runs:
+            if method == "fit" and multi:  # a block of vectors has no one vector to fit
+                result[tag][f"textual inversion, {method}"] = "not applicable: a multi-vector tag"
+                continue
+            tensors, report = export(model, table, tag, steps=args.steps, **extra)
             stock = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
                                                             requires_safety_checker=False, local_files_only=True)
             stock.set_progress_bar_config(disable=True)

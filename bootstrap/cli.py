@@ -113,6 +113,8 @@ def _export_parser() -> OneLineArgumentParser:
                         "the tag (default for SD1.x / SD2.x textual inversion); fit: match the tag's vector (SDXL, "
                         "XTI)")
     p.add_argument("--steps", type=int, default=400, help="optimisation steps (default 400)")
+    p.add_argument("--vectors", type=int, default=1, metavar="N",
+                   help="--method distill: the embedding's vectors (textual inversion's vectors per token; default 1)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the embedding to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite an existing FILE")
     return p
@@ -123,6 +125,9 @@ def _export(args) -> str:
         raise UsageError(f"export: -o must be a .safetensors file, got {args.output!r}")
     if os.path.exists(args.output) and not args.force:
         raise UsageError(f"export: output {args.output!r} already exists; pass --force to overwrite it")
+    if not 1 <= args.vectors <= 75:
+        raise UsageError(f"export: --vectors must be between 1 and 75 (CLIP's positions less BOS and EOS), got "
+                         f"{args.vectors}")
     if not 1 <= args.steps <= 100_000:
         raise UsageError(f"export: --steps must be between 1 and 100000, got {args.steps}")
     import torch
@@ -136,19 +141,22 @@ def _export(args) -> str:
     table = TagTable.load(args.table)
     model = load_model(args.model, config=args.config)
     method = args.method or ("distill" if args.format == "ti" and model.family != "sdxl" else "fit")
+    if method == "fit" and args.vectors != 1:
+        raise UsageError("export: --vectors belongs to --method distill (a fitted embedding has one vector)")
     if method == "distill" and (args.format != "ti" or model.family == "sdxl"):
         raise UsageError("export: --method distill writes SD1.x / SD2.x textual inversion; use --method fit for "
                          "XTI and SDXL")
     if method == "distill":
         from bootstrap.export import distil_embedding
 
-        tensors, distilled = distil_embedding(model, table, args.tag, steps=args.steps)
+        tensors, distilled = distil_embedding(model, table, args.tag, steps=args.steps, vectors=args.vectors)
         if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
             raise UsageError("export: the optimisation diverged (non-finite embedding); nothing written")
         with atomic_path(args.output) as tmp:
             save_file(tensors, tmp, metadata=modelspec(model, args.tag))
-        return (f"wrote {args.output}: {args.tag!r} as textual inversion, distilled through the UNet; with it in a "
-                f"prompt the UNet's predictions miss {distilled.relative_error:.1%} of what the tag changes "
+        return (f"wrote {args.output}: {args.tag!r} as textual inversion ({args.vectors} vector(s)), distilled "
+                "through the UNet; with it in a prompt the UNet's predictions miss "
+                f"{distilled.relative_error:.1%} of what the tag changes "
                 f"(the fitted embedding it started from: {distilled.start_error:.1%})")
     tensors, report = export_embedding(model, table, args.tag, steps=args.steps, format=args.format)
     if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):

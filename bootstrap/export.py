@@ -156,23 +156,26 @@ class DistillReport:
     steps: int
 
 
-def _student_ids(tokenizer, others: list[str]) -> torch.Tensor:
-    """``[BOS, <new token>, ",", other tags…, EOS, pad…]``: the prompt ``<tag>, other, …`` as the tokenizer writes it
-    (position 1 takes the embedding)."""
+def _student_ids(tokenizer, others: list[str], vectors: int = 1) -> torch.Tensor:
+    """``[BOS, <new token> × vectors, ",", other tags…, EOS, pad…]``: the prompt ``<tag>, other, …`` as the tokenizer
+    writes it once the embedding's tokens are added (positions ``1 … vectors`` take the embedding)."""
     rest = tokenizer(", " + ", ".join(others) if others else "", padding="max_length",
                      max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.cat([rest[:1], torch.tensor([pad]), rest[1:]])[: tokenizer.model_max_length]
+    ids = torch.cat([rest[:1], torch.tensor([pad] * vectors), rest[1:]])[: tokenizer.model_max_length]
     if ids[-1] not in (pad, tokenizer.eos_token_id):
         ids[-1] = tokenizer.eos_token_id
     return ids
 
 
 def _encode_with(encoder, ids: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-    """The encoder's last hidden state ``(B, 77, D)`` for ``ids`` with ``embedding`` at position 1."""
+    """The encoder's last hidden state ``(B, 77, D)`` for ``ids`` with ``embedding`` (``(H,)`` or ``(V, H)``) at
+    positions ``1 … V``."""
+    rows = embedding.reshape(-1, embedding.shape[-1])  # (V, H)
+
     def put(module, args, out):
         out = out.clone()
-        out[:, 1] = embedding
+        out[:, 1:1 + rows.shape[0]] = rows
         return out
 
     handle = encoder.get_input_embeddings().register_forward_hook(put)
@@ -183,18 +186,21 @@ def _encode_with(encoder, ids: torch.Tensor, embedding: torch.Tensor) -> torch.T
 
 
 def distil_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 300, lr: float = 0.05,
-                     seed: int = 0, batch_size: int = 8, pool: int = 32) -> tuple[dict[str, torch.Tensor],
-                                                                             DistillReport]:
+                     seed: int = 0, batch_size: int = 8, pool: int = 32,
+                     vectors: int = 1) -> tuple[dict[str, torch.Tensor], DistillReport]:
     """A textual-inversion embedding for ``tag`` found by matching UNet predictions (SD1.x / SD2.x).
 
     The teacher is the UNet conditioned on the condvec table (prompt ``tag, other tags…``); the student is the same
     UNet with the stock pipeline's encoding of ``<embedding>, other tags…`` through the model's own text encoder —
     what ``load_textual_inversion`` and a prompt give in diffusers, A1111 or ComfyUI. The other tags are random
     tags of the table (none to two), the inputs the teacher's own samples noised to random timesteps; only the
-    embedding learns (Adam, from the embedding :func:`export_embedding` fits to the tag's vector).
+    embedding learns (Adam, from the embedding :func:`export_embedding` fits to the tag's vector, or for a
+    multi-vector tag from the mean token embedding). ``vectors > 1`` learns a multi-vector embedding (textual
+    inversion's "vectors per token": the prompt's one token becomes ``vectors`` positions), every vector starting
+    from the same point.
 
     Returns:
-        `(tensors, report)`: ``{"emb_params": (1, H)}`` and a :class:`DistillReport`.
+        `(tensors, report)`: ``{"emb_params": (vectors, H)}`` and a :class:`DistillReport`.
     """
     from diffusers import DDIMScheduler
 
@@ -204,6 +210,9 @@ def distil_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 3
 
     if model.family == "sdxl":
         raise CondvecError("distilled export is for SD1.x / SD2.x; export SDXL tags with --method fit")
+    if not 1 <= vectors <= model.tokenizers[0].model_max_length - 2:
+        raise CondvecError(f"an embedding has 1 to {model.tokenizers[0].model_max_length - 2} vectors (the text "
+                           f"encoder's positions less BOS and EOS), got {vectors}")
     name = table.normalization.apply(tag)
     if name not in table:
         raise CondvecError(table.unknown_message([name]))
@@ -217,6 +226,7 @@ def distil_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 3
         embedding = start["emb_params"][0].clone()
     else:  # a multi-vector or key/value tag has no one vector to fit: start from the mean token embedding
         embedding = encoder.get_input_embeddings().weight.detach().mean(0).clone()
+    embedding = embedding.reshape(1, -1).repeat(vectors, 1)  # (V, H)
     others = [t for t in table.tags if t != name and table.vector_owner(t) is None]
 
     def prompts(count: int) -> list[list[str]]:
@@ -232,7 +242,7 @@ def distil_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 3
             return unet(x, t, encoder_hidden_states=cond).sample
 
     def student(x, t, contexts, emb):
-        ids = torch.stack([_student_ids(tokenizer, c) for c in contexts])
+        ids = torch.stack([_student_ids(tokenizer, c, vectors) for c in contexts])
         return unet(x, t, encoder_hidden_states=_encode_with(encoder, ids, emb)).sample
 
     # the teacher's own samples (DDIM, guidance 3), noised anew every step
@@ -284,7 +294,7 @@ def distil_embedding(model: BaseModel, table: TagTable, tag: str, steps: int = 3
     end_error = error(final)
     if end_error > start_error:  # never worse than where it started
         final, end_error = embedding, start_error
-    return {"emb_params": final.reshape(1, -1).contiguous()}, DistillReport(end_error, start_error, steps)
+    return {"emb_params": final.reshape(vectors, -1).contiguous()}, DistillReport(end_error, start_error, steps)
 
 
 def modelspec(model: BaseModel, tag: str) -> dict[str, str]:

@@ -413,3 +413,34 @@ def test_distilled_export_loads_into_the_stock_pipeline_and_beats_the_fitted_sta
     pipe.load_textual_inversion(str(out), token="<blue>")
     image = pipe("<blue>, red", num_inference_steps=2, guidance_scale=3.0, output_type="np").images
     assert image.shape[0] == 1 and torch.isfinite(torch.as_tensor(image)).all()
+
+
+def test_multi_vector_distilled_export_is_what_the_stock_pipeline_encodes(tmp_path, capsys):
+    """--vectors 3: the file holds three vectors, diffusers' load_textual_inversion expands the token to three, and
+    the stock pipeline's encoding of ``<tag>, red`` is exactly the one the export optimised through."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+    from standins import make_sd15
+
+    from bootstrap.cli import main
+    from bootstrap.export import _encode_with, _student_ids
+    from bootstrap.table import bootstrap_table
+    from unet_patch.load import load_model
+
+    folder = make_sd15(tmp_path / "model")
+    model = load_model(folder)
+    bootstrap_table(model, ["red", "blue hair"], tokens_per_tag=2, progress=False).save(tmp_path / "t.safetensors")
+    out = tmp_path / "blue.safetensors"
+    assert main(["export", str(tmp_path / "t.safetensors"), "blue hair", "--model", str(folder), "-o", str(out),
+                 "--steps", "5", "--vectors", "3"]) == 0
+    assert "(3 vector(s))" in capsys.readouterr().out
+    emb = load_file(out)["emb_params"]
+    assert emb.shape == (3, model.text_encoders[0].config.hidden_size)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    pipe.load_textual_inversion(str(out), token="<blue>")
+    stock = pipe.encode_prompt("<blue>, red", "cpu", 1, False)[0]
+    ours = _encode_with(model.text_encoders[0], _student_ids(model.tokenizers[0], ["red"], 3)[None], emb)
+    assert torch.allclose(stock, ours, atol=1e-5)
+    assert main(["export", str(tmp_path / "t.safetensors"), "blue hair", "--model", str(folder), "-o",
+                 str(tmp_path / "x.safetensors"), "--vectors", "2", "--method", "fit"]) == 2
+    assert "--vectors belongs to --method distill" in capsys.readouterr().err
