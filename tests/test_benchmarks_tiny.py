@@ -60,3 +60,19 @@ def test_step_ratios_repeat_until_the_spreads_separate_or_are_shown_to_overlap()
         speed.time.perf_counter = real
     assert len(times["a"]) == len(times["b"]) == 9 and "overlap after 9 rounds" in verdict
     assert calls.count("a") == calls.count("b") == 9
+
+
+def test_concept_pair_scores_both_concepts_and_nothing_less():
+    from benchmarks.concept_pair import both_right
+    from demo.data import render
+
+    mascot = {"shape": "circle", "colour": "magenta", "size": "large", "position": "left"}
+    badge = {"shape": "square", "colour": "cyan", "size": "small", "position": "right"}
+    assert both_right(render({"background": "white", "objects": [mascot, badge]}))
+    assert both_right(render({"background": "white", "objects": [dict(badge, position="left"),
+                                                                 dict(mascot, position="right")]}))
+    assert not both_right(render({"background": "white", "objects": [mascot]}))
+    assert not both_right(render({"background": "white", "objects": [mascot, dict(badge, colour="red")]}))
+    assert not both_right(render({"background": "black", "objects": [mascot, badge]}))
+    assert not both_right(render({"background": "white", "objects": [mascot, dict(mascot, position="right",
+                                                                                     size="small")]}))
