@@ -202,8 +202,9 @@ def describe(model: BaseModel) -> str:
 
 
 #: What diffusers, transformers and safetensors raise for a folder whose files are missing, truncated or of another
-#: model (a missing or unreadable file; a bad config value or shape; a config key or type they cannot use). Anything
-#: else raised while loading (a RuntimeError, an AttributeError, an IndexError) is a bug and keeps its traceback.
+#: model (a missing or unreadable file; a bad config value or shape; a config key or type they cannot use), and
+#: torch's "Error(s) in loading state_dict" (weights of another shape). Anything else raised while loading (another
+#: RuntimeError, an AttributeError, an IndexError) is a bug and keeps its traceback.
 _BAD_FILES = (OSError, ValueError, KeyError, TypeError)
 
 
@@ -216,6 +217,11 @@ def _one_line(what: str, hint: str = ""):
         yield
     except ModelLoadError:
         raise
+    except RuntimeError as err:  # torch's load_state_dict: the file holds another model's weights (keys, shapes)
+        if not str(err).startswith("Error(s) in loading state_dict"):
+            raise
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")[:300]
+        raise ModelLoadError(f"cannot load {what}: its weights do not fit ({detail}){hint}") from err
     except (*_BAD_FILES, SafetensorError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = lines[0] if lines else type(err).__name__
