@@ -18,7 +18,7 @@ import sys
 
 from conditioner.cli_errors import OneLineArgumentParser, UsageError, run_cli
 from conditioner.modes import MODES, VECTOR
-from conditioner.schema import GROUPINGS
+from conditioner.schema import GROUPINGS, SD_SEQUENCE
 from conditioner.table_layout import Layout, LayoutError
 
 PROG = "condvec-bootstrap"
@@ -125,9 +125,9 @@ def _export(args) -> str:
         raise UsageError(f"export: -o must be a .safetensors file, got {args.output!r}")
     if os.path.exists(args.output) and not args.force:
         raise UsageError(f"export: output {args.output!r} already exists; pass --force to overwrite it")
-    if not 1 <= args.vectors <= 75:
-        raise UsageError(f"export: --vectors must be between 1 and 75 (CLIP's positions less BOS and EOS), got "
-                         f"{args.vectors}")
+    if not 1 <= args.vectors <= SD_SEQUENCE - 2:
+        raise UsageError(f"export: --vectors must be between 1 and {SD_SEQUENCE - 2} (CLIP's {SD_SEQUENCE} positions "
+                         f"less BOS and EOS), got {args.vectors}")
     if not 1 <= args.steps <= 100_000:
         raise UsageError(f"export: --steps must be between 1 and 100000, got {args.steps}")
     import torch

@@ -1,9 +1,10 @@
 """A table's layout (its shape): the one home of its defaults and rules.
 
 Every entry point that makes or extends a table takes a :class:`Layout` — ``TagTable.create`` and
-``unet_patch.table_for_unet``, ``bootstrap.bootstrap_table`` and ``condvec-bootstrap``, the trainer's ``table``
-section, the merges that regroup — so a default (``groups``, ``pad_to``, vectors per tag) is written once, here, and
-a bad value is refused here with the field it belongs to, before any model is loaded.
+``unet_patch.table_for_unet``, ``bootstrap.bootstrap_table`` / ``add_bootstrapped_tags`` and ``condvec-bootstrap``,
+the trainer's ``table`` section (merges and the ComfyUI nodes make no table: they read the file's) — so a default
+(``groups``, ``pad_to``, vectors per tag) is written once, here, and a bad value is refused here with the field it
+belongs to, before any model is loaded.
 
 Three starting points, each a documented set of defaults:
 
@@ -135,11 +136,13 @@ class Layout:
         boot = table.base_model.get("bootstrap") if isinstance(table.base_model, dict) else None
         boot = boot if isinstance(boot, dict) else {}
         own = {key: boot[key] for key in ("tokens_per_tag", "context_rows") if type(boot.get(key)) is int}
-        groups = table.group_kind if table.group_kind in GROUPINGS else {
-            name: [layer.name for layer, g in zip(table.layers, table.layer_group) if g == i]
-            for i, name in enumerate(table.group_names)}
-        if not table_mode(table.mode).groupable:
+        if not table_mode(table.mode).groupable:  # one group per layer, named by the mode
             groups = DEFAULT_GROUPS
+        elif table.group_kind in GROUPINGS:
+            groups = table.group_kind
+        else:  # a custom grouping, as the mapping that rebuilds it
+            groups = {name: [layer.name for layer, g in zip(table.layers, table.layer_group) if g == i]
+                      for i, name in enumerate(table.group_names)}
         return cls(mode=table.mode, groups=groups, anchors=tuple(table.anchors),
                    pad_to=table.pad_to, use_sink=table.use_sink, **own)
 

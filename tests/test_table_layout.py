@@ -75,6 +75,11 @@ def test_layout_of_a_table_round_trips(tmp_path):
         anchors=tuple(table.anchors))
     kv = table_for_unet(make_unet(), tags=["cat"], mode="kv")
     assert Layout.of(kv).mode == "kv"
+    layers = discover(make_unet())
+    custom = TagTable.create(layers, groups={"first": [layers[0].name], "rest": [x.name for x in layers[1:]]})
+    again = TagTable.create(layers, layout=Layout.of(custom))
+    assert (again.group_kind, again.group_names, again.layer_group) == ("custom", ["first", "rest"],
+                                                                        custom.layer_group)
 
 
 @pytest.fixture(scope="module")

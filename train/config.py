@@ -371,8 +371,8 @@ def layout_fields(t: DictConfig) -> dict:
 
 
 def run_layout(t: DictConfig, start=Layout) -> Layout:
-    """The layout of a run's table: ``start`` (``Layout``, ``Layout.pretrained`` for a table bootstrapped from the
-    base's CLIP, or ``Layout.of(table).replace`` for a continued one) called with what the ``table`` section sets.
+    """The layout of a run's table: ``start`` (``Layout`` for a new table, ``Layout.pretrained`` for one bootstrapped
+    from the base's CLIP) called with what the ``table`` section sets.
 
     Raises:
         ConfigError: a field out of range, named by its key (``'table.pad_to' must be …``).

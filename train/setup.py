@@ -239,6 +239,7 @@ def _make_table(cfg, base: Base, log) -> TagTable:
             table = regroup(table, groups)
     elif base.text is not None and t.bootstrap:
         layout = run_layout(t, Layout.pretrained)
+        # bootstrapped as vectors; table.mode=kv converts after the data's tags are in (_convert_mode), and says so
         table = bootstrap_table(base.text, [], layout=layout.replace(mode=VECTOR), progress=False,
                                 normalization=normalization)
         log(f"table: bootstrapped from {base.name}'s text encoder(s): null sequence of {table.special.shape[0]} "
